@@ -1,0 +1,31 @@
+"""Backend dispatch: ``"auto"`` picks Triton for CUDA tensors (and for CPU tensors when the Triton
+interpreter is on), the plain-PyTorch reference otherwise."""
+
+from __future__ import annotations
+
+import torch
+
+from cdds_fast.kernels.launch import device_supports_triton
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return ``"triton"`` or ``"reference"`` for tensors on ``device``.
+
+    float64 always takes the reference (spec section 9 allows it; the kernels are fp32/bf16/fp16).
+    ``backend="triton"`` on a device Triton cannot run on is an error, not a silent fallback.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if dtype == torch.float64:
+        return "reference"
+    ok = device_supports_triton(device)
+    if backend == "triton" and not ok:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) and an "
+            f"installed triton; got tensors on device {device}"
+        )
+    return "triton" if ok else "reference"
