@@ -1,0 +1,38 @@
+"""Test configuration.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, so it is decided here,
+at the top of the first module pytest imports. With CUDA present the kernels run natively; without
+it they run through the Triton interpreter on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="slow (GPU-size) test: run with --runslow or on CUDA")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
