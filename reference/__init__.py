@@ -1,0 +1,30 @@
+"""Plain-PyTorch reference of every CDDS op (installed as ``cdds_fast.reference``).
+
+This is the executable form of the specification: the Triton kernels and every test are checked
+against it. It favours clarity over speed and materialises the ``[B, D, D]`` relation matrices.
+"""
+
+from .common import masked_mean
+from .constraints import modality_kl, reconstruction_loss
+from .contrastive import info_nce, info_nce_gathered, pool
+from .loss import LOSS_KEYS, cdds_loss
+from .related import gaussian_kl, related_probabilities, related_weights
+from .sampling import sampling_coefficients, x_semantic
+from .stats import column_stats
+
+__all__ = [
+    "LOSS_KEYS",
+    "cdds_loss",
+    "column_stats",
+    "gaussian_kl",
+    "info_nce",
+    "info_nce_gathered",
+    "masked_mean",
+    "modality_kl",
+    "pool",
+    "reconstruction_loss",
+    "related_probabilities",
+    "related_weights",
+    "sampling_coefficients",
+    "x_semantic",
+]

@@ -1,0 +1,114 @@
+"""Reference CDDS loss (spec sections 3-6): the contract every backend is tested against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from .constraints import modality_kl, reconstruction_loss
+from .contrastive import info_nce, pool
+from .related import related_weights
+from .sampling import sampling_coefficients, x_semantic
+from .stats import column_stats
+from .validation import validate_cdds_inputs
+
+LOSS_KEYS = (
+    "contrastive_loss",
+    "semantic_loss",
+    "modality_loss",
+    "completeness_loss",
+    "x_completeness_loss",
+)
+
+Contrastive = Callable[[Tensor, Tensor, "Tensor | float"], Tensor]
+
+
+def cdds_loss(
+    image_tokens: Tensor,
+    image_semantic: Tensor,
+    image_modality: Tensor,
+    text_tokens: Tensor,
+    text_semantic: Tensor,
+    text_modality: Tensor,
+    text_mask: Tensor,
+    *,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    w_s_image: Tensor,
+    w_m_image: Tensor,
+    w_s_text: Tensor,
+    w_m_text: Tensor,
+    logit_scale: Tensor | float,
+    a_c: float = 1.0,
+    a_s: float = 1.0,
+    a_m: float = 0.1,
+    a_f: float = 0.5,
+    tau_kl: float = 1.0,
+    rho: float = 0.01,
+    check_finite: bool = True,
+    contrastive: Contrastive | None = None,
+) -> dict[str, Tensor]:
+    """The CDDS loss, term by term, already weighted (their sum is the total ``L``).
+
+    Args:
+        image_tokens, image_semantic, image_modality: ``[B, P, D]`` ``V``, ``V^s``, ``V^m``.
+        text_tokens, text_semantic, text_modality: ``[B, L, D]`` ``T``, ``T^s``, ``T^m``.
+        text_mask: ``[B, L]`` bool, True = valid token, at least one per row.
+        alpha_image, alpha_text: ``[D]`` threshold scales. w_*: ``[D]`` reconstruction weights.
+        logit_scale: CLIP's exponentiated logit scale (0-d tensor or number).
+        a_c, a_s, a_m, a_f: term weights; ``L = a_c L_clip + a_s L_s + a_m L_m + a_f L_f
+            + (1 - a_f) L_x``.
+        tau_kl, rho: related-weights temperature and threshold clamp (spec section 4).
+        check_finite: raise on non-finite inputs.
+        contrastive: ``f(a, b, logit_scale) -> loss`` for the two InfoNCE terms; default the local
+            :func:`info_nce`. ``CDDSLoss`` passes a gathering version under DDP (spec section 8).
+    Returns:
+        dict with keys ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
+        x_completeness_loss``, each a 0-d float32 tensor (float64 for float64 inputs).
+    """
+    validate_cdds_inputs(
+        image_tokens=image_tokens, image_semantic=image_semantic, image_modality=image_modality,
+        text_tokens=text_tokens, text_semantic=text_semantic, text_modality=text_modality,
+        text_mask=text_mask, alpha_image=alpha_image, alpha_text=alpha_text,
+        w_s_image=w_s_image, w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text,
+        logit_scale=logit_scale, tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f,
+        finite=check_finite,
+    )
+    contrastive = contrastive or info_nce
+    mask = text_mask
+
+    # Section 3: column statistics of the semantic components.
+    mu_v, s_v = column_stats(image_semantic)
+    mu_t, s_t = column_stats(text_semantic, mask)
+    # Section 4: related weights, both directions; section 5: x-semantic components.
+    w_v = related_weights(mu_v, s_v, mu_t, s_t, alpha_image, tau_kl=tau_kl, rho=rho)
+    w_t = related_weights(mu_t, s_t, mu_v, s_v, alpha_text, tau_kl=tau_kl, rho=rho)
+    c_v, a_v = sampling_coefficients(w_v, mu_t, s_t)
+    c_t, a_t = sampling_coefficients(w_t, mu_v, s_v)
+    image_x = x_semantic(image_semantic, mu_v, s_v, c_v, a_v)
+    text_x = x_semantic(text_semantic, mu_t, s_t, c_t, a_t)
+
+    # Section 6: losses.
+    image_feat, text_feat = pool(image_semantic), pool(text_semantic, mask)
+    l_clip = contrastive(image_feat, text_feat, logit_scale)
+    l_s = (
+        contrastive(image_feat, pool(image_x), logit_scale)
+        + contrastive(text_feat, pool(text_x, mask), logit_scale)
+    ) / 2
+    l_m = (modality_kl(image_modality) + modality_kl(text_modality, mask)) / 2
+    l_f = (
+        reconstruction_loss(image_tokens, image_semantic, image_modality, w_s_image, w_m_image)
+        + reconstruction_loss(text_tokens, text_semantic, text_modality, w_s_text, w_m_text, mask)
+    ) / 2
+    l_x = (
+        reconstruction_loss(image_tokens, image_x, image_modality, w_s_image, w_m_image)
+        + reconstruction_loss(text_tokens, text_x, text_modality, w_s_text, w_m_text, mask)
+    ) / 2
+    return {
+        "contrastive_loss": a_c * l_clip,
+        "semantic_loss": a_s * l_s,
+        "modality_loss": a_m * l_m,
+        "completeness_loss": a_f * l_f,
+        "x_completeness_loss": (1.0 - a_f) * l_x,
+    }
