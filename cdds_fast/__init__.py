@@ -1,2 +1,14 @@
-"""cdds-fast: CDDS cross-modal alignment loss for open_clip, with Triton kernels."""
+"""cdds-fast: CDDS cross-modal alignment loss for open_clip, with Triton kernels.
+
+Public API:
+    CDDSLoss, CDDSHead, DualPathDecoupler   (nn.Modules)
+    cdds_fast.functional.cdds_loss          (functional form, backend dispatch)
+    cdds_fast.reference                     (plain-PyTorch reference of every op)
+"""
+
+from cdds_fast.functional import cdds_loss
+from cdds_fast.modules import Block, CDDSHead, CDDSLoss, DualPathDecoupler
+
 __version__ = "0.1.0"
+
+__all__ = ["Block", "CDDSHead", "CDDSLoss", "DualPathDecoupler", "cdds_loss", "__version__"]
