@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+RHO_MIN = 1e-6
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -86,8 +87,10 @@ def check_mask(text_mask: object, batch: int, length: int) -> Tensor:
 def check_hyper(*, tau_kl: float, rho: float, **weights: float) -> None:
     if not (isinstance(tau_kl, (int, float)) and math.isfinite(tau_kl) and tau_kl > 0):
         raise ValueError(f"tau_kl: expected a finite number > 0, got {tau_kl!r}")
-    if not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
-        raise ValueError(f"rho: expected a number in [0, 1), got {rho!r}")
+    # rho > 0 is what guarantees that the strongest relation survives the threshold; below 1e-6
+    # the clamp (1 - rho) * max rounds to max in float32 and a row of W could become 0 / 0.
+    if not (isinstance(rho, (int, float)) and RHO_MIN <= rho < 1.0):
+        raise ValueError(f"rho: expected a number in [{RHO_MIN}, 1), got {rho!r}")
     for name, value in weights.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise ValueError(f"{name}: expected a finite number, got {value!r}")

@@ -1,0 +1,77 @@
+"""Packaging: one import package, ``cdds_fast``; kernels/ and reference/ ship inside it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(ROOT)],
+        check=True,
+    )
+    (path,) = out.glob("cdds_fast-*.whl")
+    return path
+
+
+def test_wheel_has_one_top_level_package(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"cdds_fast"}, top
+    for module in ("cdds_fast/kernels/launch.py", "cdds_fast/reference/loss.py",
+                   "cdds_fast/reference/validation.py", "cdds_fast/cli.py"):
+        assert module in names
+
+
+def test_installed_tree_has_no_stray_packages(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+         str(wheel)],
+        check=True,
+    )
+    entries = {p.name for p in target.iterdir()}
+    assert "kernels" not in entries and "reference" not in entries, entries
+    assert "cdds_fast" in entries
+    metadata = next(target.glob("cdds_fast-*.dist-info")) / "METADATA"
+    text = metadata.read_text()
+    assert "Name: cdds-fast" in text
+    assert "Requires-Python: >=3.10" in text
+    for dep in ("torch", "triton", "open_clip_torch", "einops", "tqdm"):
+        assert f"Requires-Dist: {dep}" in text
+    entry_points = (metadata.parent / "entry_points.txt").read_text()
+    assert "cdds-fast = cdds_fast.cli:main" in entry_points
+    # The installed copy imports on its own (no repo on the path) and finds its subpackages.
+    code = (
+        "import cdds_fast.reference, cdds_fast.kernels.launch, sys;"
+        "print(cdds_fast.reference.__file__)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+        capture_output=True, text=True, check=True,
+    )
+    assert str(target) in res.stdout
+
+
+def test_editable_install_maps_subpackages_to_repo_folders():
+    import cdds_fast.kernels
+    import cdds_fast.reference
+
+    assert Path(cdds_fast.reference.__file__).parent == ROOT / "reference"
+    assert Path(cdds_fast.kernels.__file__).parent == ROOT / "kernels"
+
+
+def test_console_script_runs():
+    exe = Path(sys.executable).parent / "cdds-fast"
+    res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    assert "train" in res.stdout and "demo" in res.stdout
