@@ -1,0 +1,137 @@
+"""CDDS loss forward+backward: fast path (Triton) vs eager reference vs torch.compile(reference).
+
+    python benchmarks/bench_cdds.py                 # the issue's GPU shapes
+    python benchmarks/bench_cdds.py --quick         # small shapes (CPU smoke run)
+
+Times are medians of CUDA-event timings after warm-up (``benchmarks/common.py``); memory is the
+peak allocated above the inputs during one forward+backward (gradients of the inputs included).
+"backward" is full minus forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import Measurement, environment, fmt, measure  # noqa: E402
+
+GPU_SHAPES = [(256, 50, 77, 512), (1024, 50, 77, 512), (256, 50, 77, 1024)]
+QUICK_SHAPES = [(4, 10, 12, 32)]
+POSITIONAL = ("image_tokens", "image_semantic", "image_modality", "text_tokens", "text_semantic",
+              "text_modality")
+PARAMS = ("alpha_image", "alpha_text", "w_s_image", "w_m_image", "w_s_text", "w_m_text")
+
+
+def make_problem(batch, patches, length, dim, dtype, device):
+    """Leaf tensors shaped like a real head's output, and a padded text mask (CLIP context 77)."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def leaf(*shape, scale=1.0, shift=0.0, dt=dtype):
+        t = torch.randn(*shape, generator=g, device=device) * scale + shift
+        return t.to(dt).requires_grad_(True)
+
+    tensors = [leaf(batch, patches, dim) for _ in range(3)] + [leaf(batch, length, dim) for _ in range(3)]
+    lengths = torch.randint(5, length + 1, (batch,), generator=g, device=device)
+    mask = torch.arange(length, device=device)[None] < lengths[:, None]
+    params = {n: leaf(dim, scale=0.1, shift=0.5 if n.startswith("alpha") else 1.0, dt=torch.float32)
+              for n in PARAMS}
+    params["logit_scale"] = torch.tensor(14.3, device=device, requires_grad=True)
+    return tensors, mask, params
+
+
+def step_fn(loss_fn, tensors, mask, params, *, backward=True):
+    leaves = tensors + list(params.values())
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = loss_fn(*tensors, mask, **params)
+        total = sum(out.values())
+        if backward:
+            total.backward()
+        return total
+
+    return run
+
+
+def implementations():
+    from cdds_fast import reference
+    from cdds_fast.functional import cdds_loss
+
+    def fast(*a, **k):
+        return cdds_loss(*a, **k, backend="triton")
+
+    def eager(*a, **k):
+        return reference.cdds_loss(*a, **k, check_finite=False)
+
+    compiled_inner = torch.compile(eager)
+    return {"fast (triton)": fast, "eager reference": eager, "torch.compile(reference)": compiled_inner}
+
+
+def run(shapes, dtypes, names=None, *, skip_compile_for=()):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    impls = implementations()
+    for shape in shapes:
+        for dtype in dtypes:
+            tensors, mask, params = make_problem(*shape, dtype, device)
+            for name, fn in impls.items():
+                if names and name not in names:
+                    continue
+                if "compile" in name and dtype in skip_compile_for:
+                    continue
+                try:
+                    full = measure(step_fn(fn, tensors, mask, params))
+                    fwd = measure(step_fn(fn, tensors, mask, params, backward=False))
+                except torch.cuda.OutOfMemoryError:
+                    full = fwd = Measurement(float("nan"), None)
+                rows.append({
+                    "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
+                    "impl": name, "forward_ms": fwd.median_ms,
+                    "backward_ms": full.median_ms - fwd.median_ms, "full_ms": full.median_ms,
+                    "peak_mb": full.peak_extra_mb,
+                })
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def to_markdown(rows) -> str:
+    lines = ["| B x P x L x D | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | peak extra MB | speed-up vs eager |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    eager = {(r["shape"], r["dtype"]): r["full_ms"] for r in rows if r["impl"] == "eager reference"}
+    for r in rows:
+        base = eager.get((r["shape"], r["dtype"]))
+        speed = f"{base / r['full_ms']:.1f}x" if base and r["full_ms"] == r["full_ms"] else "n/a"
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['impl']} | {fmt(r['forward_ms'])} | "
+            f"{fmt(r['backward_ms'])} | {fmt(r['full_ms'])} | {fmt(r['peak_mb'], '.1f')} | {speed} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (works on CPU)")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--compile-dtypes", default="bfloat16,float32",
+                        help="dtypes for which torch.compile(reference) is measured (compiles are slow)")
+    args = parser.parse_args(argv)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    compile_dtypes = {getattr(torch, d) for d in args.compile_dtypes.split(",") if d}
+    if not torch.cuda.is_available() and not args.quick:
+        print("bench_cdds: no CUDA device; run with --quick for a CPU smoke run")
+        return 0
+    shapes = QUICK_SHAPES if args.quick else GPU_SHAPES
+    rows = run(shapes, dtypes, skip_compile_for=set(dtypes) - compile_dtypes)
+    print(environment())
+    print(to_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
