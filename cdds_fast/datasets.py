@@ -7,11 +7,12 @@ Every dataset here (and :class:`cdds_fast.data.SceneCaptions`, the embedded defa
 * ``text_to_image``: ``LongTensor [N_txt]``, the image index of every caption in the flat caption
   order (image 0's captions first, in their order, then image 1's, ...); ``all_captions()`` is that
   flat list of strings. This is what :func:`cdds_fast.retrieval.encode_dataset` consumes.
-* As a ``torch.utils.data.Dataset`` it is the list of (image, caption) *pairs* in the flat caption
-  order: ``len(ds) == N_txt`` and item ``k`` is ``(image text_to_image[k], caption k)``. With exactly
-  5 captions per image, item ``k`` is image ``k // 5`` with its caption ``k % 5``. The image is
-  ``transform(PIL image)`` when a transform is set, else a float tensor ``[3, H, W]`` in ``[0, 1]``;
-  the caption is ``tokenizer(caption)[0]`` when a tokenizer is set, else the string.
+* As a ``torch.utils.data.Dataset`` it is the list of (image, caption) *pairs* in the flat
+  caption order: ``len(ds) == N_txt`` and item ``k`` is ``(image text_to_image[k], caption k)``.
+  With exactly 5 captions per image, item ``k`` is image ``k // 5`` with its caption ``k % 5``.
+  The image is ``transform(PIL image)`` when a transform is set, else a float tensor
+  ``[3, H, W]`` in ``[0, 1]``; the caption is ``tokenizer(caption)[0]`` when a tokenizer is set,
+  else the string.
 
 Real data loaders:
 
@@ -26,6 +27,7 @@ Real data loaders:
 from __future__ import annotations
 
 import bisect
+import copy
 import csv
 import json
 import os
@@ -71,8 +73,8 @@ class CaptionedImages(Dataset):
     """Base class: images, each with one or more captions (see the module docstring).
 
     Subclasses implement :attr:`num_images`, :meth:`captions` and :meth:`_load_image`, and either
-    set ``captions_per_image`` (a constant count, e.g. 5) or leave it ``None`` and let the base class
-    count ``len(captions(i))`` for every image.
+    set ``captions_per_image`` (a constant count, e.g. 5) or leave it ``None`` and let the base
+    class count ``len(captions(i))`` for every image.
 
     Args:
         transform: applied to the PIL image in ``__getitem__`` (e.g. open_clip's ``preprocess``).
@@ -246,7 +248,7 @@ class KarpathyRetrieval(CaptionedImages):
         self.json_path = Path(json_path)
         self.image_root = Path(image_root)
         self.split = split
-        self.coco_1k_fold = coco_1k_fold
+        self.coco_1k_fold: int | None = None
         splits = _parse_splits(split)
         with open(self.json_path, encoding="utf-8") as f:
             data = json.load(f)
@@ -256,63 +258,66 @@ class KarpathyRetrieval(CaptionedImages):
             )
         self.dataset_name: str | None = data.get("dataset")
 
-        paths: list[Path] = []
+        root = str(self.image_root)
+        paths: list[str] = []
         caps: list[list[str]] = []
         for n, entry in enumerate(data["images"]):
             if entry.get("split") not in splits:
                 continue
             if "filename" not in entry:
                 raise ValueError(f"{self.json_path}: image entry {n} has no 'filename'")
-            rel = Path(entry.get("filepath", "")) / entry["filename"]
+            path = os.path.join(root, entry.get("filepath", ""), entry["filename"])
             sentences = entry.get("sentences", [])
             if len(sentences) < CAPTIONS_PER_IMAGE:
                 raise ValueError(
-                    f"{self.json_path}: image {str(rel)!r} (entry {n}) has {len(sentences)} "
-                    f"captions; the retrieval protocol needs {CAPTIONS_PER_IMAGE} per image"
+                    f"{self.json_path}: image {entry['filename']!r} (entry {n}) has "
+                    f"{len(sentences)} captions; the retrieval protocol needs "
+                    f"{CAPTIONS_PER_IMAGE} per image"
                 )
             texts = []
-            for s in sentences[:CAPTIONS_PER_IMAGE]:
-                if "raw" in s:
-                    texts.append(str(s["raw"]).strip())
-                elif "tokens" in s:
-                    texts.append(" ".join(s["tokens"]))
+            for sent in sentences[:CAPTIONS_PER_IMAGE]:
+                if "raw" in sent:
+                    texts.append(str(sent["raw"]).strip())
+                elif "tokens" in sent:
+                    texts.append(" ".join(sent["tokens"]))
                 else:
                     raise ValueError(
-                        f"{self.json_path}: a sentence of image {str(rel)!r} has neither 'raw' "
-                        f"nor 'tokens'"
+                        f"{self.json_path}: a sentence of image {entry['filename']!r} has "
+                        f"neither 'raw' nor 'tokens'"
                     )
-            paths.append(self.image_root / rel)
+            paths.append(path)
             caps.append(texts)
-
-        if coco_1k_fold is not None:
-            if isinstance(coco_1k_fold, bool) or not isinstance(coco_1k_fold, (int, np.integer)):
-                raise TypeError(
-                    f"coco_1k_fold must be None or an int, got {type(coco_1k_fold).__name__}"
-                )
-            if not 0 <= coco_1k_fold < COCO_1K_FOLDS:
-                raise ValueError(
-                    f"coco_1k_fold must be in 0..{COCO_1K_FOLDS - 1}, got {coco_1k_fold}"
-                )
-            if splits != ("test",):
-                raise ValueError(f"coco_1k_fold needs split='test', got split={split!r}")
-            if len(paths) != COCO_5K_TEST_IMAGES:
-                raise ValueError(
-                    f"coco_1k_fold needs the MS-COCO 5K test split ({COCO_5K_TEST_IMAGES} images); "
-                    f"{self.json_path} has {len(paths)} test images"
-                )
-            lo = int(coco_1k_fold) * COCO_1K_FOLD_SIZE
-            paths = paths[lo : lo + COCO_1K_FOLD_SIZE]
-            caps = caps[lo : lo + COCO_1K_FOLD_SIZE]
-
         if not paths:
             raise ValueError(f"{self.json_path}: no images in split {split!r}")
-        if check_files and not paths[0].is_file():
-            raise FileNotFoundError(
-                f"image file {paths[0]} not found (image_root={str(self.image_root)!r}; for "
-                f"MS-COCO image_root is the folder holding train2014/ and val2014/)"
-            )
-        self.image_paths: list[Path] = paths
+        #: image file paths (strings: ``image_root/filepath/filename``), one per image
+        self.image_paths: list[str] = paths
         self._captions: list[list[str]] = caps
+        if coco_1k_fold is not None:
+            self._select_fold(coco_1k_fold)
+        if check_files and not os.path.isfile(self.image_paths[0]):
+            raise FileNotFoundError(
+                f"image file {self.image_paths[0]} not found (image_root={root!r}; for MS-COCO "
+                f"image_root is the folder holding train2014/ and val2014/)"
+            )
+
+    def _select_fold(self, fold: int) -> None:
+        """Restrict the 5K test split to 1K-protocol fold ``fold`` (in place)."""
+        if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)):
+            raise TypeError(f"coco_1k_fold must be None or an int, got {type(fold).__name__}")
+        if not 0 <= fold < COCO_1K_FOLDS:
+            raise ValueError(f"coco_1k_fold must be in 0..{COCO_1K_FOLDS - 1}, got {fold}")
+        if _parse_splits(self.split) != ("test",):
+            raise ValueError(f"coco_1k_fold needs split='test', got split={self.split!r}")
+        if self.coco_1k_fold is not None or len(self.image_paths) != COCO_5K_TEST_IMAGES:
+            raise ValueError(
+                f"coco_1k_fold needs the MS-COCO 5K test split ({COCO_5K_TEST_IMAGES} images); "
+                f"{self.json_path} has {len(self.image_paths)} test images"
+            )
+        lo = int(fold) * COCO_1K_FOLD_SIZE
+        self.image_paths = self.image_paths[lo : lo + COCO_1K_FOLD_SIZE]
+        self._captions = self._captions[lo : lo + COCO_1K_FOLD_SIZE]
+        self.coco_1k_fold = int(fold)
+        self._offsets = None
 
     @property
     def num_images(self) -> int:
@@ -322,6 +327,10 @@ class KarpathyRetrieval(CaptionedImages):
     def captions(self, i: int) -> list[str]:
         """The 5 captions of image ``i``."""
         return list(self._captions[self._check_image_index(i)])
+
+    def image_path(self, i: int) -> Path:
+        """Path of image ``i``."""
+        return Path(self.image_paths[self._check_image_index(i)])
 
     def _load_image(self, i: int) -> Image.Image:
         with Image.open(self.image_paths[i]) as im:
@@ -334,14 +343,19 @@ def coco_1k_folds(
     transform: Callable | None = None,
     **kwargs: Any,
 ) -> list[KarpathyRetrieval]:
-    """The 5 MS-COCO 1K-protocol folds: ``[KarpathyRetrieval(..., coco_1k_fold=k) for k in 0..4]``.
+    """The 5 MS-COCO 1K-protocol folds, equal to ``KarpathyRetrieval(json_path, image_root,
+    "test", transform, coco_1k_fold=k, **kwargs)`` for ``k = 0..4`` (the JSON is read once).
 
-    Evaluate each, then average with :func:`cdds_fast.retrieval.average_metrics`.
+    Evaluate each, then average with :func:`cdds_fast.retrieval.average_metrics` (or encode the
+    5K test split once and use :func:`cdds_fast.retrieval.fold_metrics`).
     """
-    return [
-        KarpathyRetrieval(json_path, image_root, "test", transform, coco_1k_fold=k, **kwargs)
-        for k in range(COCO_1K_FOLDS)
-    ]
+    full = KarpathyRetrieval(json_path, image_root, "test", transform, **kwargs)
+    folds = []
+    for k in range(COCO_1K_FOLDS):
+        fold = copy.copy(full)
+        fold._select_fold(k)
+        folds.append(fold)
+    return folds
 
 
 class CsvRetrieval(CaptionedImages):
