@@ -293,7 +293,7 @@ def test_render_speed():
 
 
 def test_write_csv_roundtrip(tmp_path):
-    import pandas as pd
+    pd = pytest.importorskip("pandas")
 
     csv_path = write_csv(tmp_path / "scenes", "val", n=4, seed=2)
     assert csv_path == (tmp_path / "scenes" / "val.csv").resolve()
