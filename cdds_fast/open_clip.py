@@ -1,0 +1,511 @@
+"""open_clip integration: :class:`CDDSModel`, a CLIP wrapper that adds the CDDS head.
+
+The wrapper runs an open_clip ``CLIP`` or ``CustomTextCLIP`` with a ``VisionTransformer`` image
+tower *token by token* and feeds the projected tokens to a :class:`cdds_fast.modules.CDDSHead`:
+
+* image tokens ``[B, P, D]``: the patch tokens (CLS dropped) after the tower's final LayerNorm
+  ``visual.ln_post``, projected with ``visual.proj`` (the same LayerNorm + projection the tower
+  applies to its pooled token);
+* text tokens ``[B, L, D]``: every position after ``ln_final``, projected with
+  ``text_projection``; text mask ``[B, L]``: valid up to and including the end-of-text token (the
+  position open_clip pools: ``argmax`` of the token ids for the default tokenizer, the first
+  ``eos_id`` for ``pool_type='eos'``; ``token != pad_id`` for ``'first'``/``'last'``/``'none'``).
+
+``forward(image, text)`` returns open_clip's output dict (``image_features``, ``text_features``,
+``logit_scale``) where the features are the pooled *semantic* components (spec section 7: masked
+mean over tokens, then L2 normalisation), plus every tensor :class:`cdds_fast.CDDSLoss` needs, so
+the open_clip trainer's ``loss(**model_out, output_dict=True)`` works unchanged. Everything except
+``logit_scale`` has the batch on dim 0 (the trainer concatenates cached micro-batch outputs under
+``--accum-freq``); the six learnable CDDS vectors are emitted as ``[B, D]`` expanded views, which
+``CDDSLoss`` averages back (so their gradients stay exact under accumulation and DDP).
+``encode_image`` / ``encode_text`` return the pooled semantic components too, so any CLIP
+evaluation (open_clip's zero-shot and retrieval code, ``cdds-fast eval``) measures CDDS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdds_fast.modules import CDDSHead
+from cdds_fast.reference.common import masked_mean
+
+__all__ = [
+    "CDDSModel",
+    "CDDS_CONFIG_FILENAME",
+    "load_cdds_checkpoint",
+    "strip_state_dict_prefixes",
+    "text_valid_mask",
+]
+
+#: Name of the JSON side-car the launcher writes next to the checkpoints (model name + head config).
+CDDS_CONFIG_FILENAME = "cdds_config.json"
+
+_HEAD_KEYS = ("n_enc", "n_dec", "heads", "mlp_ratio", "z", "sigma")
+
+
+def _tower_classes() -> tuple[type, type, type, type]:
+    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
+    return CLIP, CustomTextCLIP, VisionTransformer, TextTransformer
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Raise ``TypeError`` / ``ValueError`` (naming the offending tower) for unsupported models."""
+    CLIP, CustomTextCLIP, VisionTransformer, TextTransformer = _tower_classes()
+    if not isinstance(model, (CLIP, CustomTextCLIP)):
+        raise TypeError(
+            f"model: expected an open_clip CLIP or CustomTextCLIP, got {type(model).__name__}"
+        )
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise TypeError(
+            f"model.visual: CDDSModel needs patch tokens from a VisionTransformer image tower, got "
+            f"{type(visual).__name__} (ModifiedResNet / TimmModel towers are not supported)"
+        )
+    if getattr(visual, "attn_pool", None) is not None:
+        raise ValueError(
+            "model.visual: attentional pooling (attentional_pool=True) replaces the patch tokens by "
+            "learned queries; CDDSModel needs the patch tokens, use a tower without attn_pool"
+        )
+    if getattr(visual, "proj", None) is None:
+        raise ValueError("model.visual.proj: expected a projection to the joint space, got None")
+    if isinstance(model, CustomTextCLIP) and not isinstance(model.text, TextTransformer):
+        raise TypeError(
+            f"model.text: expected an open_clip TextTransformer text tower, got "
+            f"{type(model.text).__name__} (HF text towers are not supported)"
+        )
+    if getattr(model, "logit_bias", None) is not None:
+        raise ValueError(
+            "model.logit_bias: expected None; CDDS uses CLIP's softmax InfoNCE, not SigLIP's "
+            "sigmoid loss (create the model without init_logit_bias / --siglip)"
+        )
+
+
+def text_valid_mask(
+    text: Tensor, pool_type: str = "argmax", eos_id: int | None = None, pad_id: int = 0
+) -> Tensor:
+    """Valid-token mask of tokenised text, as open_clip's ``text_global_pool`` sees the sequence.
+
+    Args:
+        text: ``[B, L]`` token ids.
+        pool_type: the text tower's pool type. ``"argmax"`` (default tokenizer: the end-of-text
+            token has the largest id): valid up to and including ``argmax``. ``"eos"``: up to and
+            including the first ``eos_id`` (the whole row if it has none). ``"first"``,
+            ``"last"``, ``"none"``: every token that is not ``pad_id``.
+        eos_id: end-of-sequence id for ``pool_type="eos"``.
+        pad_id: padding id for the other pool types.
+    Returns:
+        ``[B, L]`` bool, True = valid, at least one valid token per row (position 0 is forced
+        valid for an all-padding row).
+    """
+    if text.dim() != 2:
+        raise ValueError(f"text: expected token ids of shape [B, L], got {list(text.shape)}")
+    length = text.shape[1]
+    pos = torch.arange(length, device=text.device)
+    if pool_type == "argmax":
+        mask = pos[None, :] <= text.argmax(dim=-1, keepdim=True)
+    elif pool_type == "eos":
+        if eos_id is None:
+            raise ValueError("eos_id: expected the tokenizer's end-of-sequence id for pool_type='eos'")
+        is_eos = text == eos_id
+        end = torch.where(
+            is_eos.any(-1), is_eos.int().argmax(-1), torch.full_like(text[:, 0], length - 1)
+        )
+        mask = pos[None, :] <= end[:, None]
+    elif pool_type in ("first", "last", "none"):
+        mask = text != pad_id
+        mask[:, 0] |= ~mask.any(-1)
+    else:
+        raise ValueError(
+            f"pool_type: expected 'argmax', 'eos', 'first', 'last' or 'none', got {pool_type!r}"
+        )
+    return mask
+
+
+def _project(x: Tensor, proj: nn.Module | Tensor | None) -> Tensor:
+    if proj is None:
+        return x
+    if isinstance(proj, nn.Linear):
+        return proj(x)
+    return x @ proj
+
+
+def _pool(semantic: Tensor, mask: Tensor | None, normalize: bool) -> Tensor:
+    """Masked mean over tokens (fp32), optionally L2-normalised: ``[B, N, D] -> [B, D]``."""
+    mean = masked_mean(semantic, mask)
+    return F.normalize(mean, dim=-1) if normalize else mean
+
+
+class CDDSModel(nn.Module):
+    """An open_clip CLIP model with the CDDS head on its token features.
+
+    Args:
+        clip: an open_clip ``CLIP`` or ``CustomTextCLIP`` with a ``VisionTransformer`` image tower
+            (pretrained or random init). Other towers raise ``TypeError``.
+        n_enc, n_dec, heads, mlp_ratio, z, sigma: :class:`cdds_fast.modules.CDDSHead` settings
+            (spec section 2). The head's dim is the joint embedding dim of ``clip``.
+        output_dict: return a dict from ``forward`` (default: ``clip.output_dict``). With
+            ``False`` ``forward`` returns open_clip's ``(image_features, text_features,
+            logit_scale)`` tuple, which is enough for evaluation but not for ``CDDSLoss``.
+
+    The head is created on the device and in the dtype of the image tower's projection
+    (``precision='bf16'`` / ``'pure_bf16'`` models get a bf16 head).
+    Attributes the open_clip trainer touches are forwarded to ``clip``: ``logit_scale`` (the
+    inner parameter: the trainer's in-place clamp acts on it), ``logit_bias`` (None), ``visual``,
+    ``context_length``, ``vocab_size``; any other attribute not found on the wrapper is looked up
+    on ``clip`` as well (``transformer``, ``token_embedding``, ``text``, ...).
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        *,
+        n_enc: int = 2,
+        n_dec: int = 2,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        z: int = 4,
+        sigma: float = 0.1,
+        output_dict: bool | None = None,
+    ) -> None:
+        super().__init__()
+        _check_supported(clip)
+        self.clip = clip
+        proj = clip.visual.proj
+        dim = int(proj.shape[1])
+        text_dim = self._text_output_dim()
+        if text_dim is not None and text_dim != dim:
+            raise ValueError(
+                f"clip: expected the text projection to map to the image embedding dim {dim}, "
+                f"got {text_dim}"
+            )
+        self.cdds_config: dict[str, Any] = dict(
+            n_enc=n_enc, n_dec=n_dec, heads=heads, mlp_ratio=mlp_ratio, z=z, sigma=sigma
+        )
+        self.head = CDDSHead(dim, **self.cdds_config)
+        self.head.to(device=proj.device, dtype=proj.dtype)
+        self.output_dict = bool(getattr(clip, "output_dict", False) if output_dict is None else output_dict)
+
+    # ------------------------------------------------------------------ attributes for open_clip
+    @property
+    def visual(self) -> nn.Module:
+        """The image tower (open_clip reads ``visual.image_size``, ``visual.preprocess_cfg``)."""
+        return self.clip.visual
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """The inner model's (log) logit scale parameter; the trainer clamps it in place."""
+        return self.clip.logit_scale
+
+    @property
+    def logit_bias(self) -> None:
+        """Always None (CDDS uses softmax InfoNCE)."""
+        return None
+
+    @property
+    def context_length(self) -> int:
+        return self.clip.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.clip.vocab_size
+
+    @property
+    def embed_dim(self) -> int:
+        """Joint embedding dim ``D`` (the head's dim)."""
+        return self.head.dim
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("clip", "head", "module"):
+                raise
+            clip = self.__dict__["_modules"].get("clip")
+            if clip is None:
+                raise
+            return getattr(clip, name)
+
+    def _text_output_dim(self) -> int | None:
+        proj = self._text_parts()["proj"]
+        if proj is None:
+            return None
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
+    def _text_parts(self) -> dict[str, Any]:
+        clip = self.clip
+        if hasattr(clip, "text"):  # CustomTextCLIP
+            t = clip.text
+            return dict(proj=t.text_projection, pool_type=t.pool_type, eos_id=t.eos_id, pad_id=t.pad_id)
+        return dict(
+            proj=clip.text_projection,
+            pool_type=clip.text_pool_type,
+            eos_id=getattr(clip, "text_eos_id", None),
+            pad_id=0,
+        )
+
+    # ------------------------------------------------------------------ token features
+    def image_tokens(self, image: Tensor) -> Tensor:
+        """Projected patch tokens of the image tower.
+
+        Args:
+            image: ``[B, 3, H, W]``.
+        Returns:
+            ``[B, P, D]``: ``ln_post(x[:, 1:]) @ visual.proj`` after the tower's transformer (CLS
+            dropped; with patch dropout in training, ``P`` is the number of kept patches).
+        """
+        v = self.clip.visual
+        if hasattr(v, "_embeds"):
+            x = v._embeds(image)
+        else:  # pragma: no cover - open_clip < 2.25 without VisionTransformer._embeds
+            x = v.conv1(image).flatten(2).transpose(1, 2)
+            cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+            x = v.ln_pre(v.patch_dropout(x))
+        x = v.transformer(x)
+        return v.ln_post(x[:, 1:]) @ v.proj
+
+    def text_tokens(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected text tokens and their valid mask.
+
+        Args:
+            text: ``[B, L]`` token ids (``L <= context_length``).
+        Returns:
+            ``(tokens [B, L, D], mask [B, L] bool)``.
+        """
+        clip = self.clip
+        parts = self._text_parts()
+        if hasattr(clip, "text"):  # CustomTextCLIP: the tower builds its own masks
+            t = clip.text
+            x, attn_mask = t._embeds(text)
+            x = t.transformer(x, attn_mask=attn_mask)
+            if t.cls_emb is not None:  # appended class token (CoCa-style): not a text token
+                x = x[:, :-1]
+            x = t.ln_final(x)
+        else:  # CLIP keeps its text tower in pieces
+            length = text.shape[1]
+            cast_dtype = clip.transformer.get_cast_dtype()
+            x = clip.token_embedding(text).to(cast_dtype)
+            x = x + clip.positional_embedding[:length].to(cast_dtype)
+            attn_mask = clip.attn_mask
+            if attn_mask is not None:
+                attn_mask = attn_mask[:length, :length]
+            x = clip.transformer(x, attn_mask=attn_mask)
+            x = clip.ln_final(x)
+        tokens = _project(x, parts["proj"])
+        mask = text_valid_mask(text, parts["pool_type"], parts["eos_id"], parts["pad_id"])
+        return tokens, mask
+
+    # ------------------------------------------------------------------ CLIP API
+    def _decouple_image(self, image: Tensor) -> dict[str, Tensor]:
+        tokens = self.image_tokens(image)
+        semantic, modality = self.head.image_decoupler(tokens.to(self._head_dtype()))
+        return {"image_tokens": tokens, "image_semantic": semantic, "image_modality": modality}
+
+    def _decouple_text(self, text: Tensor) -> dict[str, Tensor]:
+        tokens, mask = self.text_tokens(text)
+        semantic, modality = self.head.text_decoupler(tokens.to(self._head_dtype()), mask)
+        return {
+            "text_tokens": tokens,
+            "text_semantic": semantic,
+            "text_modality": modality,
+            "text_mask": mask,
+        }
+
+    def _head_dtype(self) -> torch.dtype:
+        return self.head.alpha_image.dtype
+
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
+        """Pooled semantic component of the image: ``[B, 3, H, W] -> [B, D]`` (float32).
+
+        Masked mean over the patch tokens of ``V^s``; L2-normalised when ``normalize``.
+        """
+        return _pool(self._decouple_image(image)["image_semantic"], None, normalize)
+
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        """Pooled semantic component of the text: ``[B, L] -> [B, D]`` (float32).
+
+        Masked mean over the valid tokens of ``T^s``; L2-normalised when ``normalize``.
+        """
+        out = self._decouple_text(text)
+        return _pool(out["text_semantic"], out["text_mask"], normalize)
+
+    def get_logits(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits_per_image [B_i, B_t], logits_per_text [B_t, B_i])`` as in open_clip."""
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
+        logits = self._scale().to(image_features.dtype) * image_features @ text_features.T
+        return logits, logits.T
+
+    def _scale(self) -> Tensor:
+        scale = self.clip.logit_scale.exp()
+        return scale.reshape(()) if scale.numel() == 1 else scale
+
+    def forward(
+        self, image: Tensor | None = None, text: Tensor | None = None
+    ) -> dict[str, Tensor] | tuple[Tensor | None, Tensor | None, Tensor]:
+        """Run the towers and the CDDS head.
+
+        Args:
+            image: ``[B, 3, H, W]`` or None. text: ``[B, L]`` token ids or None.
+        Returns:
+            With ``output_dict`` a dict: ``image_features`` / ``text_features`` ``[B, D]``
+            (float32, L2-normalised pooled semantic components), ``logit_scale`` (0-d,
+            exponentiated) and, for each given modality, ``{image,text}_tokens``,
+            ``{image,text}_semantic``, ``{image,text}_modality`` ``[B, P|L, D]``, ``text_mask``
+            ``[B, L]`` bool and the head's vectors ``alpha_image, w_s_image, w_m_image`` /
+            ``alpha_text, w_s_text, w_m_text`` as ``[B, D]`` expanded views. Without
+            ``output_dict`` the tuple ``(image_features, text_features, logit_scale)``.
+        """
+        out: dict[str, Tensor] = {}
+        image_features = text_features = None
+        if image is not None:
+            out.update(self._decouple_image(image))
+            image_features = _pool(out["image_semantic"], None, True)
+            batch = image.shape[0]
+            for name in ("alpha_image", "w_s_image", "w_m_image"):
+                out[name] = getattr(self.head, name).expand(batch, -1)
+        if text is not None:
+            out.update(self._decouple_text(text))
+            text_features = _pool(out["text_semantic"], out["text_mask"], True)
+            batch = text.shape[0]
+            for name in ("alpha_text", "w_s_text", "w_m_text"):
+                out[name] = getattr(self.head, name).expand(batch, -1)
+        logit_scale = self._scale()
+        if not self.output_dict:
+            return image_features, text_features, logit_scale
+        out["image_features"] = image_features
+        out["text_features"] = text_features
+        out["logit_scale"] = logit_scale
+        return out
+
+    # ------------------------------------------------------------------ training controls
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze the image tower (LiT), as open_clip's ``lock_image_tower``; the head stays trainable."""
+        self.clip.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """Freeze the text tower, as open_clip's ``lock_text_tower``; the head stays trainable."""
+        self.clip.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in both towers and in both decouplers."""
+        self.clip.set_grad_checkpointing(enable)
+        self.head.image_decoupler.grad_checkpointing = enable
+        self.head.text_decoupler.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """open_clip's no-weight-decay names, prefixed for the wrapper (used by timm optimizers)."""
+        names = {"clip." + n for n in getattr(self.clip, "no_weight_decay", lambda: set())()}
+        return names | {"head." + n for n in CDDSHead.PARAM_NAMES}
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        model_name: str | None = None,
+        *,
+        pretrained: str | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        strict: bool = True,
+        **cdds_kwargs: Any,
+    ) -> "CDDSModel":
+        """Build the wrapper and load a checkpoint written by ``cdds-fast train``, in eval mode.
+
+        Args:
+            path: an open_clip training checkpoint (``{"state_dict": ...}``, with or without
+                DDP's ``module.`` prefixes) or a bare state dict of a :class:`CDDSModel`.
+            model_name: open_clip model name. Default: read from the ``cdds_config.json`` the
+                launcher writes next to the checkpoints (which also re-registers custom model
+                config files it used).
+            pretrained: open_clip pretrained tag to build the towers from (the checkpoint
+                overwrites the weights anyway; default None: random init, no download).
+            device, precision: as open_clip's ``create_model``.
+            strict: ``load_state_dict`` strictness.
+            **cdds_kwargs: head settings (``n_enc, n_dec, heads, mlp_ratio, z, sigma``); default:
+                the side-car's values, ``n_enc`` / ``n_dec`` inferred from the state dict.
+        Returns:
+            the loaded model, in eval mode.
+        """
+        import open_clip
+
+        path = Path(path)
+        sidecar = _read_sidecar(path)
+        for cfg_path in sidecar.get("model_configs", []):
+            if Path(cfg_path).exists():
+                open_clip.add_model_config(cfg_path)
+        if model_name is None:
+            model_name = sidecar.get("model")
+        if model_name is None:
+            raise ValueError(
+                f"model_name: expected an open_clip model name (no {CDDS_CONFIG_FILENAME} found "
+                f"next to {path}), got None"
+            )
+        state = strip_state_dict_prefixes(_load_state(path))
+        kwargs = {k: v for k, v in sidecar.get("cdds", {}).items() if k in _HEAD_KEYS}
+        kwargs.update(_infer_depths(state))
+        kwargs.update(cdds_kwargs)
+        clip = open_clip.create_model(model_name, pretrained, precision=precision, device=device)
+        model = cls(clip, **kwargs, output_dict=True)
+        model.load_state_dict(state, strict=strict)
+        return model.eval()
+
+
+def strip_state_dict_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` key prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _load_state(path: Path) -> dict[str, Tensor]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"path: expected a checkpoint dict with a state dict, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    for candidate in (path.parent / CDDS_CONFIG_FILENAME, path.parent.parent / CDDS_CONFIG_FILENAME):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def _infer_depths(state: dict[str, Tensor]) -> dict[str, int]:
+    """``n_enc`` / ``n_dec`` from the keys ``head.image_decoupler.{encoder,semantic_decoder}.<i>.``."""
+    found: dict[str, int] = {}
+    for key_name, part in (("n_enc", "encoder"), ("n_dec", "semantic_decoder")):
+        prefix = f"head.image_decoupler.{part}."
+        idx = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+        if idx:
+            found[key_name] = max(idx) + 1
+    return found
+
+
+def load_cdds_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a ``cdds-fast train`` checkpoint into an existing :class:`CDDSModel` (or plain CLIP).
+
+    Handles the trainer's ``{"state_dict": ...}`` layout and DDP's ``module.`` prefixes.
+    Returns ``model`` (unchanged mode).
+    """
+    model.load_state_dict(strip_state_dict_prefixes(_load_state(Path(path))), strict=strict)
+    return model

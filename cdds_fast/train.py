@@ -1,0 +1,253 @@
+"""``cdds-fast train``: open_clip's trainer with the CDDS head and :class:`cdds_fast.CDDSLoss`.
+
+Runs ``open_clip_train.main.main`` unmodified. Three names are patched for the duration of the
+run (and restored afterwards):
+
+* ``open_clip_train.main.create_model_and_transforms``: the created model is wrapped in
+  :class:`cdds_fast.open_clip.CDDSModel` (after open_clip has set its device and precision; the
+  head follows the tower's dtype);
+* ``open_clip_train.main.create_loss``: returns :class:`cdds_fast.CDDSLoss` with ClipLoss's
+  distributed arguments (``--local-loss``, ``--gather-with-grad``, rank, world size);
+* ``torch.nn.parallel.DistributedDataParallel``: a subclass that drops ``device_ids`` for CPU
+  modules (open_clip passes ``device_ids=[device]`` even on CPU, which DDP rejects), so a gloo
+  ``torchrun`` on CPU works.
+
+Usage: ``cdds-fast train <open_clip_train flags> [--cdds-* flags]``; ``--cdds-off`` trains plain
+CLIP on the same pipeline (with ``cdds_fast.contrastive.FusedClipLoss`` when available, else
+open_clip's ``ClipLoss``). See docs/open_clip.md for complete commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from cdds_fast.open_clip import CDDS_CONFIG_FILENAME, CDDSModel
+
+__all__ = ["build_parser", "main", "patched_open_clip_train"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Parser of the ``--cdds-*`` flags only (everything else goes to open_clip_train)."""
+    p = argparse.ArgumentParser(
+        prog="cdds-fast train",
+        description=(
+            "Train CLIP with the CDDS loss through open_clip_train. Every flag not listed here is "
+            "passed to open_clip_train unchanged (see: python -m open_clip_train.main --help)."
+        ),
+        allow_abbrev=False,
+        add_help=False,
+    )
+    p.add_argument("-h", "--help", action="store_true", help="show this help and open_clip's flags")
+    g = p.add_argument_group("CDDS loss (spec section 6)")
+    g.add_argument("--cdds-a-c", type=float, default=1.0, help="weight of the CLIP InfoNCE term (0 = paper)")
+    g.add_argument("--cdds-a-s", type=float, default=1.0, help="weight of the x-semantic InfoNCE term")
+    g.add_argument("--cdds-a-m", type=float, default=0.1, help="weight of the modality KL term")
+    g.add_argument("--cdds-a-f", type=float, default=0.5, help="completeness weight (x-completeness gets 1 - a_f)")
+    g.add_argument("--cdds-tau-kl", type=float, default=1.0, help="related-weights temperature")
+    g.add_argument("--cdds-rho", type=float, default=0.01, help="related-weights threshold clamp")
+    g.add_argument(
+        "--cdds-backend", default="auto", choices=("auto", "triton", "reference"),
+        help="loss backend: auto = Triton on CUDA, reference (plain PyTorch) on CPU",
+    )
+    h = p.add_argument_group("CDDS head (spec section 2)")
+    h.add_argument("--cdds-enc-layers", type=int, default=2, help="shared encoder blocks per modality")
+    h.add_argument("--cdds-dec-layers", type=int, default=2, help="blocks per decoder (semantic, modality)")
+    h.add_argument("--cdds-heads", type=int, default=8, help="attention heads of the head's blocks")
+    h.add_argument("--cdds-z", type=int, default=4, help="noise groups in training")
+    h.add_argument("--cdds-sigma", type=float, default=0.1, help="noise std in training")
+    o = p.add_argument_group("other")
+    o.add_argument(
+        "--cdds-off", action="store_true",
+        help="plain CLIP baseline: no wrapper, contrastive loss only (FusedClipLoss or ClipLoss)",
+    )
+    o.add_argument(
+        "--cdds-model-config", action="append", default=[], metavar="PATH",
+        help="register an open_clip model config JSON (file or folder) before creating the model; repeatable",
+    )
+    return p
+
+
+def _head_kwargs(cfg: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        n_enc=cfg.cdds_enc_layers, n_dec=cfg.cdds_dec_layers, heads=cfg.cdds_heads,
+        z=cfg.cdds_z, sigma=cfg.cdds_sigma,
+    )
+
+
+def _loss_kwargs(cfg: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        a_c=cfg.cdds_a_c, a_s=cfg.cdds_a_s, a_m=cfg.cdds_a_m, a_f=cfg.cdds_a_f,
+        tau_kl=cfg.cdds_tau_kl, rho=cfg.cdds_rho, backend=cfg.cdds_backend,
+    )
+
+
+def _clip_dist_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
+        rank=args.rank, world_size=args.world_size, use_horovod=args.horovod,
+    )
+
+
+def _baseline_loss(args: argparse.Namespace, backend: str = "auto") -> torch.nn.Module:
+    """``--cdds-off``: the contrastive loss open_clip would use, fused where we have one."""
+    import open_clip
+
+    plain_clip = not (args.distill or "coca" in args.model.lower() or args.siglip)
+    if plain_clip:
+        try:
+            from cdds_fast.contrastive import FusedClipLoss
+        except ImportError:
+            FusedClipLoss = None
+        if FusedClipLoss is not None:
+            logging.info(f"cdds-fast: --cdds-off, loss = cdds_fast.contrastive.FusedClipLoss(backend={backend!r})")
+            return FusedClipLoss(**_clip_dist_kwargs(args), backend=backend)
+    logging.info("cdds-fast: --cdds-off, loss = open_clip.create_loss(args)")
+    return open_clip.create_loss(args)
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    if args.siglip:
+        raise ValueError("--siglip: CDDS uses CLIP's softmax InfoNCE; drop --siglip or add --cdds-off")
+    if args.distill:
+        raise ValueError("--distill-model: distillation is not supported with CDDS; add --cdds-off")
+    if "coca" in args.model.lower():
+        raise ValueError(f"--model {args.model}: CoCa models are not supported with CDDS; add --cdds-off")
+
+
+class _CpuSafeDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that ignores ``device_ids`` for CPU modules (open_clip passes ``[device]`` always)."""
+
+    def __init__(self, module: torch.nn.Module, device_ids: Sequence[Any] | None = None, *args: Any, **kwargs: Any) -> None:
+        if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
+    """Patch ``open_clip_train.main`` for a CDDS run (see the module docstring); yields the module.
+
+    Args:
+        cfg: the parsed ``--cdds-*`` flags (:func:`build_parser`).
+    """
+    import open_clip
+    import open_clip_train.main as oc_main
+
+    def create_model_and_transforms(model_name: str, pretrained: str | None = None, *args: Any, **kwargs: Any):
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained, *args, **kwargs
+        )
+        if not cfg.cdds_off:
+            model = CDDSModel(model, **_head_kwargs(cfg), output_dict=kwargs.get("output_dict"))
+        return model, preprocess_train, preprocess_val
+
+    def create_loss(args: argparse.Namespace) -> torch.nn.Module:
+        if cfg.cdds_off:
+            return _baseline_loss(args, cfg.cdds_backend)
+        _refuse_unsupported(args)
+        from cdds_fast.modules import CDDSLoss
+
+        loss = CDDSLoss(**_loss_kwargs(cfg), **_clip_dist_kwargs(args))
+        logging.info(f"cdds-fast: loss = CDDSLoss({_loss_kwargs(cfg)}), head = {_head_kwargs(cfg)}")
+        if getattr(args, "save_logs", False) and getattr(args, "checkpoint_path", None):
+            os.makedirs(args.checkpoint_path, exist_ok=True)
+            sidecar = {
+                "model": args.model,
+                "pretrained": args.pretrained or None,
+                "precision": args.precision,
+                "cdds": {**_head_kwargs(cfg), **_loss_kwargs(cfg)},
+                "model_configs": [os.path.abspath(p) for p in cfg.cdds_model_config],
+            }
+            with open(os.path.join(args.checkpoint_path, CDDS_CONFIG_FILENAME), "w") as f:
+                json.dump(sidecar, f, indent=2)
+        return loss
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(oc_main, "create_model_and_transforms", create_model_and_transforms))
+        stack.enter_context(_patched(oc_main, "create_loss", create_loss))
+        stack.enter_context(_patched(torch.nn.parallel, "DistributedDataParallel", _CpuSafeDDP))
+        yield oc_main
+
+
+def _refuse_flags(rest: list[str], cfg: argparse.Namespace) -> str | None:
+    if cfg.cdds_off:
+        return None
+    for flag in ("--torchscript", "--trace", "--siglip", "--distill-model"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            return f"{flag} is not supported with CDDS (add --cdds-off for a plain CLIP run)"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cdds-fast train``.
+
+    Args:
+        argv: open_clip_train flags mixed with ``--cdds-*`` flags (default ``sys.argv[1:]``).
+    Returns:
+        0 on success, 1 when open_clip's ``main`` reports an error (it returns -1), 2 on bad flags.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    cfg, rest = parser.parse_known_args(argv)
+    if cfg.help:
+        parser.print_help()
+        print("\nopen_clip_train flags:\n")
+        from open_clip_train.params import parse_args
+
+        with contextlib.suppress(SystemExit):
+            parse_args(["--help"])
+        return 0
+    problem = _refuse_flags(rest, cfg)
+    if problem:
+        print(f"cdds-fast train: {problem}", file=sys.stderr)
+        return 2
+    import open_clip
+
+    for path in cfg.cdds_model_config:
+        if not os.path.exists(path):
+            print(f"cdds-fast train: --cdds-model-config {path}: no such file or folder", file=sys.stderr)
+            return 2
+        open_clip.add_model_config(path)
+
+    handlers_before = list(logging.root.handlers)
+    levels_before = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    root_level = logging.root.level
+    try:
+        with patched_open_clip_train(cfg) as oc_main:
+            rc = oc_main.main(rest)
+    finally:
+        # open_clip's setup_logging adds root handlers and sets every logger's level on each call:
+        # undo both, so that a second in-process run does not write into this run's log file.
+        for handler in list(logging.root.handlers):
+            if handler not in handlers_before:
+                logging.root.removeHandler(handler)
+                handler.close()
+        logging.root.setLevel(root_level)
+        for name, level in levels_before.items():
+            logging.getLogger(name).setLevel(level)
+    if rc is None or rc == 0:
+        return 0
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
