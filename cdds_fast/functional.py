@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from cdds_fast.dispatch import resolve_backend
@@ -59,12 +60,15 @@ def cdds_loss(
     )
     tensors = (image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
                text_modality, text_mask)
-    if chosen == "reference":
-        return _reference_cdds_loss(
-            *tensors, check_finite=True if check_finite is None else check_finite, **kwargs
-        )
-    from cdds_fast.fused_loss import cdds_loss_triton
+    # Callers often sit inside an autocast region (open_clip's trainer does); the loss handles
+    # precision itself (fp32 statistics and reductions, spec section 9), so autocast is off here.
+    with torch.autocast(device_type=image_tokens.device.type, enabled=False):
+        if chosen == "reference":
+            return _reference_cdds_loss(
+                *tensors, check_finite=True if check_finite is None else check_finite, **kwargs
+            )
+        from cdds_fast.fused_loss import cdds_loss_triton
 
-    return cdds_loss_triton(
-        *tensors, check_finite=False if check_finite is None else check_finite, **kwargs
-    )
+        return cdds_loss_triton(
+            *tensors, check_finite=False if check_finite is None else check_finite, **kwargs
+        )

@@ -284,22 +284,19 @@ class CDDSLoss(nn.Module):
         """
         if logit_bias is not None:
             raise ValueError("logit_bias: expected None (CDDS uses CLIP's softmax InfoNCE), got a tensor")
-        # The trainer calls the loss inside its autocast region; the loss handles precision itself
-        # (fp32 statistics and reductions, spec section 9), so autocast is switched off here.
-        with torch.autocast(device_type=image_tokens.device.type, enabled=False):
-            terms = cdds_loss(
-                image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
-                text_modality, text_mask,
-                alpha_image=_as_vector("alpha_image", alpha_image),
-                alpha_text=_as_vector("alpha_text", alpha_text),
-                w_s_image=_as_vector("w_s_image", w_s_image),
-                w_m_image=_as_vector("w_m_image", w_m_image),
-                w_s_text=_as_vector("w_s_text", w_s_text),
-                w_m_text=_as_vector("w_m_text", w_m_text),
-                logit_scale=logit_scale, a_c=self.a_c, a_s=self.a_s, a_m=self.a_m, a_f=self.a_f,
-                tau_kl=self.tau_kl, rho=self.rho, backend=self.backend,
-                check_finite=self.check_finite, contrastive=self._contrastive(self.backend),
-            )
+        terms = cdds_loss(
+            image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
+            text_modality, text_mask,
+            alpha_image=_as_vector("alpha_image", alpha_image),
+            alpha_text=_as_vector("alpha_text", alpha_text),
+            w_s_image=_as_vector("w_s_image", w_s_image),
+            w_m_image=_as_vector("w_m_image", w_m_image),
+            w_s_text=_as_vector("w_s_text", w_s_text),
+            w_m_text=_as_vector("w_m_text", w_m_text),
+            logit_scale=logit_scale, a_c=self.a_c, a_s=self.a_s, a_m=self.a_m, a_f=self.a_f,
+            tau_kl=self.tau_kl, rho=self.rho, backend=self.backend,
+            check_finite=self.check_finite, contrastive=self._contrastive(self.backend),
+        )
         if output_dict:
             return terms
         return sum(terms[k] for k in LOSS_KEYS)
