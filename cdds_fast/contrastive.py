@@ -1,0 +1,248 @@
+"""Fused CLIP contrastive loss: ``info_nce``, ``info_nce_gathered`` and ``FusedClipLoss``.
+
+``FusedClipLoss`` is a drop-in for ``open_clip.loss.ClipLoss``: same constructor arguments, same
+``forward`` signature and return value, same distributed semantics (it gathers with open_clip's
+own ``gather_features``), but the ``[B, B]`` logits never exist: the Triton kernel
+(``cdds_fast.kernels.contrastive``) keeps only per-row / per-column log-sum-exps, so memory is
+O(B) and the loss scales to batch sizes whose logits would not fit on the GPU.
+
+Differences from ``ClipLoss`` (all deliberate):
+
+* the loss is float32 for every input dtype (spec section 6: "all means in fp32"); ``ClipLoss``
+  returns bf16/fp16 for 16-bit features. Gradients are in the dtype of each input.
+* ``logit_bias`` must be None (a bias belongs to SigLIP's loss, ``open_clip.loss.SigLipLoss``).
+* features of different dtypes are promoted to a common dtype first (``torch.promote_types``).
+* float64 features, and CPU tensors without the Triton interpreter, use the plain-PyTorch
+  reference (``cdds_fast.reference.contrastive``), which is exactly ``ClipLoss``'s math.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cdds_fast.dispatch import resolve_backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(a: object, b: object, logit_scale: object, names: tuple[str, str],
+           same_shape: bool = True) -> None:
+    """Backend-independent checks, raised before any dispatch, gather or launch."""
+    na, nb = names
+    for name, t in ((na, a), (nb, b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name}: expected dtype float32, bfloat16, float16 or float64, got {t.dtype}"
+            )
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected 2 dimensions [B, D], got shape {list(t.shape)}")
+        if t.shape[0] < 1 or t.shape[1] < 1:
+            raise ValueError(f"{name}: expected B >= 1 and D >= 1, got shape {list(t.shape)}")
+    if same_shape and a.shape != b.shape:
+        raise ValueError(f"{nb}: expected shape {list(a.shape)} (the shape of {na}), got "
+                         f"{list(b.shape)}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{nb}: expected feature dimension D = {a.shape[1]} (from {na}), got "
+                         f"shape {list(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{nb}: expected device {a.device} (the device of {na}), got {b.device}")
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"logit_scale: expected a floating dtype, got {logit_scale.dtype}")
+        if logit_scale.dim() != 0:
+            raise ValueError(
+                "logit_scale: expected a 0-d tensor (the exponentiated scale, e.g. "
+                f"model.logit_scale.exp()), got shape {list(logit_scale.shape)}"
+            )
+        if logit_scale.device != a.device and logit_scale.device.type != "cpu":
+            raise ValueError(
+                f"logit_scale: expected device {a.device} (the device of {na}) or a CPU scalar, "
+                f"got {logit_scale.device}"
+            )
+    elif isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(
+            f"logit_scale: expected a 0-d tensor or a number, got {type(logit_scale).__name__}"
+        )
+
+
+def _common(*ts: Tensor) -> list[Tensor]:
+    dtype = ts[0].dtype
+    for t in ts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t if t.dtype == dtype else t.to(dtype) for t in ts]
+
+
+def info_nce(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+) -> Tensor:
+    """Symmetric InfoNCE ``(CE(s A B^T, arange) + CE(s B A^T, arange)) / 2`` (spec section 6).
+
+    Exactly open_clip ``ClipLoss``'s single-process value, in O(B) memory on the Triton path.
+
+    Args:
+        image_features: ``[B, D]`` (L2-normalised by the caller, as in CLIP).
+        text_features: ``[B, D]``, same device.
+        logit_scale: exponentiated scale: a 0-d tensor (receives a gradient) or a number.
+        backend: ``"auto"`` (Triton for CUDA tensors or under ``TRITON_INTERPRET=1``), ``"triton"``
+            or ``"reference"``.
+        allow_tf32: let fp32 features use TF32 tensor cores (faster, ~1e-3 relative); default
+            off: IEEE fp32 products, within 1e-5 relative of float64.
+    Returns:
+        0-d float32 loss (float64 for float64 features). ``B = 1`` gives 0.
+    """
+    _check(image_features, text_features, logit_scale, ("image_features", "text_features"))
+    a, b = _common(image_features, text_features)
+    chosen = resolve_backend(backend, a.device, a.dtype)
+    if chosen == "reference":
+        from cdds_fast.reference.contrastive import info_nce as reference_info_nce
+
+        return reference_info_nce(a, b, logit_scale)
+    from cdds_fast.kernels.contrastive import info_nce_triton
+
+    return info_nce_triton(a, b, logit_scale, symmetric=True, allow_tf32=allow_tf32)
+
+
+def info_nce_gathered(
+    local_a: Tensor,
+    local_b: Tensor,
+    all_a: Tensor,
+    all_b: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    local_loss: bool,
+    rank: int,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+) -> Tensor:
+    """InfoNCE over gathered features with open_clip's ``local_loss`` semantics (spec section 8).
+
+    Mirrors :func:`cdds_fast.reference.contrastive.info_nce_gathered`:
+
+    * ``local_loss=False``: the full gathered square, ``info_nce(all_a, all_b)``;
+    * ``local_loss=True``: ``(CE(s a_loc b_all^T, labels) + CE(s b_loc a_all^T, labels)) / 2``
+      with ``labels = arange(B) + B * rank`` -- two rectangular ``[B, world*B]`` row
+      cross-entropies, each fused (no ``[B, world*B]`` logits either).
+
+    Args:
+        local_a, local_b: ``[B, D]`` this rank's features.
+        all_a, all_b: ``[world * B, D]`` gathered features (``open_clip.loss.gather_features``).
+        logit_scale: 0-d tensor or number; rank: this process's rank.
+    Returns:
+        0-d loss.
+    """
+    if not local_loss:
+        _check(all_a, all_b, logit_scale, ("all_a", "all_b"))
+        return info_nce(all_a, all_b, logit_scale, backend=backend, allow_tf32=allow_tf32)
+    _check(local_a, local_b, logit_scale, ("local_a", "local_b"))
+    _check(all_a, all_b, logit_scale, ("all_a", "all_b"))
+    _check(local_a, all_a, logit_scale, ("local_a", "all_a"), same_shape=False)
+    n_local, n_all = local_a.shape[0], all_a.shape[0]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or \
+            (rank + 1) * n_local > n_all:
+        raise ValueError(
+            f"rank: expected an int with 0 <= rank and (rank + 1) * B <= world * B, i.e. "
+            f"rank <= {n_all // n_local - 1} for B = {n_local} local and {n_all} gathered rows, "
+            f"got {rank!r}"
+        )
+    la, lb, ga, gb = _common(local_a, local_b, all_a, all_b)
+    chosen = resolve_backend(backend, la.device, la.dtype)
+    if chosen == "reference":
+        from cdds_fast.reference.contrastive import info_nce_gathered as reference_gathered
+
+        return reference_gathered(la, lb, ga, gb, logit_scale, local_loss=True, rank=rank)
+    from cdds_fast.kernels.contrastive import info_nce_triton
+
+    offset = n_local * rank
+    loss_a = info_nce_triton(la, gb, logit_scale, label_offset=offset, symmetric=False,
+                             allow_tf32=allow_tf32)
+    loss_b = info_nce_triton(lb, ga, logit_scale, label_offset=offset, symmetric=False,
+                             allow_tf32=allow_tf32)
+    return (loss_a + loss_b) / 2
+
+
+class FusedClipLoss(nn.Module):
+    """Drop-in for ``open_clip.loss.ClipLoss`` with an O(B)-memory fused InfoNCE.
+
+    Args:
+        local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod: as in
+            ``ClipLoss``; features are gathered with ``open_clip.loss.gather_features`` (so
+            gradient flow across ranks is exactly open_clip's). ``cache_labels`` is accepted for
+            compatibility (no label tensor exists here).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        allow_tf32: fp32 features on TF32 tensor cores (opt-in).
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        backend: str = "auto",
+        allow_tf32: bool = False,
+    ) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        self.backend = backend
+        self.allow_tf32 = allow_tf32
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | None = None,
+        output_dict: bool = False,
+    ) -> Tensor | dict[str, Tensor]:
+        """Same arguments and return value as ``ClipLoss.forward``: the 0-d loss, or
+        ``{"contrastive_loss": loss}`` when ``output_dict``."""
+        if logit_bias is not None:
+            raise ValueError(
+                "logit_bias: expected None (FusedClipLoss is CLIP's softmax InfoNCE; a logit bias "
+                "belongs to SigLIP's sigmoid loss, open_clip.loss.SigLipLoss), got "
+                f"{type(logit_bias).__name__}"
+            )
+        _check(image_features, text_features, logit_scale, ("image_features", "text_features"))
+        if self.world_size > 1:
+            from open_clip.loss import gather_features
+
+            all_image, all_text = gather_features(
+                image_features,
+                text_features,
+                local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad,
+                rank=self.rank,
+                world_size=self.world_size,
+                use_horovod=self.use_horovod,
+            )
+            loss = info_nce_gathered(
+                image_features, text_features, all_image, all_text, logit_scale,
+                local_loss=self.local_loss, rank=self.rank, backend=self.backend,
+                allow_tf32=self.allow_tf32,
+            )
+        else:
+            loss = info_nce(image_features, text_features, logit_scale, backend=self.backend,
+                            allow_tf32=self.allow_tf32)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
+                f"rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}")
+
+
+__all__ = ["FusedClipLoss", "info_nce", "info_nce_gathered"]

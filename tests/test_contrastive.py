@@ -1,0 +1,497 @@
+"""Fused InfoNCE (kernels/contrastive.py, cdds_fast/contrastive.py) against open_clip's ClipLoss.
+
+On a CPU-only machine the Triton kernels run through the interpreter (conftest sets
+TRITON_INTERPRET=1); with CUDA they run natively and the tests marked slow run too. Inputs are
+fresh random features every run; shapes, dtypes and scales are in each test id.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from cdds_fast.contrastive import FusedClipLoss, info_nce, info_nce_gathered
+from cdds_fast.kernels import contrastive as K
+from cdds_fast.reference import contrastive as R
+
+F64 = torch.float64
+HAS_CUDA = torch.cuda.is_available()
+
+# (dtype, atol, rtol, reason). The reference is ClipLoss evaluated in float64 on the *same*
+# feature values the kernel sees (16-bit features upcast exactly), so rounding of the inputs
+# themselves cancels out of the comparison and only the kernel's own arithmetic is measured.
+# Loss: compared with ``atol`` absolute + ``rtol`` relative. Gradients: ``atol`` is relative to the
+# gradient's *term scale* ``max(max|ref|, s * max|other features| / B)``. dL/da_i = s/(2B) sum_j
+# G_ij b_j is a sum of terms of size ~s/B * |b| that cancel (rows of G sum to ~0), so rounding
+# is relative to the terms, not to the (possibly tiny) result; a wrong coefficient or index
+# still shows up at the size of the terms, 1e3 times above the bound.
+TOLERANCES = [
+    (torch.float32, 1e-5, 1e-5,
+     "IEEE fp32 products, fp32 accumulation and statistics: only summation-order rounding "
+     "(~sqrt(D) * 6e-8 * |logit|) separates it from float64"),
+    (torch.bfloat16, 1e-2, 1e-2,
+     "products of bf16 values are exact in fp32, so the loss is fp32-accurate; the backward "
+     "rounds G to bf16 (2^-9 relative) for the tensor-core G @ Y product and returns bf16 "
+     "gradients (another 2^-9)"),
+    (torch.float16, 1e-2, 1e-2,
+     "as bf16, with G rounded to fp16 after scaling by 2^14 (keeps small probabilities normal) "
+     "and fp16 gradients"),
+]
+TOL = {dt: (atol, rtol) for dt, atol, rtol, _ in TOLERANCES}
+
+
+def _openblas():
+    """numpy's bundled OpenBLAS (ctypes handle) or None."""
+    for path in glob.glob(os.path.dirname(np.__file__) + ".libs/*openblas*"):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_blas_thread():
+    """The Triton interpreter multiplies tiles with numpy. Once torch's OpenMP pool has run,
+    numpy's multi-threaded OpenBLAS fights it for the cores and a 128x32x128 matmul takes
+    ~25 ms instead of ~0.02 ms (same effect as not setting OPENBLAS_NUM_THREADS=1). Best effort:
+    one BLAS thread while this module runs, restored afterwards."""
+    lib = None if HAS_CUDA else _openblas()
+    get = getattr(lib, "scipy_openblas_get_num_threads64_", None) if lib else None
+    put = getattr(lib, "scipy_openblas_set_num_threads64_", None) if lib else None
+    if get is None or put is None:
+        yield
+        return
+    before = get()
+    put(1)
+    yield
+    put(before)
+
+BATCHES = [1, 3, 257, 1024]
+DIMS = [1, 17, 512]
+SCALES = [1.0, 14.3, 100.0]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def features(b: int, d: int, dtype: torch.dtype, device, *, normalize: bool = True,
+             corr: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paired features: text = corr * image + noise, L2-normalised like CLIP's."""
+    a = torch.randn(b, d, device=device)
+    t = corr * a + torch.randn(b, d, device=device)
+    if normalize:
+        a, t = F.normalize(a, dim=-1), F.normalize(t, dim=-1)
+    return a.to(dtype), t.to(dtype)
+
+
+def leaves(*ts: torch.Tensor, dtype=None) -> list[torch.Tensor]:
+    return [t.detach().to(dtype or t.dtype).clone().requires_grad_(True) for t in ts]
+
+
+def term_scale(scale: float, other: torch.Tensor, rows: int) -> float:
+    """Size of one term s/B * G_ij * y_j of a feature gradient (|G_ij| <= 2)."""
+    return abs(scale) * other.detach().abs().max().item() / rows
+
+
+def assert_grad_close(got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float, what: str,
+                      terms: float = 0.0):
+    got = got.to(F64)
+    bound = atol * max(ref.abs().max().item(), terms, 1e-30)
+    torch.testing.assert_close(got, ref, atol=bound, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def check_against_clip_loss(b, d, dtype, scale, device, *, loss_fn=None):
+    """FusedClipLoss (Triton backend) vs ClipLoss in float64 on the same values: loss + 3 grads."""
+    a0, t0 = features(b, d, dtype, device)
+    a, t = leaves(a0, t0)
+    s = torch.tensor(scale, device=device, requires_grad=True)
+    loss_fn = loss_fn or FusedClipLoss(backend="triton")
+    loss = loss_fn(a, t, s)
+    loss.backward()
+
+    a64, t64 = leaves(a0, t0, dtype=F64)
+    s64 = torch.tensor(scale, device=device, dtype=F64, requires_grad=True)
+    ref = ClipLoss()(a64, t64, s64)
+    ref.backward()
+
+    atol, rtol = TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol, rtol=rtol)
+    assert a.grad.dtype == dtype and t.grad.dtype == dtype and s.grad.dtype == s.dtype
+    assert_grad_close(a.grad, a64.grad, atol, rtol, "grad image_features",
+                      term_scale(scale, t0, b))
+    assert_grad_close(t.grad, t64.grad, atol, rtol, "grad text_features",
+                      term_scale(scale, a0, b))
+    # d loss / d scale is a single sum over B^2 terms; compare relative to the feature-gradient
+    # scale it is built from (|dL/ds| can be ~0 when the loss is near its optimum in s)
+    ds_tol = atol * max(1.0, abs(s64.grad.item()))
+    assert abs(s.grad.item() - s64.grad.item()) <= ds_tol + rtol * abs(s64.grad.item()), (
+        s.grad.item(), s64.grad.item())
+
+
+# ------------------------------------------------------------------------------------------------
+# ClipLoss parity. On CPU: every B x D at fp32 / scale 14.3, and every dtype x scale on two small
+# shapes; the full cartesian product (108 cases) is marked slow and runs on CUDA.
+# ------------------------------------------------------------------------------------------------
+_CPU_SHAPES = [(3, 512), (257, 17)]
+
+
+def _parity_params():
+    out = []
+    for b in BATCHES:
+        for d in DIMS:
+            for dtype in DTYPES:
+                for scale in SCALES:
+                    cheap = (dtype == torch.float32 and scale == 14.3) or (b, d) in _CPU_SHAPES
+                    marks = () if cheap else (pytest.mark.slow,)
+                    name = f"B{b}-D{d}-{str(dtype).split('.')[-1]}-s{scale}"
+                    out.append(pytest.param(b, d, dtype, scale, id=name, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("b,d,dtype,scale", _parity_params())
+def test_matches_clip_loss(b, d, dtype, scale, device):
+    check_against_clip_loss(b, d, dtype, scale, device)
+
+
+@pytest.mark.parametrize("b,d", [(5, 17), (300, 96)])
+@pytest.mark.parametrize("scale", [14.3, 100.0])
+def test_fp32_within_1e5_of_float64(b, d, scale, device):
+    """The documented accuracy claim: for L2-normalised fp32 features the loss is within 1e-5
+    relative of float64 (plus 1e-7 absolute: a loss near 0, which s = 100 can produce, is known
+    only to the rounding of its ~100-sized logits; fp32 ClipLoss is no better there)."""
+    for _ in range(3):
+        a, t = features(b, d, torch.float32, device)
+        loss = info_nce(a, t, torch.tensor(scale, device=device), backend="triton")
+        ref = R.info_nce(a.to(F64), t.to(F64), scale)
+        assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7, (loss.item(),
+                                                                               ref.item())
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel code paths: small tiles force the K loop over D, several row groups / column splits in
+# the forward and split column ranges in the backward (the GPU paths), on CPU as well.
+# ------------------------------------------------------------------------------------------------
+SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4, num_stages=1)
+
+
+_PATHS = [(g, s, dt) for g, s in [((3, 2), 3)] for dt in DTYPES] + [
+    ((5, 4), 2, torch.float32),  # more groups/splits than blocks: empty partials are neutral
+    ((1, 1), 1, torch.float32),  # one program does everything
+]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
+@pytest.mark.parametrize("grid,splits,dtype", _PATHS,
+                         ids=[f"G{g[0]}xC{g[1]}-bwdsplit{s}-{str(d).split('.')[-1]}"
+                              for g, s, d in _PATHS])
+def test_kernel_paths(symmetric, grid, splits, dtype, device):
+    m, n, d = (37, 37, 40) if symmetric else (19, 53, 40)
+    offset = 0 if symmetric else 23
+    x0, y0 = torch.randn(m, d, device=device), torch.randn(n, d, device=device)
+    x0, y0 = F.normalize(x0, dim=-1).to(dtype), F.normalize(y0, dim=-1).to(dtype)
+    scale = torch.tensor(20.0, device=device)
+    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, offset, symmetric,
+                                                _config=SMALL_TILES, _grid=grid)
+    grad = torch.tensor(1.5, device=device)
+    dx, dy, ds = K.info_nce_backward(grad, x0, y0, scale, stats_r, stats_c, offset, symmetric,
+                                     False, True, True, True, _config=SMALL_TILES,
+                                     _splits=splits)
+
+    x, y = leaves(x0, y0, dtype=F64)
+    s = torch.tensor(20.0, device=device, dtype=F64, requires_grad=True)
+    logits = s * x @ y.T
+    labels = torch.arange(m, device=device) + offset
+    if symmetric:
+        ref = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    else:
+        ref = F.cross_entropy(logits, labels)
+    (ref * 1.5).backward()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol, rtol=rtol)
+    # statistics: base-2 max and 1/sum; lse = ln2 * (max - log2(1/sum))
+    def lse(stats):
+        return (stats[0].to(F64) - torch.log2(stats[1].to(F64))) * 0.6931471805599453
+
+    torch.testing.assert_close(lse(stats_r), torch.logsumexp(logits.detach(), 1), atol=1e-4,
+                               rtol=1e-4)
+    if symmetric:
+        torch.testing.assert_close(lse(stats_c), torch.logsumexp(logits.detach(), 0), atol=1e-4,
+                                   rtol=1e-4)
+    assert_grad_close(dx, x.grad, atol, rtol, "dx", term_scale(20.0, y0, m))
+    assert_grad_close(dy, y.grad, atol, rtol, "dy", term_scale(20.0, x0, m))
+    torch.testing.assert_close(ds.to(F64), s.grad, atol=atol * max(1, abs(s.grad.item())),
+                               rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed semantics without processes: info_nce_gathered (the rectangular kernel) vs the
+# reference and vs what ClipLoss computes on rank `rank` of a split batch.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rank", [0, 2])
+@pytest.mark.parametrize("local_loss", [True, False])
+def test_info_nce_gathered(local_loss, rank, dtype, device):
+    world, b, d = 3, 11, 24
+    all_a0, all_b0 = features(world * b, d, dtype, device)
+    la0 = all_a0[rank * b:(rank + 1) * b]
+    lb0 = all_b0[rank * b:(rank + 1) * b]
+
+    def run(backend, cast):
+        la, lb, ga, gb = leaves(la0, lb0, all_a0, all_b0, dtype=cast)
+        s = torch.tensor(14.3, device=device, dtype=cast or torch.float32, requires_grad=True)
+        loss = info_nce_gathered(la, lb, ga, gb, s, local_loss=local_loss, rank=rank,
+                                 backend=backend)
+        loss.backward()
+        return loss, [t.grad for t in (la, lb, ga, gb, s)]
+
+    loss, grads = run("triton", None)
+    ref, ref_grads = run("reference", F64)
+    # the reference's own formula is ClipLoss's (local_loss labels arange(B) + B * rank)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol, rtol=rtol)
+    others = (all_b0, all_a0, lb0, la0)
+    for name, g, r, o in zip(("local_a", "local_b", "all_a", "all_b"), grads[:4], ref_grads[:4],
+                             others):
+        if r is None:  # local_loss=False uses only the gathered features (open_clip puts the
+            assert g is None, name  # local tensors inside them); here they are separate leaves
+            continue
+        assert_grad_close(g, r, atol, rtol, name, term_scale(14.3, o, b))
+    torch.testing.assert_close(grads[4].to(F64), ref_grads[4], atol=atol * 10, rtol=rtol)
+
+
+def test_gathered_reference_is_clip_loss_math(device):
+    """info_nce_gathered(local_loss=True) equals ClipLoss's local_loss formula written out."""
+    world, b, d, rank = 2, 6, 9, 1
+    ga, gb = features(world * b, d, torch.float64, device)
+    la, lb = ga[rank * b:(rank + 1) * b], gb[rank * b:(rank + 1) * b]
+    got = info_nce_gathered(la, lb, ga, gb, 7.0, local_loss=True, rank=rank, backend="triton"
+                            if device.type == "cuda" else "reference")
+    labels = torch.arange(b, device=device) + b * rank
+    want = (F.cross_entropy(7.0 * la @ gb.T, labels) + F.cross_entropy(7.0 * lb @ ga.T, labels)) / 2
+    torch.testing.assert_close(got.to(F64), want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Properties: B = 1, non-contiguous inputs, stability, module API, dispatch, compile
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_batch_of_one_is_zero(dtype, device):
+    a, t = leaves(*features(1, 33, dtype, device))
+    s = torch.tensor(100.0, device=device, requires_grad=True)
+    loss = info_nce(a, t, s, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0
+    assert a.grad.abs().max().item() == 0.0 and t.grad.abs().max().item() == 0.0
+    assert s.grad.item() == 0.0
+
+
+def test_non_contiguous_inputs(device):
+    b, d = 40, 24
+    a_base = torch.randn(d, b, device=device, requires_grad=True)      # a = a_base.T: column-major
+    t_base = torch.randn(b, 2 * d, device=device, requires_grad=True)  # t: every other column
+    a, t = a_base.T, t_base[:, ::2]
+    assert not a.is_contiguous() and not t.is_contiguous()
+    loss = info_nce(a, t, 5.0, backend="triton")
+    loss.backward()
+    a64 = a.detach().to(F64).requires_grad_()
+    t64 = t.detach().to(F64).requires_grad_()
+    ref = ClipLoss()(a64, t64, 5.0)
+    ref.backward()
+    torch.testing.assert_close(loss.to(F64), ref.detach(), atol=1e-5, rtol=1e-5)
+    assert_grad_close(a_base.grad.T, a64.grad, 1e-5, 1e-5, "grad through a transposed view",
+                      term_scale(5.0, t, b))
+    assert_grad_close(t_base.grad[:, ::2], t64.grad, 1e-5, 1e-5, "grad through a strided view",
+                      term_scale(5.0, a, b))
+    assert t_base.grad[:, 1::2].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("case", ["aligned", "anti", "unnormalised"])
+def test_stable_at_large_logits(case, device):
+    """s = 100 with perfectly (anti-)aligned pairs, and un-normalised features (|logit| ~ 900):
+    finite, and equal to the float64 reference."""
+    b, d = 70, 32
+    a = F.normalize(torch.randn(b, d, device=device), dim=-1)
+    if case == "aligned":
+        t = a.clone()
+    elif case == "anti":
+        t = -a
+    else:
+        a, t = 3 * a, 3 * F.normalize(torch.randn(b, d, device=device), dim=-1)
+    a_l, t_l = leaves(a, t)
+    s = torch.tensor(100.0, device=device, requires_grad=True)
+    loss = info_nce(a_l, t_l, s, backend="triton")
+    loss.backward()
+    a64, t64 = leaves(a, t, dtype=F64)
+    s64 = torch.tensor(100.0, device=device, dtype=F64, requires_grad=True)
+    ref = ClipLoss()(a64, t64, s64)
+    ref.backward()
+    for v in (loss, a_l.grad, t_l.grad, s.grad):
+        assert torch.isfinite(v).all()
+    # fp32 logits carry an absolute error ~|logit| * 1e-7 * sqrt(D) that exp() turns into a
+    # relative error of the softmax; |logit| reaches 100 (normalised) or 900 (norm 3)
+    max_logit = 100.0 * (a.norm(dim=-1).max() * t.norm(dim=-1).max()).item()
+    tol = max(1e-5, 1e-6 * max_logit)
+    torch.testing.assert_close(loss.to(F64), ref.detach(), atol=tol, rtol=1e-5)
+    assert_grad_close(a_l.grad, a64.grad, tol, tol, "grad a", term_scale(100.0, t, b))
+    assert_grad_close(t_l.grad, t64.grad, tol, tol, "grad t", term_scale(100.0, a, b))
+
+
+def test_module_api(device):
+    a, t = features(9, 20, torch.float32, device)
+    fused = FusedClipLoss(backend="triton")
+    out = fused(a, t, torch.tensor(10.0, device=device), output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    ref = ClipLoss()(a, t, torch.tensor(10.0, device=device), output_dict=True)
+    torch.testing.assert_close(out["contrastive_loss"], ref["contrastive_loss"], atol=1e-5,
+                               rtol=1e-5)
+    # a plain number as logit_scale, and the cache_labels / use_horovod arguments are accepted
+    loss = FusedClipLoss(cache_labels=True, backend="triton")(a, t, 10.0)
+    torch.testing.assert_close(loss, ref["contrastive_loss"], atol=1e-5, rtol=1e-5)
+    assert "world_size=1" in repr(fused)
+
+
+def test_backends_agree_and_float64_uses_reference(device):
+    a, t = features(13, 8, torch.float32, device)
+    s = torch.tensor(3.0, device=device)
+    tri = info_nce(a, t, s, backend="triton")
+    ref = info_nce(a, t, s, backend="reference")
+    auto64 = info_nce(a.to(F64), t.to(F64), s)
+    torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
+    assert auto64.dtype == F64
+    torch.testing.assert_close(auto64.float(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_dtypes_are_promoted(device):
+    a, t = features(6, 10, torch.float32, device)
+    a16 = leaves(a.to(torch.bfloat16))[0]
+    t32 = leaves(t)[0]
+    loss = info_nce(a16, t32, 2.0, backend="triton")
+    loss.backward()
+    assert a16.grad.dtype == torch.bfloat16 and t32.grad.dtype == torch.float32
+    ref = ClipLoss()(a16.detach().to(F64), t.to(F64), 2.0)
+    torch.testing.assert_close(loss.to(F64), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_allow_tf32_opt_in(device):
+    a, t = features(64, 48, torch.float32, device)
+    loss = info_nce(a, t, 14.3, backend="triton", allow_tf32=True)
+    ref = ClipLoss()(a.to(F64), t.to(F64), 14.3)
+    # TF32 keeps 10 mantissa bits: ~1e-3 relative on the logits
+    torch.testing.assert_close(loss.to(F64), ref, atol=5e-3, rtol=5e-3)
+
+
+def test_autograd_function_matches_custom_op(device):
+    a0, t0 = features(20, 12, torch.float32, device)
+    s0 = torch.tensor(9.0, device=device)
+    a, t, s = leaves(a0, t0, s0)
+    K.InfoNCEFunction.apply(*K.prepare(a, t, s), 0, True, False).backward()
+    a2, t2, s2 = leaves(a0, t0, s0)
+    info_nce(a2, t2, s2, backend="triton").backward()
+    for g, h in ((a.grad, a2.grad), (t.grad, t2.grad), (s.grad, s2.grad)):
+        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-6)
+
+
+def test_custom_op_opcheck(device):
+    """Schema, fake (meta) implementation and autograd registration of the custom op."""
+    x, y = features(5, 7, torch.float32, device)
+    s = torch.tensor(3.0, device=device)
+    x, y, s = leaves(x, y, s)
+    torch.library.opcheck(K._info_nce_fwd_op, (x, y, s, 0, True, False))
+    xl = leaves(torch.randn(3, 7, device=device))[0]
+    torch.library.opcheck(K._info_nce_fwd_op, (xl, y, s, 2, False, False))
+
+
+@pytest.mark.parametrize(
+    "compile_backend",
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],
+)
+def test_torch_compile(compile_backend, device):
+    """A torch.compile'd training step calling the loss traces it as one opaque op (fullgraph)."""
+    a0, t0 = features(6, 10, torch.float32, device)
+    s0 = torch.tensor(4.0, device=device)
+    loss_fn = FusedClipLoss(backend="triton")
+
+    def step(a, t, s):
+        return loss_fn(a, t, s) * 2.0
+
+    a, t, s = leaves(a0, t0, s0)
+    compiled = torch.compile(step, backend=compile_backend, fullgraph=True)
+    out = compiled(a, t, s)
+    out.backward()
+    a2, t2, s2 = leaves(a0, t0, s0)
+    ref = step(a2, t2, s2)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    for g, h in ((a.grad, a2.grad), (t.grad, t2.grad), (s.grad, s2.grad)):
+        torch.testing.assert_close(g, h)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one case per rule, raised before any launch
+# ------------------------------------------------------------------------------------------------
+def _bad_cases():
+    def f(b=4, d=6, dtype=torch.float32):
+        return torch.randn(b, d, dtype=dtype)
+
+    return [
+        ("not-a-tensor", lambda: info_nce([[1.0]], f(), 1.0), TypeError, "image_features"),
+        ("int-dtype", lambda: info_nce(f().long(), f(), 1.0), TypeError, "dtype"),
+        ("dtype-complex", lambda: info_nce(f(), f().to(torch.complex64), 1.0), TypeError,
+         "text_features"),
+        ("3-d", lambda: info_nce(f().unsqueeze(0), f(), 1.0), ValueError, "2 dimensions"),
+        ("batch-mismatch", lambda: info_nce(f(4), f(5), 1.0), ValueError, "text_features"),
+        ("dim-mismatch", lambda: info_nce(f(4, 6), f(4, 7), 1.0), ValueError, "shape"),
+        ("empty-batch", lambda: info_nce(f(0), f(0), 1.0), ValueError, "B >= 1"),
+        ("device-mismatch", lambda: info_nce(f(), f().to("meta"), 1.0), ValueError, "device"),
+        ("scale-not-0d", lambda: info_nce(f(), f(), torch.ones(1)), ValueError, "logit_scale"),
+        ("scale-type", lambda: info_nce(f(), f(), "14.3"), TypeError, "logit_scale"),
+        ("scale-int-tensor", lambda: info_nce(f(), f(), torch.tensor(3)), TypeError,
+         "logit_scale"),
+        ("bad-backend", lambda: info_nce(f(), f(), 1.0, backend="cuda"), ValueError, "backend"),
+        ("logit-bias", lambda: FusedClipLoss()(f(), f(), 1.0, logit_bias=torch.tensor(0.0)),
+         ValueError, "logit_bias"),
+        ("rank-out-of-range", lambda: info_nce_gathered(f(4), f(4), f(8), f(8), 1.0,
+                                                        local_loss=True, rank=2),
+         ValueError, "rank"),
+        ("launcher-dtype-mismatch", lambda: K.info_nce_triton(f(), f(dtype=torch.float16), 1.0),
+         TypeError, "y"),
+        ("launcher-label-offset", lambda: K.info_nce_triton(f(4), f(6), 1.0, label_offset=3,
+                                                            symmetric=False),
+         ValueError, "label_offset"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_raises(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: memory is O(B)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA to measure device memory")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_no_square_allocation(dtype):
+    b, d = 16384, 512
+    dev = torch.device("cuda")
+    a, t = leaves(*features(b, d, dtype, dev))
+    s = torch.tensor(14.3, device=dev, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = FusedClipLoss()(a, t, s)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    square = b * b * 4  # one fp32 [B, B] logits matrix: 1 GiB
+    # what is allowed: the gradients (2 B D e) + O(B) statistics/partials + fp32 partial dX
+    assert extra < square / 8, f"peak extra {extra / 2**20:.1f} MiB vs [B,B] {square / 2**20} MiB"
