@@ -43,6 +43,22 @@ def num_warps_for(block_elems: int) -> int:
     return 2
 
 
+def pairwise_tiles(n: int) -> tuple[int, int, int]:
+    """``(BLOCK_I, BLOCK_J, num_warps)`` for kernels that sweep a virtual ``[n, n]`` matrix in
+    2-D tiles (a block of ``BLOCK_I`` rows against ``BLOCK_J`` columns at a time).
+
+    The kernels accumulate up to seven sums element-wise into tile-shaped registers and reduce
+    them once per row block, so on a GPU the tile is kept at 1024 elements with 4 per thread
+    (8 warps; ptxas: <= 117 registers, no spills, for sm_90); under the interpreter larger tiles
+    mean fewer (slow) Python-level steps.
+    """
+    if interpreter_active():
+        bi, bj = block_for(n, cap=128), block_for(n, cap=512)
+        return bi, bj, num_warps_for(bi * bj)
+    bi, bj = block_for(n, cap=16), block_for(n, cap=64)
+    return bi, bj, max(1, min(8, bi * bj // 128))
+
+
 def device_supports_triton(device: torch.device) -> bool:
     """CUDA tensors always can; CPU tensors only through the interpreter."""
     if not triton_available():
