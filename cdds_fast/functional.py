@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cdds_fast.contrastive import info_nce, info_nce_gathered  # noqa: F401  (re-exported)
+
 import torch
 from torch import Tensor
 

@@ -241,7 +241,7 @@ class CDDSLoss(nn.Module):
             return None
         from open_clip.loss import gather_features
 
-        from cdds_fast.reference.contrastive import info_nce_gathered
+        from cdds_fast.contrastive import info_nce_gathered
 
         def gathered(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
             all_a, all_b = gather_features(
@@ -249,7 +249,8 @@ class CDDSLoss(nn.Module):
                 self.use_horovod,
             )
             return info_nce_gathered(
-                a, b, all_a, all_b, logit_scale, local_loss=self.local_loss, rank=self.rank
+                a, b, all_a, all_b, logit_scale, local_loss=self.local_loss, rank=self.rank,
+                backend=backend,
             )
 
         return gathered

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 
-import torch
+# The Triton interpreter runs many tiny numpy matmuls; with OpenBLAS threads contending with
+# torch's OpenMP threads they run ~1000x slower on 2 cores. Must be set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
