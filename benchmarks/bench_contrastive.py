@@ -100,8 +100,10 @@ def measure(loss_fn, a, t, s, *, warmup_ms: int, rep_ms: int):
     return ms, peak, value
 
 
-def run_table(args) -> None:
+def run_table(args) -> list[dict]:
+    """Print the markdown table and return its rows as dicts (for benchmarks/report.py)."""
     methods = _methods(args)
+    records = []
     d = args.dim
     rows = []
     header = ("| dtype | B | method | fwd+bwd ms (median) | peak extra MiB | TFLOP/s (10 B^2 D) "
@@ -148,6 +150,10 @@ def run_table(args) -> None:
                     line = f"| {dname} | {b} | {name} | {ms:.3f} | {peak:.1f} | {tf} | {rd} |"
                 print(line, flush=True)
                 rows.append(line)
+                records.append({"dtype": dname, "batch": b, "method": name,
+                                "full_ms": ms if not isinstance(ms, str) else None,
+                                "peak_mb": peak, "note": ms if isinstance(ms, str) else ""})
+    return records
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""GPU benchmark report: the comparison matrix of the kernel issues, as markdown and PNG plots.
+
+    python benchmarks/report.py                 # CUDA: full matrix -> benchmarks/results/
+    python benchmarks/report.py --quick         # small sizes; on CPU only the reference paths
+
+Contents:
+* CDDS loss: fast (Triton) vs eager reference vs ``torch.compile(reference)`` at
+  (B, P, L, D) = (256, 50, 77, 512), (1024, 50, 77, 512), (256, 50, 77, 1024): forward, backward
+  (full minus forward) and forward+backward medians, peak extra memory, and the fraction of the
+  byte roofline (inputs read once, input gradients written once, at the copy bandwidth measured in
+  the same run) that the fast path reaches.
+* Symmetric InfoNCE: FusedClipLoss vs open_clip ClipLoss vs Inf-CL (when installed) at
+  B in {4096, 16384, 65536}, D = 512, fp32 and bf16, with the fraction of the matmul roofline
+  (10 B^2 D FLOPs for fwd+bwd at the bf16/fp32 matmul rate measured in the same run).
+* PNG plots of time and memory against batch size.
+Nothing here is estimated: every number is measured by this script on the named device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import bench_cdds  # noqa: E402
+from benchmarks.common import environment, fmt  # noqa: E402
+
+
+def measured_ceilings() -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and matmul rates, measured now."""
+    from triton.testing import do_bench
+
+    x = torch.empty(2**30 // 4, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), return_mode="median")
+    out = {"copy_GBps": 2 * x.numel() * 4 / ms / 1e6}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        ms = do_bench(lambda: a @ b, return_mode="median")
+        out[f"matmul_{name}_TFLOPs"] = 2 * 8192**3 / ms / 1e9
+    return out
+
+
+def cdds_min_bytes(shape: str, dtype: str) -> int:
+    """Inputs (6 token tensors) read once and their gradients written once."""
+    b, p, l, d = map(int, shape.split("x"))
+    item = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    return 2 * 3 * (b * p * d + b * l * d) * item
+
+
+def contrastive_rows(quick: bool) -> list[dict]:
+    from benchmarks import bench_contrastive
+
+    args = argparse.Namespace(
+        quick=quick, sizes=[1024, 4096] if quick else [4096, 16384, 65536], dim=512,
+        dtypes=["fp32", "bf16"], methods=None, clip_max_b=1 << 30, warmup=25, rep=100,
+        verbose=False,
+    )
+    return bench_contrastive.run_table(args)
+
+
+def plot(cdds: list[dict], clip: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if clip:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for (method, dtype) in sorted({(r["method"], r["dtype"]) for r in clip}):
+            pts = [r for r in clip if r["method"] == method and r["dtype"] == dtype and r["full_ms"]]
+            if not pts:
+                continue
+            xs = [r["batch"] for r in pts]
+            axes[0].plot(xs, [r["full_ms"] for r in pts], marker="o", label=f"{method} {dtype}")
+            axes[1].plot(xs, [r["peak_mb"] for r in pts], marker="o", label=f"{method} {dtype}")
+        for ax, ylabel in zip(axes, ("fwd+bwd ms", "peak extra MiB")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size B (D = 512)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle("Symmetric InfoNCE: time and memory against batch size")
+        fig.tight_layout()
+        paths.append(out / "contrastive.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if cdds:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        labels = sorted({(r["impl"], r["dtype"]) for r in cdds})
+        shapes = list(dict.fromkeys(r["shape"] for r in cdds))
+        width = 0.8 / max(1, len(labels))
+        for k, (impl, dtype) in enumerate(labels):
+            row = {r["shape"]: r for r in cdds if r["impl"] == impl and r["dtype"] == dtype}
+            xs = [i + k * width for i in range(len(shapes))]
+            axes[0].bar(xs, [row[s]["full_ms"] if s in row else 0 for s in shapes], width, label=f"{impl} {dtype}")
+            axes[1].bar(xs, [(row[s]["peak_mb"] or 0) if s in row else 0 for s in shapes], width)
+        for ax, ylabel in zip(axes, ("fwd+bwd ms", "peak extra MiB")):
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=8)
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+        axes[0].legend(fontsize=7)
+        fig.suptitle("CDDS loss forward+backward (B x P x L x D)")
+        fig.tight_layout()
+        paths.append(out / "cdds_loss.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--skip-contrastive", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    env = environment()
+    ceilings = measured_ceilings() if cuda else {}
+    shapes = bench_cdds.QUICK_SHAPES if args.quick else bench_cdds.GPU_SHAPES
+    names = None if cuda else ["eager reference"]
+    cdds = bench_cdds.run(shapes, [torch.bfloat16, torch.float32], names=names)
+    for r in cdds:
+        if cuda and r["impl"].startswith("fast") and r["full_ms"] == r["full_ms"]:
+            floor_ms = cdds_min_bytes(r["shape"], r["dtype"]) / (ceilings["copy_GBps"] * 1e6)
+            r["byte_roofline_fraction"] = floor_ms / r["full_ms"]
+    clip = [] if (args.skip_contrastive or not cuda) else contrastive_rows(args.quick)
+    for r in clip:
+        if r["full_ms"] and r["method"].startswith("fused"):
+            rate = ceilings["matmul_bf16_TFLOPs" if r["dtype"] == "bf16" else "matmul_fp32_TFLOPs"]
+            r["matmul_roofline_fraction"] = 10 * r["batch"] ** 2 * 512 / (r["full_ms"] * 1e9) / rate
+    lines = ["# Benchmark report", "", f"Environment: `{json.dumps(env)}`", ""]
+    if ceilings:
+        lines += [f"Measured ceilings: `{json.dumps({k: round(v, 1) for k, v in ceilings.items()})}`", ""]
+    lines += ["## CDDS loss", "", bench_cdds.to_markdown(cdds), ""]
+    fr = [r for r in cdds if "byte_roofline_fraction" in r]
+    if fr:
+        lines += ["Fast path, fraction of the byte roofline: " + ", ".join(
+            f"{r['shape']} {r['dtype']}: {100 * r['byte_roofline_fraction']:.0f}%" for r in fr), ""]
+    if clip:
+        lines += ["## Symmetric InfoNCE (D = 512)", "",
+                  "| dtype | B | method | fwd+bwd ms | peak extra MiB | matmul roofline |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in clip:
+            frac = r.get("matmul_roofline_fraction")
+            lines.append(f"| {r['dtype']} | {r['batch']} | {r['method']} | {fmt(r['full_ms'])} | "
+                         f"{fmt(r['peak_mb'], '.1f')} | {'' if frac is None else f'{100 * frac:.0f}%'} |")
+        lines.append("")
+    pngs = plot(cdds, clip, out)
+    lines += [f"![{p.stem}]({p.name})" for p in pngs]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps({"env": env, "ceilings": ceilings, "cdds": cdds, "contrastive": clip}, indent=1, default=str))
+    print("\n".join(lines))
+    print(f"written: {out / 'report.md'}, {', '.join(map(str, pngs))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

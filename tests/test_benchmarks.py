@@ -1,0 +1,35 @@
+"""The benchmark scripts stay runnable: CPU smoke runs of their --quick modes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_report_quick_writes_markdown_json_and_plot(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "report.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    (row,) = [r for r in report["cdds"] if r["dtype"] == "float32"]
+    assert row["impl"] == "eager reference" and row["full_ms"] > 0
+    assert (tmp_path / "report.md").read_text().startswith("# Benchmark report")
+    assert (tmp_path / "cdds_loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("script", ["bench_cdds.py", "bench_contrastive.py", "bench_step.py"])
+def test_gpu_scripts_exit_cleanly_without_cuda(script):
+    env = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "CUDA" in res.stdout or "cuda" in res.stdout
