@@ -100,6 +100,67 @@ def split_count(n_main: int, n_splittable: int, target_programs: int) -> int:
     return -(-n_splittable // per)
 
 
+# --- token x column tiling (added for the stats / constraint kernels) ---------------------------
+
+#: Elements of one ``[BLOCK_N, BLOCK_D]`` tile a program holds at once. On a GPU this bounds the
+#: registers (about ten fp32 tiles are live in the constraint kernels; with 8 elements per thread,
+#: see :func:`tile_warps`, they compile to ~90-130 registers and no spills for sm_90, so 2-3
+#: programs share a multiprocessor); under the interpreter every Python-level loop iteration costs
+#: far more than the numpy work, so tiles are made as large as practical.
+TILE_ELEMS_GPU = 2048
+TILE_ELEMS_INTERPRETER = 1 << 16
+#: Widest row (feature dim D) a program holds in one block; wider rows are looped in chunks.
+ROW_BLOCK_CAP = 4096
+
+
+def tile_elems() -> int:
+    """Elements per ``[BLOCK_N, BLOCK_D]`` tile for the current execution mode."""
+    return TILE_ELEMS_INTERPRETER if interpreter_active() else TILE_ELEMS_GPU
+
+
+def token_tile(n_tokens: int, n_cols: int, *, col_cap: int = ROW_BLOCK_CAP) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_D)`` for a program that walks tokens (rows) of width ``n_cols``.
+
+    ``BLOCK_D`` is the power of two covering ``n_cols`` up to ``col_cap`` (wider rows are looped in
+    ``BLOCK_D`` chunks; at least 16 on a GPU); ``BLOCK_N`` fills the rest of :func:`tile_elems`, at
+    most the tokens there are (rounded up to a power of two), at least 1.
+    """
+    cap = max(1, next_power_of_2(col_cap))
+    # GPU: at least 16 lanes per row (no degenerate size-1 blocks); the interpreter takes any size
+    block_d = block_for(n_cols, cap=cap, floor=1 if interpreter_active() else min(16, cap))
+    block_n = max(1, min(next_power_of_2(n_tokens), tile_elems() // block_d))
+    return block_n, block_d
+
+
+def tile_warps(block_elems: int, *, elems_per_thread: int = 8) -> int:
+    """Warps for a program holding ``block_elems``-element tiles of several live fp32 temporaries:
+    ``elems_per_thread`` elements per thread (a power of two in [1, 16] warps)."""
+    return max(1, min(16, next_power_of_2(max(1, block_elems // (32 * elems_per_thread)))))
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a grid should offer to fill the device.
+
+    Twice the multiprocessor count on CUDA (two waves hide the tail); 1 under the interpreter,
+    where programs run one after another and fewer, larger programs are faster.
+    """
+    if device.type == "cuda":
+        return 2 * num_sms(device)
+    return 1
+
+
+def split_tokens(n_tokens: int, block_n: int, batch: int, device: torch.device) -> tuple[int, int]:
+    """Split each row's ``n_tokens`` among programs: returns ``(tokens_per_program, n_chunks)``.
+
+    ``tokens_per_program`` is a multiple of ``block_n``; ``batch * n_chunks`` reaches
+    :func:`target_programs` where the tokens allow (one tile per program at most).
+    """
+    tiles = -(-n_tokens // block_n)
+    want = max(1, min(tiles, -(-target_programs(device) // max(1, batch))))
+    per_program = -(-tiles // want) * block_n
+    return per_program, -(-n_tokens // per_program)
+
+
 def info_nce_tiles(kind: str, dtype: torch.dtype, d: int, allow_tf32: bool,
                    device: torch.device) -> dict:
     """Tile sizes of the fused InfoNCE kernels (``kernels/contrastive.py``).
