@@ -501,3 +501,34 @@ def _compile_step(device, backend):
     torch.testing.assert_close(loss_c, loss_e)
     for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e):
         torch.testing.assert_close(gc, ge, msg=n)
+
+
+def test_no_relation_matrix_or_fp32_token_tensor_is_materialised(device):
+    """Every tensor the fast path creates outside its kernels (forward and backward): none is a
+    [.., D, D] relation matrix, and with bf16 inputs none is an fp32 [B, N, D] tensor (the
+    reference materialises both; X^x exists only inside the constraint kernels)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen += [(str(func), tuple(t.shape), t.dtype) for t in tree_leaves(out)
+                          if isinstance(t, torch.Tensor)]
+            return out
+
+    batch, patches, length, dim = 2, 5, 6, 64
+    tensors, params = inputs(batch, patches, length, dim, torch.bfloat16, device, smooth=True)
+    leaves = [*tensors[:6], *params.values()]
+    with Record() as rec:
+        out = cdds_loss_triton(*tensors, **params)
+        torch.autograd.grad(sum(out.values()), leaves)
+    assert rec.seen, "the dispatch mode saw nothing"
+    for op, shape, dtype in rec.seen:
+        assert shape[-2:] != (dim, dim), f"{op} made a [.., D, D] tensor {shape}"
+        assert not (dtype == torch.float32 and len(shape) == 3 and shape[-1] == dim
+                    and shape[1] in (patches, length)), f"{op} made an fp32 token tensor {shape}"
