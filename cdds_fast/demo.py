@@ -32,10 +32,8 @@ How to read the table: docs/demo.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import logging
 import math
 import os
 import platform
@@ -46,6 +44,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from cdds_fast.open_clip import quiet_random_init
 
 __all__ = ["DEMO_MODEL", "MODEL_CONFIG", "build_parser", "main", "run_demo"]
 
@@ -116,17 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_open_clip():
-    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" warning."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 def register_model_config(folder: str | os.PathLike) -> str:
@@ -561,7 +550,7 @@ def run_demo(args: argparse.Namespace, t_start: float | None = None) -> dict[str
 
     # -- one init, two (three) runs ---------------------------------------------------------------------
     torch.manual_seed(args.seed)
-    with _quiet_open_clip():
+    with quiet_random_init():
         init = open_clip.create_model(model_name, device=device, output_dict=True)
     init.eval()
     pre_cfg = PreprocessCfg(**init.visual.preprocess_cfg)

@@ -27,9 +27,7 @@ ranks); ``--json-out`` writes the metrics with the model and data description.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from cdds_fast.open_clip import quiet_random_init, read_cdds_config
 
 __all__ = ["build_parser", "evaluate", "load_model", "main"]
 
@@ -93,16 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_sidecar(path: Path) -> dict[str, Any]:
-    """The ``cdds_config.json`` next to a checkpoint (its folder or the run folder), or ``{}``."""
-    from cdds_fast.open_clip import CDDS_CONFIG_FILENAME
-
-    for candidate in (path.parent / CDDS_CONFIG_FILENAME, path.parent.parent / CDDS_CONFIG_FILENAME):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return {}
-
-
 def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     from cdds_fast.open_clip import strip_state_dict_prefixes
 
@@ -115,18 +105,6 @@ def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
             f"state dict, got {type(ckpt).__name__}"
         )
     return strip_state_dict_prefixes(ckpt)
-
-
-@contextlib.contextmanager
-def _quiet_random_init():
-    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" warning while the
-    towers are built for a checkpoint that overwrites every weight anyway."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 def load_model(
@@ -171,7 +149,7 @@ def load_model(
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file")
-    sidecar = _read_sidecar(path)
+    sidecar = read_cdds_config(path)
     state = _checkpoint_state(path)
     name = model or sidecar.get("model")
     if any(k.startswith("head.") for k in state):
@@ -182,7 +160,7 @@ def load_model(
                 f"head did not use 8 heads)"
             )
         extra = {} if cdds_heads is None else {"heads": cdds_heads}
-        with _quiet_random_init():
+        with quiet_random_init():
             wrapper = CDDSModel.from_checkpoint(path, model_name=name, device=device, **extra)
         info = {"kind": "cdds", "model": name, "checkpoint": str(path),
                 "cdds_head": dict(wrapper.cdds_config)}  # fmt: skip
@@ -195,7 +173,7 @@ def load_model(
     for cfg_path in sidecar.get("model_configs", []):
         if Path(cfg_path).exists():
             open_clip.add_model_config(cfg_path)
-    with _quiet_random_init():
+    with quiet_random_init():
         clip = open_clip.create_model(name, None, device=device)
     clip.load_state_dict(state)
     return clip.eval(), name, {"kind": "clip", "model": name, "checkpoint": str(path)}

@@ -24,7 +24,9 @@ evaluation (open_clip's zero-shot and retrieval code, ``cdds-fast eval``) measur
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -442,7 +444,7 @@ class CDDSModel(nn.Module):
         import open_clip
 
         path = Path(path)
-        sidecar = _read_sidecar(path)
+        sidecar = read_cdds_config(path)
         for cfg_path in sidecar.get("model_configs", []):
             if Path(cfg_path).exists():
                 open_clip.add_model_config(cfg_path)
@@ -483,7 +485,8 @@ def _load_state(path: Path) -> dict[str, Tensor]:
     return checkpoint
 
 
-def _read_sidecar(path: Path) -> dict[str, Any]:
+def read_cdds_config(path: Path) -> dict[str, Any]:
+    """The ``cdds_config.json`` next to a checkpoint (its folder or the run folder), or ``{}``."""
     for candidate in (path.parent / CDDS_CONFIG_FILENAME, path.parent.parent / CDDS_CONFIG_FILENAME):
         if candidate.is_file():
             return json.loads(candidate.read_text())
@@ -509,3 +512,15 @@ def load_cdds_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool
     """
     model.load_state_dict(strip_state_dict_prefixes(_load_state(Path(path))), strict=strict)
     return model
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" warning (towers
+    built for random-init demos, or for a checkpoint that overwrites every weight anyway)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
