@@ -6,12 +6,30 @@ from __future__ import annotations
 import torch
 
 
-def make_mask(batch: int, length: int, *, keep: float = 0.6, device="cpu") -> torch.Tensor:
-    """Bool ``[B, L]`` with a random number of valid leading tokens per row (>= 1), like padded text."""
-    lengths = torch.randint(1, length + 1, (batch,), device=device)
-    if keep >= 1.0:
-        lengths = torch.full((batch,), length, device=device)
+def make_mask(batch: int, length: int, *, min_valid: int = 1, device="cpu") -> torch.Tensor:
+    """Bool ``[B, L]`` with a random number (>= ``min_valid``) of valid leading tokens per row,
+    like padded text."""
+    lengths = torch.randint(min_valid, length + 1, (batch,), device=device)
     return torch.arange(length, device=device)[None, :] < lengths[:, None]
+
+
+def subnormal_ulp(dtype: torch.dtype) -> float:
+    """Spacing of the dtype's subnormals (fp16: 2^-24 = 6e-8): a value rounded to the dtype near
+    zero is exact only to this absolute amount, whatever its relative tolerance."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
+
+
+def assert_close(actual, expected, tol, name="", scale=None):
+    """Elementwise comparison with ``tol = (atol, rtol)``: atol is relative to max|expected| (or
+    ``scale`` if larger) and floored at one subnormal ulp of the actual dtype."""
+    atol, rtol = tol
+    scale = max(expected.detach().abs().max().float().clamp_min(1e-30).item(), scale or 0.0)
+    torch.testing.assert_close(
+        actual.detach().float(), expected.detach().float(),
+        atol=max(atol * scale, subnormal_ulp(actual.dtype)), rtol=rtol,
+        equal_nan=True, msg=lambda m: f"{name}: {m}",
+    )
 
 
 def make_inputs(

@@ -14,6 +14,7 @@ import torch
 
 from cdds_fast.kernels.constraints import constraint_losses, constraints_forward
 from cdds_fast.reference import column_stats, modality_kl, reconstruction_loss, x_semantic
+from tests._inputs import assert_close, make_mask, subnormal_ulp
 
 # Gradient tolerances, (dtype, atol, rtol, reason); atol is relative to max|expected|. The three
 # losses are float32 for every input dtype and always use the float32 row: both sides compute in
@@ -39,28 +40,6 @@ F32 = TOL[torch.float32]
 FACTOR = 10.0
 N_ORDERS = 3
 NAMES = ("tokens", "semantic", "modality", "w_s", "w_m", "mu", "s", "c", "a")
-
-
-def subnormal_ulp(dtype: torch.dtype) -> float:
-    """Spacing of the dtype's subnormals (fp16: 2^-24 = 6e-8): a value rounded to the dtype near
-    zero is exact only to this absolute amount, whatever its relative tolerance."""
-    info = torch.finfo(dtype)
-    return info.smallest_normal * info.eps
-
-
-def assert_close(actual, expected, tol, name=""):
-    atol, rtol = tol
-    scale = expected.detach().abs().max().float().clamp_min(1e-30).item()
-    torch.testing.assert_close(
-        actual.detach().float(), expected.detach().float(),
-        atol=max(atol * scale, subnormal_ulp(actual.dtype)), rtol=rtol,
-        equal_nan=True, msg=lambda m: f"{name}: {m}",
-    )
-
-
-def make_mask(batch, n, *, min_valid=1, device="cpu"):
-    lengths = torch.randint(min_valid, n + 1, (batch,), device=device)
-    return torch.arange(n, device=device)[None, :] < lengths[:, None]
 
 
 def make_inputs(batch, n, d, dtype, *, device, mask=None, dtypes=None, scale=1.0, m_scale=1.0):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from cdds_fast.fused_loss import cdds_loss_triton
 from cdds_fast.reference import cdds_loss as reference_cdds_loss
 from cdds_fast.reference.loss import LOSS_KEYS
-from tests._inputs import make_inputs
+from tests._inputs import assert_close, make_inputs, subnormal_ulp
 
 # (dtype, atol, rtol, reason); atol is relative to max|expected|. The five loss terms are fp32
 # for every input dtype and always use the fp32 row (both sides compute in fp32 from the same
@@ -181,25 +181,6 @@ def run_reference_perturbed(tensors, params):
     for i, name in enumerate(LEAF_NAMES[:6]):
         grads[name] = grads[name][:, inv_v if i < 3 else inv_t]
     return out, grads
-
-
-def subnormal_ulp(dtype: torch.dtype) -> float:
-    """Spacing of the dtype's subnormals (fp16: 2^-24 = 6e-8): a value rounded to the dtype near
-    zero is exact only to this absolute amount, whatever its relative tolerance."""
-    info = torch.finfo(dtype)
-    return info.smallest_normal * info.eps
-
-
-def assert_close(actual, expected, tol, name, scale=None):
-    """Elementwise, atol relative to max|expected| (or ``scale`` if larger), floored at one
-    subnormal ulp of the actual dtype."""
-    atol, rtol = tol
-    scale = max(expected.detach().abs().max().float().clamp_min(1e-30).item(), scale or 0.0)
-    torch.testing.assert_close(
-        actual.detach().float(), expected.detach().float(),
-        atol=max(atol * scale, subnormal_ulp(actual.dtype)), rtol=rtol,
-        equal_nan=True, msg=lambda m: f"{name}: {m}",
-    )
 
 
 def _within_fp32_reference_error(name, fast, r32s, r64, tol, scale=None):
