@@ -22,23 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from cdds_fast.dispatch import resolve_backend
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from cdds_fast.reference.validation import check_scale, check_tensor
 
 
 def _check(a: object, b: object, logit_scale: object, names: tuple[str, str],
            same_shape: bool = True) -> None:
-    """Backend-independent checks, raised before any dispatch, gather or launch."""
+    """Backend-independent checks, raised before any dispatch, gather or launch (the per-tensor
+    rules are the project's shared ones in ``cdds_fast.reference.validation``)."""
     na, nb = names
     for name, t in ((na, a), (nb, b)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"{name}: expected dtype float32, bfloat16, float16 or float64, got {t.dtype}"
-            )
-        if t.dim() != 2:
-            raise ValueError(f"{name}: expected 2 dimensions [B, D], got shape {list(t.shape)}")
+        check_tensor(name, t, ndim=2)
         if t.shape[0] < 1 or t.shape[1] < 1:
             raise ValueError(f"{name}: expected B >= 1 and D >= 1, got shape {list(t.shape)}")
     if same_shape and a.shape != b.shape:
@@ -49,22 +42,12 @@ def _check(a: object, b: object, logit_scale: object, names: tuple[str, str],
                          f"shape {list(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"{nb}: expected device {a.device} (the device of {na}), got {b.device}")
-    if isinstance(logit_scale, Tensor):
-        if logit_scale.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"logit_scale: expected a floating dtype, got {logit_scale.dtype}")
-        if logit_scale.dim() != 0:
-            raise ValueError(
-                "logit_scale: expected a 0-d tensor (the exponentiated scale, e.g. "
-                f"model.logit_scale.exp()), got shape {list(logit_scale.shape)}"
-            )
-        if logit_scale.device != a.device and logit_scale.device.type != "cpu":
-            raise ValueError(
-                f"logit_scale: expected device {a.device} (the device of {na}) or a CPU scalar, "
-                f"got {logit_scale.device}"
-            )
-    elif isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
-        raise TypeError(
-            f"logit_scale: expected a 0-d tensor or a number, got {type(logit_scale).__name__}"
+    check_scale("logit_scale", logit_scale)
+    if (isinstance(logit_scale, Tensor) and logit_scale.device != a.device
+            and logit_scale.device.type != "cpu"):
+        raise ValueError(
+            f"logit_scale: expected device {a.device} (the device of {na}) or a CPU scalar, "
+            f"got {logit_scale.device}"
         )
 
 
