@@ -204,7 +204,7 @@ def run_tune(args) -> None:
     from cdds_fast.kernels.launch import info_nce_tiles
 
     b, d = args.tune_b, args.dim
-    print(f"| kind | dtype | B | config | ms | TFLOP/s |")
+    print("| kind | dtype | B | config | ms | TFLOP/s |")
     print("|---|---|---|---|---|---|", flush=True)
     for dname in args.dtypes:
         dtype = DTYPES[dname]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cdds_fast.contrastive import info_nce, info_nce_gathered  # noqa: F401  (re-exported)
+from cdds_fast.contrastive import info_nce, info_nce_gathered
 
 import torch
 from torch import Tensor
@@ -10,6 +10,8 @@ from torch import Tensor
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.reference import cdds_loss as _reference_cdds_loss
 from cdds_fast.reference.loss import Contrastive
+
+__all__ = ["cdds_loss", "info_nce", "info_nce_gathered"]
 
 
 def cdds_loss(
