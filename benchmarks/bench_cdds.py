@@ -36,7 +36,7 @@ def make_problem(batch, patches, length, dim, dtype, device):
         return t.to(dt).requires_grad_(True)
 
     tensors = [leaf(batch, patches, dim) for _ in range(3)] + [leaf(batch, length, dim) for _ in range(3)]
-    lengths = torch.randint(5, length + 1, (batch,), generator=g, device=device)
+    lengths = torch.randint(min(5, length), length + 1, (batch,), generator=g, device=device)
     mask = torch.arange(length, device=device)[None] < lengths[:, None]
     params = {n: leaf(dim, scale=0.1, shift=0.5 if n.startswith("alpha") else 1.0, dt=torch.float32)
               for n in PARAMS}

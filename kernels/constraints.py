@@ -58,6 +58,7 @@ from torch import Tensor
 from cdds_fast.kernels.launch import (
     ROW_BLOCK_CAP,
     split_tokens,
+    tile_elems,
     tile_warps,
     token_tile,
 )
@@ -464,7 +465,10 @@ def constraints_backward(
     g_mu, g_s, g_c, g_a = (torch.empty(batch, d, dtype=torch.float32, device=dev)
                            for _ in range(4))
     g_w_part = torch.empty(2, batch, d, dtype=torch.float32, device=dev)
-    block_n, block_d = token_tile(n, d, col_cap=block_d_cap)
+    # The backward loops over D in blocks whatever their width (the forward saved each row's
+    # log-sum-exp), so its blocks stay within one tile: a [1, 4096] block (D > 2048) spilled
+    # registers for sm_90 (benchmarks/kernel_resources.py).
+    block_n, block_d = token_tile(n, d, col_cap=min(block_d_cap, tile_elems()))
     _constraints_bwd_kernel[(batch, triton.cdiv(n, block_n))](
         x, xs, xm, _mask_arg(mask, x), w_s.contiguous(), w_m.contiguous(), mu.contiguous(),
         s.contiguous(), c.contiguous(), a.contiguous(), lse.contiguous(), log_qbar.contiguous(),

@@ -5,7 +5,9 @@ One place decides how a row of length ``n`` is tiled, so no kernel file hard-cod
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
@@ -59,10 +61,40 @@ def pairwise_tiles(n: int) -> tuple[int, int, int]:
     return bi, bj, max(1, min(8, bi * bj // 128))
 
 
+#: Multiprocessor count of the GPU a launch plan is being recorded for (see :func:`gpu_launch_plan`);
+#: None in normal operation.
+_PLAN_SMS: int | None = None
+
+
+@contextlib.contextmanager
+def gpu_launch_plan(sms: int = 132) -> Iterator[None]:
+    """Size every launch as for a CUDA device with ``sms`` multiprocessors, whatever the tensors'
+    device. Used (with the interpreter off) by ``benchmarks/kernel_resources.py`` to record the
+    exact kernel specialisations a GPU would compile, and compile them for sm_90 on a machine
+    without one."""
+    global _PLAN_SMS
+    previous, _PLAN_SMS = _PLAN_SMS, int(sms)
+    try:
+        yield
+    finally:
+        _PLAN_SMS = previous
+
+
+def sized_for_gpu(device: torch.device) -> bool:
+    """Whether launches on ``device`` take the GPU tile sizes and grids (CUDA tensors, or inside
+    :func:`gpu_launch_plan`) rather than the interpreter's few large tiles."""
+    if _PLAN_SMS is not None:
+        return True
+    return device.type == "cuda" and not interpreter_active()
+
+
 def device_supports_triton(device: torch.device) -> bool:
-    """CUDA tensors always can; CPU tensors only through the interpreter."""
+    """CUDA tensors always can; CPU tensors only through the interpreter (or while a
+    :func:`gpu_launch_plan` records launches instead of running them)."""
     if not triton_available():
         return False
+    if _PLAN_SMS is not None:
+        return True
     return device.type == "cuda" or (device.type == "cpu" and interpreter_active())
 
 
@@ -72,6 +104,8 @@ def device_supports_triton(device: torch.device) -> bool:
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 1 for CPU tensors (the interpreter runs programs
     one after another, so more programs only cost time there)."""
+    if _PLAN_SMS is not None:
+        return _PLAN_SMS
     if device.type != "cuda":
         return 1
     return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
@@ -144,7 +178,7 @@ def target_programs(device: torch.device) -> int:
     Twice the multiprocessor count on CUDA (two waves hide the tail); 1 under the interpreter,
     where programs run one after another and fewer, larger programs are faster.
     """
-    if device.type == "cuda":
+    if sized_for_gpu(device):
         return 2 * num_sms(device)
     return 1
 
@@ -174,7 +208,7 @@ def info_nce_tiles(kind: str, dtype: torch.dtype, d: int, allow_tf32: bool,
         feature row is one block (loaded once per row block). All blocks are >= 16 (``tl.dot``).
     """
     dpow = max(16, next_power_of_2(d))
-    if interpreter_active() or device.type != "cuda":
+    if not sized_for_gpu(device):
         # The interpreter runs programs one by one on numpy tiles and pays per element loaded:
         # few, large tiles (whole feature rows when D <= 512) are fastest there.
         bk = min(dpow, 512)
@@ -209,3 +243,13 @@ def info_nce_tiles(kind: str, dtype: torch.dtype, d: int, allow_tf32: bool,
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=dpow, BLOCK_DO=dpow, num_warps=4, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=min(dpow, 256), num_warps=4,
                 num_stages=2)
+
+
+def logit_tiles(rows: int, cols: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of an element-wise kernel over a ``[rows, cols]`` fp32
+    buffer (the chunked InfoNCE backward's ``G`` kernel): 4096-element tiles, 16 per thread, on a
+    GPU (rows of 256 contiguous fp32 = 1 KiB per row segment); the interpreter takes a whole chunk
+    row block at once."""
+    if not sized_for_gpu(device):
+        return block_for(rows, cap=128, floor=1), block_for(cols, cap=2048, floor=1), 4
+    return block_for(rows, cap=16, floor=1), block_for(cols, cap=256), 8

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cdds_fast.kernels.launch import tile_warps, token_tile
+from cdds_fast.kernels.launch import sized_for_gpu, tile_warps, token_tile
 
 STD_EPS = 1e-5  # inside the square root, as cdds_fast.reference.stats
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -164,7 +164,7 @@ def _mask_arg(mask: Optional[Tensor], x: Tensor) -> Tensor:
 
 def _fwd_blocks(n: int, d: int, device: torch.device) -> tuple[int, int]:
     block_n, block_d = token_tile(n, d)
-    if device.type == "cuda":
+    if sized_for_gpu(device):
         block_d = min(block_d, _GPU_COLS_PER_PROGRAM)
         block_n, _ = token_tile(n, block_d, col_cap=block_d)
     return block_n, block_d

@@ -1,0 +1,281 @@
+"""Compile every Triton kernel exactly as a GPU launch would, for sm_90, without a GPU.
+
+    python benchmarks/kernel_resources.py              # issue shapes + odd shapes, markdown table
+    python benchmarks/kernel_resources.py --quick      # odd shapes only (what the test compiles)
+    python benchmarks/kernel_resources.py --json out.json
+
+The Triton interpreter (how CPU CI runs the kernels) checks what a kernel computes, not whether
+the GPU compiler accepts it, nor what it costs in registers. This script runs the real launchers
+(``cdds_loss_triton`` forward + backward and the InfoNCE forward + backward) on CPU tensors inside
+:func:`cdds_fast.kernels.launch.gpu_launch_plan`, so every tile size, warp count and grid is the
+one a CUDA device with 132 multiprocessors (H100 SXM / H200) would get, and replaces Triton's launch
+by a recorder: each distinct specialisation (constexprs, argument dtypes, alignment attributes,
+``num_warps``, ``num_stages``) is compiled with Triton's NVIDIA backend down to a cubin (ptxas
+ships with the triton wheel) and its resource usage read back with ``cuobjdump``:
+
+* ``regs``: registers per thread (sm_90 has 64K per multiprocessor, so ``regs * 32 * warps``
+  bounds how many programs share one);
+* ``stack``: bytes of per-thread local memory -- register spills, for these kernels;
+* ``smem``: static + Triton-managed shared memory per program (sm_90 allows 227 KiB).
+
+Nothing here is timed: the figures are what the compiler produced, and they tell which configs
+spill before a GPU is ever used. It must run with ``TRITON_INTERPRET`` unset (``@triton.jit``
+decides at definition time whether it builds interpreter functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: sm_90 limits: registers per multiprocessor, shared memory per block (opt-in maximum).
+SM90_REGS = 65536
+SM90_SMEM = 232448
+
+ISSUE_SHAPES = [(256, 50, 77, 512), (1024, 50, 77, 512), (256, 50, 77, 1024)]
+#: Odd sizes: not powers of two, one token, one feature, and a feature dim above
+#: ``launch.ROW_BLOCK_CAP`` (rows looped in chunks; the constraint losses' separate row-LSE pass).
+ODD_SHAPES = [(3, 7, 5, 37), (1, 1, 1, 1), (2, 3, 4, 4100)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Spec:
+    """One distinct kernel specialisation a launch plan asked for."""
+    kernel: str
+    constexprs: dict
+    signature: dict
+    num_warps: int
+    num_stages: int
+    grid: tuple
+    plans: list = field(default_factory=list)  # which problems launched it
+    regs: int | None = None
+    stack: int | None = None
+    smem: int | None = None
+    compile_s: float | None = None
+    error: str | None = None
+
+    def label(self) -> str:
+        blocks = ", ".join(f"{k}={v}" for k, v in self.constexprs.items()
+                           if k.startswith("BLOCK") or k in ("SINGLE_K", "PRECISION"))
+        dtypes = sorted({v for v in self.signature.values() if v.startswith("*")} - {"*i8", "*u8"})
+        return f"{self.kernel} [{', '.join(dtypes)}] {blocks}"
+
+
+class Recorder:
+    """Stands in for ``JITFunction.run``: binds the arguments with the CUDA backend's own binder
+    (so specialisation is Triton's), keeps the first launch of each distinct specialisation."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.backend = make_backend(self.target)
+        self.specs: dict[str, Spec] = {}
+        self.sources: dict[str, tuple] = {}
+        self.plan = ""
+
+    def run(self, fn, args, kwargs, grid):
+        from triton.runtime.jit import create_function_from_signature
+
+        kwargs = dict(kwargs)
+        kwargs.setdefault("debug", False)
+        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(
+            self.backend, kwargs, bound, specialization, options)
+        names = [p.name for p in fn.params]
+        named_constexprs = {names[path[0]]: value for path, value in constexprs.items()}
+        key = repr((fn.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()),
+                    options.num_warps, options.num_stages))
+        if key not in self.specs:
+            grid = grid(bound) if callable(grid) else tuple(grid)
+            self.specs[key] = Spec(fn.__name__, named_constexprs, dict(signature),
+                                   options.num_warps, options.num_stages, tuple(grid))
+            self.sources[key] = (fn, signature, constexprs, attrs, options)
+        if self.plan not in self.specs[key].plans:
+            self.specs[key].plans.append(self.plan)
+
+    def compile_all(self, log=print) -> None:
+        import triton
+        from triton.compiler import ASTSource
+
+        for i, (key, spec) in enumerate(self.specs.items()):
+            fn, signature, constexprs, attrs, options = self.sources[key]
+            start = time.perf_counter()
+            try:
+                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                          target=self.target, options=options.__dict__)
+                spec.regs, spec.stack, spec.smem = _resources(compiled)
+            except Exception as err:  # report every failure, not just the first
+                spec.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+            spec.compile_s = time.perf_counter() - start
+            log(f"[{i + 1}/{len(self.specs)}] {spec.label()}  warps={spec.num_warps} "
+                f"stages={spec.num_stages}: "
+                + (spec.error or f"regs={spec.regs} stack={spec.stack} smem={spec.smem}")
+                + f" ({spec.compile_s:.1f} s)")
+
+
+def _resources(compiled) -> tuple[int, int, int]:
+    """(registers per thread, local stack bytes, shared memory bytes) of a compiled kernel."""
+    from triton.backends.nvidia import compiler as nv
+
+    cuobjdump = Path(nv.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not found:
+        raise RuntimeError(f"cuobjdump: no resource line in {out!r}")
+    regs, stack, shared, local = (int(v) for v in found.groups())
+    return regs, stack + local, max(shared, int(compiled.metadata.shared))
+
+
+def _install(recorder: Recorder) -> None:
+    from triton.runtime.jit import JITFunction
+
+    def run(self, *args, grid, warmup, **kwargs):
+        recorder.run(self, args, kwargs, grid)
+        return None
+
+    JITFunction.run = run
+
+
+def plan_cdds(recorder: Recorder, shape: tuple, dtype: torch.dtype) -> None:
+    """Forward + backward of the fused CDDS loss at ``(B, P, L, D)``, launches recorded."""
+    from benchmarks.bench_cdds import make_problem, step_fn
+    from cdds_fast.fused_loss import cdds_loss_triton
+
+    tensors, mask, params = make_problem(*shape, dtype, torch.device("cpu"))
+    recorder.plan = f"cdds {tuple(shape)} {_name(dtype)}"
+    step_fn(cdds_loss_triton, tensors, mask, params)()
+
+
+def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
+                  allow_tf32: bool = False) -> None:
+    """Forward + backward of the symmetric and the rectangular (``local_loss``) InfoNCE."""
+    from cdds_fast.kernels import contrastive
+
+    tag = _name(dtype) + (" tf32" if allow_tf32 else "")
+    default = contrastive.BACKWARD_METHOD
+    try:
+        for method in ("chunked", "fused"):
+            contrastive.BACKWARD_METHOD = method
+            for symmetric in (True, False):
+                recorder.plan = (f"info_nce B={batch} D={dim} {tag} "
+                                 f"{'sym' if symmetric else 'rect'} {method} bwd")
+                x = torch.randn(batch, dim).to(dtype).requires_grad_(True)
+                y = torch.randn(batch if symmetric else 2 * batch, dim).to(dtype)
+                scale = torch.tensor(14.3, requires_grad=True)
+                contrastive.info_nce_triton(x, y.requires_grad_(True), scale,
+                                            symmetric=symmetric, allow_tf32=allow_tf32).backward()
+    finally:
+        contrastive.BACKWARD_METHOD = default
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def record(quick: bool, arch: int = 90, sms: int = 132) -> Recorder:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the interpreter replaces the "
+                         "functions this script compiles)")
+    from cdds_fast.kernels.launch import gpu_launch_plan
+
+    recorder = Recorder(arch)
+    _install(recorder)
+    shapes = ODD_SHAPES if quick else ISSUE_SHAPES + ODD_SHAPES
+    nce = [(257, 17)] if quick else [(4096, 512), (257, 17)]
+    with gpu_launch_plan(sms), torch.enable_grad():
+        for dtype in DTYPES.values():
+            for shape in shapes:
+                plan_cdds(recorder, shape, dtype)
+            for batch, dim in nce:
+                plan_info_nce(recorder, batch, dim, dtype)
+        for batch, dim in nce:
+            plan_info_nce(recorder, batch, dim, torch.float32, allow_tf32=True)
+    return recorder
+
+
+def markdown(specs: list[Spec]) -> str:
+    rows = ["| kernel | warps | stages | regs | stack B | smem KiB | programs | first plan |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in specs:
+        programs = 1
+        for g in s.grid:
+            programs *= int(g)
+        if s.error:
+            res = f"**error** {s.error} | | "
+        else:
+            res = f"{s.regs} | {s.stack} | {s.smem / 1024:.1f}"
+        rows.append(f"| {s.label()} | {s.num_warps} | {s.num_stages} | {res} | {programs} | "
+                    f"{s.plans[0]} |")
+    return "\n".join(rows)
+
+
+def problems(specs: list[Spec]) -> list[str]:
+    """Compile errors, spills and over-limit shared memory, one line each."""
+    out = []
+    for s in specs:
+        if s.error:
+            out.append(f"{s.label()}: does not compile: {s.error}")
+            continue
+        if s.stack:
+            out.append(f"{s.label()}: {s.stack} bytes of local memory per thread (spills)")
+        if s.smem > SM90_SMEM:
+            out.append(f"{s.label()}: {s.smem} bytes of shared memory > {SM90_SMEM}")
+        if s.regs * 32 * s.num_warps > SM90_REGS:
+            out.append(f"{s.label()}: {s.regs} registers x {32 * s.num_warps} threads > "
+                       f"{SM90_REGS}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="odd shapes only")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100)")
+    parser.add_argument("--sms", type=int, default=132, help="multiprocessors the grids assume")
+    parser.add_argument("--json", type=Path, help="write the specs and resources here")
+    parser.add_argument("--allow-spills", action="store_true",
+                        help="exit 0 even if some kernel spills (compile errors still fail)")
+    args = parser.parse_args(argv)
+    import triton
+
+    start = time.perf_counter()
+    recorder = record(args.quick, args.arch, args.sms)
+    specs = list(recorder.specs.values())
+    print(f"{len(specs)} distinct kernel specialisations recorded in "
+          f"{time.perf_counter() - start:.1f} s; compiling for sm_{args.arch} "
+          f"(triton {triton.__version__})", flush=True)
+    recorder.compile_all(lambda line: print(line, flush=True))
+    print()
+    print(markdown(specs))
+    issues = problems(specs)
+    print()
+    print("\n".join(issues) if issues else "no compile errors, no spills, shared memory in limits")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(s) for s in specs], indent=1, default=str))
+    errors = [s for s in specs if s.error]
+    if errors or (issues and not args.allow_spills):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
