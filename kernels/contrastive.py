@@ -63,6 +63,27 @@ call only. Row blocks may be split over ``C`` column ranges to fill the GPU at s
 partial ``dX``, summed afterwards), and ``D`` over output chunks when ``D`` is large (each chunk
 recomputes ``R``).
 
+Chunked backward (the default, ``BACKWARD_METHOD = "chunked"``)
+--------------------------------------------------------------
+The same two calls, each over ``c`` rows of ``X`` at a time: ``R_c = X_c Y^T`` by a cuBLAS GEMM
+with an fp32 result, ``G_c`` from ``R_c`` and the saved statistics by
+``_info_nce_grad_logits_kernel`` (one read of ``R_c``, one write of ``G_c`` in the GEMM operand
+dtype, the ``dL/ds`` partial on the way), then ``dX_c = G_c Y`` by a second GEMM. FLOPs are those
+of the fused backward (``8*M*N*D`` for the symmetric loss), all on cuBLAS; the price is HBM
+traffic of ``(4 + 4 + 2e) * M * N`` bytes per call (write and read ``R_c``, write ``G_c`` and
+read it in the GEMM): 2 x 52 GB at ``B = 65536`` bf16, i.e. ~21 ms at ~4.8 TB/s next to ~25 ms
+of GEMMs at ~700 TFLOP/s (arithmetic, not a measurement). Extra memory is one
+chunk, :data:`CHUNK_BYTES` (at least :data:`MIN_CHUNK_ROWS` rows): O(B), no ``[B, B]`` tensor.
+cuBLAS sums in another order than the forward's tiles, so a recomputed logit can differ from the
+one the statistics saw by an ulp; label entries therefore use the forward's own label logit
+(saved as ``stats_r[2]``), which keeps ``P_ii - 1`` consistent with the statistics (exactly 0 at
+``B = 1``, and no cancellation error when the label's probability is ~1).
+Why: the fused backward holds a ``[BLOCK_M, D]`` fp32 accumulator next to its logit tiles, and
+for ``D = 512`` ptxas gives every tensor-core config 255 registers with spills
+(``benchmarks/kernel_resources.py``); it measured 142 TFLOP/s (18% of the bf16 roofline) on an
+H200. The chunked path has **not been timed yet** (no device since it was written);
+``benchmarks/bench_contrastive.py`` times both.
+
 Precision
 ---------
 fp32 inputs: ``tl.dot(..., input_precision="ieee")`` (true fp32 FMA products, ~1e-6 relative
@@ -104,6 +125,9 @@ memory where ``ClipLoss`` fits, and run where it does not. fp32 "ieee" is CUDA-c
 
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -112,7 +136,9 @@ from torch import Tensor
 from cdds_fast.kernels.launch import (
     info_nce_tiles,
     interpreter_active,
+    logit_tiles,
     num_sms,
+    sized_for_gpu,
     split_count,
 )
 
@@ -366,6 +392,60 @@ def _info_nce_bwd_kernel(
             tl.store(DSCALE_PART + pid_c * n_row_blocks + pid_m, tl.sum(ds, axis=0) * norm * g_up)
 
 
+@triton.jit
+def _info_nce_grad_logits_kernel(
+    R,                           # [C, N] fp32: unscaled logits <x_i, y_j> of rows row0 .. row0+C
+    G,                           # [C, N] out: G * G_SCALE in G's dtype (the GEMM operand dtype)
+    SCALE,
+    MAX_R, INV_R,                # per row of the full X [M] (read at row0 + local row)
+    MAX_C, INV_C,                # per column [N]
+    LABEL_T,                     # the forward's base-2 label logits, per row of the original X
+    DSCALE_PART,                 # [n_programs] fp32: sum_ij G_ij R_ij of this tile
+    C, N, row0, label_offset,
+    diag_coef,
+    HAS_R: tl.constexpr, HAS_C: tl.constexpr, COMPUTE_DSCALE: tl.constexpr,
+    LABEL_BY_COL: tl.constexpr,  # the transposed call (dY): the original row is the column
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G_SCALE: tl.constexpr,
+):
+    """One tile of ``G`` (see "Backward") from a chunk of logits computed by a GEMM: the chunked
+    backward's only Triton work. Same formula as ``_info_nce_bwd_kernel``'s inner loop, except
+    that label entries take the forward's own logit value (see "Chunked backward")."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < C
+    col_ok = cols < N
+    ok = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    offs = rows64[:, None] * N + cols64[None, :]
+    r = tl.load(R + offs, mask=ok, other=0.0)
+    # padded entries: t = -inf, so their softmax terms are exactly 0
+    t = tl.where(ok, r * scale2, float("-inf"))
+    g_rows = row0 + rows
+    is_label = (cols[None, :] == (g_rows + label_offset)[:, None]) & ok
+    if LABEL_BY_COL:
+        label_t = tl.load(LABEL_T + cols64, mask=col_ok, other=0.0)[None, :]
+    else:
+        label_t = tl.load(LABEL_T + row0 + rows64, mask=row_ok, other=0.0)[:, None]
+    t = tl.where(is_label, label_t, t)
+    g = tl.where(is_label, -diag_coef, 0.0)
+    if HAS_R:
+        max_r = tl.load(MAX_R + row0 + rows64, mask=row_ok, other=0.0)
+        inv_r = tl.load(INV_R + row0 + rows64, mask=row_ok, other=0.0)
+        g += tl.exp2(t - max_r[:, None]) * inv_r[:, None]
+    if HAS_C:
+        max_c = tl.load(MAX_C + cols64, mask=col_ok, other=0.0)
+        inv_c = tl.load(INV_C + cols64, mask=col_ok, other=0.0)
+        g += tl.exp2(t - max_c[None, :]) * inv_c[None, :]
+    if COMPUTE_DSCALE:
+        part = tl.sum(tl.sum(g * r, axis=1), axis=0)
+        tl.store(DSCALE_PART + pid_m * tl.num_programs(1) + pid_n, part)
+    tl.store(G + offs, (g * G_SCALE).to(G.dtype.element_ty), mask=ok)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
@@ -428,7 +508,7 @@ def check_inputs(x: object, y: object, logit_scale: object, *, names=("x", "y"),
 
 def _fwd_grid(m: int, n: int, bm: int, bn: int, device: torch.device, symmetric: bool):
     """(G row groups, C column splits). G <= #SMs keeps the column partials at O(#SMs * N)."""
-    if interpreter_active() or device.type != "cuda":
+    if not sized_for_gpu(device):
         return (1, 1)
     n_row_blocks = triton.cdiv(m, bm)
     n_col_blocks = triton.cdiv(n, bn)
@@ -459,10 +539,11 @@ def info_nce_forward(
         device (any float dtype). ``symmetric`` needs ``M == N`` and ``label_offset == 0``.
         ``_config`` / ``_grid`` override the tiles / the ``(G, C)`` grid (tests, tuning).
     Returns:
-        ``(loss, stats_r, stats_c)``: the 0-d fp32 loss; ``stats_r [2, M]`` fp32 with row 0 the
-        base-2 row max of ``t = s*log2(e)*R`` and row 1 the reciprocal of
-        ``sum_j exp2(t_ij - max_i)`` (so ``lse_i = ln2 * (max_i - log2(stats_r[1, i]))``);
-        ``stats_c [2, N]`` the same for columns (``[2, 0]`` when not symmetric).
+        ``(loss, stats_r, stats_c)``: the 0-d fp32 loss; ``stats_r [3, M]`` fp32 with row 0 the
+        base-2 row max of ``t = s*log2(e)*R``, row 1 the reciprocal of
+        ``sum_j exp2(t_ij - max_i)`` (so ``lse_i = ln2 * (max_i - log2(stats_r[1, i]))``) and
+        row 2 the label logit ``t_{i, i + label_offset}``; ``stats_c [2, N]`` max and reciprocal
+        sum for columns (``[2, 0]`` when not symmetric).
     """
     m, d = x.shape
     n = y.shape[0]
@@ -489,7 +570,7 @@ def info_nce_forward(
     # per-row loss = (max - label logit) + log2(sum): see "Max and sum are kept apart" above
     r_max, r_sum = _combine(row_max, row_sum)
     total = ((r_max - diag) + torch.log2(r_sum)).sum()
-    stats_r = torch.stack((r_max, 1.0 / r_sum))
+    stats_r = torch.stack((r_max, 1.0 / r_sum, diag))
     if symmetric:
         c_max, c_sum = _combine(col_max, col_sum)
         total = total + ((c_max - diag) + torch.log2(c_sum)).sum()
@@ -521,7 +602,7 @@ def _bwd_launch(
     n_dchunks = triton.cdiv(d, bdo) if compute_dx else 1
     if splits_over is not None:
         splits = splits_over
-    elif interpreter_active() or x.device.type != "cuda":
+    elif not sized_for_gpu(x.device):
         splits = 1
     else:
         splits = split_count(n_row_blocks * n_dchunks, triton.cdiv(n, bn), 2 * num_sms(x.device))
@@ -556,14 +637,124 @@ def _bwd_launch(
     return out_dx, out_ds
 
 
+#: How the backward is computed (see "Chunked backward" above): ``"chunked"`` (GEMMs on cuBLAS over
+#: bounded row chunks of the logits + the Triton ``G`` kernel) or ``"fused"`` (the all-Triton
+#: tile kernel). Read at every backward call, so benchmarks can compare the two; the environment
+#: variable ``CDDS_FAST_INFO_NCE_BACKWARD`` sets the initial value.
+BACKWARD_METHOD = os.environ.get("CDDS_FAST_INFO_NCE_BACKWARD", "chunked")
+#: Bytes of one chunk's fp32 logits plus its ``G`` (the chunked backward's only extra memory),
+#: unless that is fewer than :data:`MIN_CHUNK_ROWS` rows. 24 MiB keeps fp32 B = 16384 within the
+#: issue's 0.1 GB of extra memory (gradients included); 192 rows keep each chunk's GEMMs large
+#: enough that the GPU, not the launches (~5 per chunk), sets the pace at B = 65536.
+CHUNK_BYTES = 24 * 2**20
+MIN_CHUNK_ROWS = 192
+
+
+def _cublas_tf32(want: bool) -> Callable[[], None] | None:
+    """Make fp32 cuBLAS matmuls use TF32 iff ``want``; returns the undo, or None if no change.
+
+    Uses whichever of PyTorch's two flag APIs the program already uses (mixing them raises), and
+    touches nothing when the setting is already the wanted one."""
+    m = torch.backends.cuda.matmul
+    try:
+        legacy = bool(m.allow_tf32)  # raises once the new API has been used
+    except RuntimeError:
+        current = m.fp32_precision
+        if (current == "tf32") == want:
+            return None
+        m.fp32_precision = "tf32" if want else "ieee"
+        return lambda: setattr(m, "fp32_precision", current)
+    if legacy == want:
+        return None
+    m.allow_tf32 = want
+    return lambda: setattr(m, "allow_tf32", legacy)
+
+
+def _gemm_f32(a: Tensor, b: Tensor, allow_tf32: bool) -> Tensor:
+    """``a @ b`` with an fp32 result and fp32 accumulation, whatever the (common) input dtype.
+
+    CUDA 16-bit inputs use cuBLAS's fp32-output GEMM (``out_dtype``); fp32 inputs IEEE fp32
+    unless ``allow_tf32``. Elsewhere (the CPU interpreter runs) operands are widened to fp32:
+    products of 16-bit values are exact in fp32, so the result is the same function."""
+    if a.device.type != "cuda":
+        return a.float() @ b.float()
+    if a.dtype == torch.float32:
+        undo = _cublas_tf32(allow_tf32)
+        try:
+            return a @ b
+        finally:
+            if undo is not None:
+                undo()
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except TypeError:  # torch < 2.8 has no fp32-output GEMM for 16-bit inputs
+        return a.float() @ b.float()
+
+
+def chunk_rows(m: int, n: int, dtype: torch.dtype, budget: int | None = None) -> int:
+    """Rows per chunk of the chunked backward: the fp32 logits ``[c, n]`` and ``G`` ``[c, n]``
+    fit ``budget`` bytes (:data:`CHUNK_BYTES`), in multiples of 64 rows, at least
+    :data:`MIN_CHUNK_ROWS`, at most ``m``."""
+    per_row = n * (4 + torch.empty((), dtype=dtype).element_size())
+    rows = max(MIN_CHUNK_ROWS, (int(budget or CHUNK_BYTES) // per_row) // 64 * 64)
+    return min(m, rows)
+
+
+def _bwd_chunked(
+    x: Tensor, y: Tensor, scale: Tensor, grad: Tensor, stats_r: Tensor | None,
+    stats_c: Tensor | None, label_offset: int, diag_coef: float, norm: float, compute_dx: bool,
+    compute_dscale: bool, allow_tf32: bool, label_t: Tensor, label_by_col: bool,
+    rows_per_chunk: int | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`_bwd_launch`'s result (``dX = g s G Y`` and ``dL/ds``) computed chunk by chunk:
+    for ``c`` rows at a time, ``R = X_c Y^T`` (GEMM, fp32), ``G_c`` from ``R`` (Triton), and
+    ``dX_c = G_c Y`` (GEMM). Extra memory: one ``[c, N]`` fp32 + one ``[c, N]`` operand buffer."""
+    m, d = x.shape
+    n = y.shape[0]
+    rows = rows_per_chunk or chunk_rows(m, n, x.dtype)
+    dev = x.device
+    g_scale = _FP16_G_SCALE if x.dtype == torch.float16 else 1.0
+    bm, bn, warps = logit_tiles(rows, n, dev)
+    grid_n = triton.cdiv(n, bn)
+    n_chunks = triton.cdiv(m, rows)
+    dscale = torch.zeros((n_chunks, triton.cdiv(rows, bm) * grid_n), dtype=torch.float32,
+                         device=dev)
+    dx = torch.empty((m, d), dtype=x.dtype, device=dev) if compute_dx else None
+    dummy = torch.empty((1,), dtype=torch.float32, device=dev)
+    max_r, inv_r = (stats_r[0], stats_r[1]) if stats_r is not None else (dummy, dummy)
+    max_c, inv_c = (stats_c[0], stats_c[1]) if stats_c is not None else (dummy, dummy)
+    coef = grad * scale.to(torch.float32) * (norm / g_scale)
+    y_t = y.t()
+    for k, r0 in enumerate(range(0, m, rows)):
+        x_c = x[r0:r0 + rows]
+        c = x_c.shape[0]
+        logits = _gemm_f32(x_c, y_t, allow_tf32)
+        g = torch.empty((c, n), dtype=x.dtype, device=dev)
+        _info_nce_grad_logits_kernel[(triton.cdiv(c, bm), grid_n)](
+            logits, g, scale, max_r, inv_r, max_c, inv_c, label_t, dscale[k],
+            c, n, r0, label_offset, float(diag_coef),
+            HAS_R=stats_r is not None, HAS_C=stats_c is not None,
+            COMPUTE_DSCALE=compute_dscale, LABEL_BY_COL=label_by_col, BLOCK_M=bm, BLOCK_N=bn,
+            G_SCALE=g_scale,
+            num_warps=warps,
+        )
+        if compute_dx:
+            dx[r0:r0 + c] = (_gemm_f32(g, y, allow_tf32) * coef).to(x.dtype)
+    out_ds = dscale.sum() * (grad * norm) if compute_dscale else None
+    return dx, out_ds
+
+
 def info_nce_backward(
     grad: Tensor, x: Tensor, y: Tensor, scale: Tensor, stats_r: Tensor, stats_c: Tensor,
     label_offset: int, symmetric: bool, allow_tf32: bool, need_dx: bool, need_dy: bool,
     need_dscale: bool, *, _config: dict | None = None, _splits: int | None = None,
+    _method: str | None = None, _rows: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`info_nce_forward`'s loss: ``(dx, dy, dscale)`` (None where not needed).
 
-    ``dx``/``dy`` in the input dtype, ``dscale`` a 0-d fp32 tensor (the caller casts it)."""
+    ``dx``/``dy`` in the input dtype, ``dscale`` a 0-d fp32 tensor (the caller casts it).
+    ``_method`` overrides :data:`BACKWARD_METHOD`; ``_rows`` the chunked backward's rows per
+    chunk; ``_config`` / ``_splits`` the fused backward's tiles / column splits (tests, tuning)."""
     m = x.shape[0]
     grad = grad.detach().to(torch.float32).reshape(())
     dx = dy = dscale = None
@@ -577,12 +768,21 @@ def info_nce_backward(
         sr_x, sc_x = stats_r, None         # dX: row softmax of S
         sr_y, sc_y = None, stats_r         # dY: column softmax of S^T (== row softmax of S)
         off_y = -label_offset
+    method = _method or BACKWARD_METHOD
+    if method == "chunked":
+        def launch(a, b, sr, sc, off, need_da, need_ds, transposed):
+            return _bwd_chunked(a, b, scale, grad, sr, sc, off, diag_coef, norm, need_da,
+                                need_ds, allow_tf32, stats_r[2], transposed, _rows)
+    elif method == "fused":
+        def launch(a, b, sr, sc, off, need_da, need_ds, transposed):
+            return _bwd_launch(a, b, scale, grad, sr, sc, off, diag_coef, norm, need_da,
+                               need_ds, allow_tf32, _config, _splits)
+    else:
+        raise ValueError(f"backward method: expected 'chunked' or 'fused', got {method!r}")
     if need_dx or need_dscale:
-        dx, dscale = _bwd_launch(x, y, scale, grad, sr_x, sc_x, label_offset, diag_coef, norm,
-                                 need_dx, need_dscale, allow_tf32, _config, _splits)
+        dx, dscale = launch(x, y, sr_x, sc_x, label_offset, need_dx, need_dscale, False)
     if need_dy:
-        dy, _ = _bwd_launch(y, x, scale, grad, sr_y, sc_y, off_y, diag_coef, norm,
-                            True, False, allow_tf32, _config, _splits)
+        dy, _ = launch(y, x, sr_y, sc_y, off_y, True, False, True)
     return dx, dy, dscale
 
 
@@ -601,7 +801,7 @@ def _info_nce_fwd_op(
 @_info_nce_fwd_op.register_fake
 def _(x, y, scale, label_offset, symmetric, allow_tf32):
     loss = x.new_empty((), dtype=torch.float32)
-    stats_r = x.new_empty((2, x.shape[0]), dtype=torch.float32)
+    stats_r = x.new_empty((3, x.shape[0]), dtype=torch.float32)
     stats_c = x.new_empty((2, y.shape[0] if symmetric else 0), dtype=torch.float32)
     return loss, stats_r, stats_c
 

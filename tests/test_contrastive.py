@@ -187,23 +187,17 @@ _PATHS = [(g, s, dt) for g, s in [((3, 2), 3)] for dt in DTYPES] + [
 ]
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
-@pytest.mark.parametrize("grid,splits,dtype", _PATHS,
-                         ids=[f"G{g[0]}xC{g[1]}-bwdsplit{s}-{str(d).split('.')[-1]}"
-                              for g, s, d in _PATHS])
-def test_kernel_paths(symmetric, grid, splits, dtype, device):
+def _paths_problem(symmetric, dtype, device):
     m, n, d = (37, 37, 40) if symmetric else (19, 53, 40)
     offset = 0 if symmetric else 23
     x0, y0 = torch.randn(m, d, device=device), torch.randn(n, d, device=device)
-    x0, y0 = F.normalize(x0, dim=-1).to(dtype), F.normalize(y0, dim=-1).to(dtype)
-    scale = torch.tensor(20.0, device=device)
-    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, offset, symmetric,
-                                                _config=SMALL_TILES, _grid=grid)
-    grad = torch.tensor(1.5, device=device)
-    dx, dy, ds = K.info_nce_backward(grad, x0, y0, scale, stats_r, stats_c, offset, symmetric,
-                                     False, True, True, True, _config=SMALL_TILES,
-                                     _splits=splits)
+    return F.normalize(x0, dim=-1).to(dtype), F.normalize(y0, dim=-1).to(dtype), offset
 
+
+def _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device):
+    """Loss, statistics and all three gradients (upstream gradient 1.5, scale 20) against the
+    float64 cross-entropies on the same values."""
+    m, dtype = x0.shape[0], x0.dtype
     x, y = leaves(x0, y0, dtype=F64)
     s = torch.tensor(20.0, device=device, dtype=F64, requires_grad=True)
     logits = s * x @ y.T
@@ -215,6 +209,7 @@ def test_kernel_paths(symmetric, grid, splits, dtype, device):
     (ref * 1.5).backward()
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol, rtol=rtol)
+
     # statistics: base-2 max and 1/sum; lse = ln2 * (max - log2(1/sum))
     def lse(stats):
         return (stats[0].to(F64) - torch.log2(stats[1].to(F64))) * 0.6931471805599453
@@ -224,10 +219,99 @@ def test_kernel_paths(symmetric, grid, splits, dtype, device):
     if symmetric:
         torch.testing.assert_close(lse(stats_c), torch.logsumexp(logits.detach(), 0), atol=1e-4,
                                    rtol=1e-4)
+    assert dx.dtype == dtype and dy.dtype == dtype
     assert_grad_close(dx, x.grad, atol, rtol, "dx", term_scale(20.0, y0, m))
     assert_grad_close(dy, y.grad, atol, rtol, "dy", term_scale(20.0, x0, m))
     torch.testing.assert_close(ds.to(F64), s.grad, atol=atol * max(1, abs(s.grad.item())),
                                rtol=rtol)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
+@pytest.mark.parametrize("grid,splits,dtype", _PATHS,
+                         ids=[f"G{g[0]}xC{g[1]}-bwdsplit{s}-{str(d).split('.')[-1]}"
+                              for g, s, d in _PATHS])
+def test_kernel_paths(symmetric, grid, splits, dtype, device):
+    """The all-Triton ("fused") backward with small tiles and split column ranges."""
+    x0, y0, offset = _paths_problem(symmetric, dtype, device)
+    scale = torch.tensor(20.0, device=device)
+    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, offset, symmetric,
+                                                _config=SMALL_TILES, _grid=grid)
+    dx, dy, ds = K.info_nce_backward(torch.tensor(1.5, device=device), x0, y0, scale, stats_r,
+                                     stats_c, offset, symmetric, False, True, True, True,
+                                     _config=SMALL_TILES, _splits=splits, _method="fused")
+    _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("rows", [16, 7, None], ids=["chunks16", "chunks7", "one-chunk"])
+def test_chunked_backward(symmetric, dtype, rows, device):
+    """The chunked backward (GEMM logits + Triton G + GEMM): several chunks with a short last
+    one (37 rows = 16 + 16 + 5 or 5 x 7 + 2), and the default chunking (one chunk here)."""
+    x0, y0, offset = _paths_problem(symmetric, dtype, device)
+    scale = torch.tensor(20.0, device=device)
+    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, offset, symmetric)
+    dx, dy, ds = K.info_nce_backward(torch.tensor(1.5, device=device), x0, y0, scale, stats_r,
+                                     stats_c, offset, symmetric, False, True, True, True,
+                                     _method="chunked", _rows=rows)
+    _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device)
+
+
+def test_backward_methods_agree(device):
+    """Both backward methods compute the same function (to the rounding of G in bf16)."""
+    x0, y0, _ = _paths_problem(True, torch.bfloat16, device)
+    scale = torch.tensor(14.3, device=device)
+    _, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, 0, True)
+    grad = torch.tensor(1.0, device=device)
+    outs = [K.info_nce_backward(grad, x0, y0, scale, stats_r, stats_c, 0, True, False, True, True,
+                                True, _method=method) for method in ("fused", "chunked")]
+    for fused, chunked in zip(*outs):
+        torch.testing.assert_close(chunked.float(), fused.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="backward method: expected 'chunked' or 'fused'"):
+        K.info_nce_backward(grad, x0, y0, scale, stats_r, stats_c, 0, True, False, True, True,
+                            True, _method="tiles")
+
+
+@pytest.mark.parametrize("rows,n,dtype,expected", [
+    (16384, 16384, torch.float32, 192),   # 24 MiB budget: 192 rows of fp32 logits + fp32 G
+    (65536, 65536, torch.bfloat16, 192),  # the budget would give 64 rows: the minimum wins
+    (1024, 1024, torch.bfloat16, 1024),   # everything in one chunk
+    (3, 3, torch.float16, 3),
+])
+def test_chunk_rows(rows, n, dtype, expected):
+    assert K.chunk_rows(rows, n, dtype) == expected
+
+
+_TF32_FLAGS = """
+import torch
+from cdds_fast.kernels.contrastive import _cublas_tf32
+m = torch.backends.cuda.matmul
+{setup}
+before = {read}
+undo = _cublas_tf32(False)
+during = {read}
+if undo is not None:
+    undo()
+print(before, during, {read}, undo is None)
+"""
+
+
+@pytest.mark.parametrize("setup,read,expected", [
+    ("", "m.allow_tf32", "False False False True"),                   # untouched: no change
+    ("m.allow_tf32 = True", "m.allow_tf32", "True False True False"),  # legacy API user
+    ("m.fp32_precision = 'tf32'", "m.fp32_precision", "tf32 ieee tf32 False"),  # new API user
+])
+def test_fp32_gemms_are_ieee_whatever_the_global_tf32_flag(setup, read, expected):
+    """The chunked backward's fp32 GEMMs turn TF32 off for their duration (allow_tf32=False),
+    through whichever flag API the program uses (PyTorch refuses a mix), and restore it."""
+    import subprocess
+    import sys
+
+    code = _TF32_FLAGS.format(setup=setup, read=read)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == expected.split()
 
 
 # ------------------------------------------------------------------------------------------------
