@@ -56,7 +56,9 @@ import triton.language as tl
 from torch import Tensor
 
 from cdds_fast.kernels.launch import (
+    HEAVY_TILE_ELEMS_GPU,
     ROW_BLOCK_CAP,
+    interpreter_active,
     split_tokens,
     tile_elems,
     tile_warps,
@@ -383,6 +385,16 @@ def _mask_arg(mask: Optional[Tensor], x: Tensor) -> Tensor:
     return x if mask is None else mask.contiguous().view(torch.uint8)
 
 
+def _fwd_tile(n: int, d: int, block_d_cap: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_D, num_warps)`` of the forward and its row-LSE pass; the fake
+    implementation uses it too (the partials' shape depends on ``BLOCK_N``)."""
+    if interpreter_active():
+        block_n, block_d = token_tile(n, d, col_cap=block_d_cap)
+        return block_n, block_d, tile_warps(block_n * block_d)
+    block_n, block_d = token_tile(n, d, col_cap=block_d_cap, elems=HEAVY_TILE_ELEMS_GPU)
+    return block_n, block_d, tile_warps(block_n * block_d, elems_per_thread=4)
+
+
 def constraints_forward(
     x: Tensor, xs: Tensor, xm: Tensor, mask: Optional[Tensor], w_s: Tensor, w_m: Tensor,
     mu: Tensor, s: Tensor, c: Tensor, a: Tensor, *, block_d_cap: int = ROW_BLOCK_CAP,
@@ -403,13 +415,13 @@ def constraints_forward(
     batch, n, d = x.shape
     dev = x.device
     m_arg = _mask_arg(mask, x)
-    block_n, block_d = token_tile(n, d, col_cap=block_d_cap)
+    block_n, block_d, warps = _fwd_tile(n, d, block_d_cap)
     lse = torch.empty(batch, n, dtype=torch.float32, device=dev)
     lse_given = block_d < d
     if lse_given:
         _row_lse_kernel[(batch, triton.cdiv(n, block_n))](
             xm, m_arg, lse, n, d, HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=tile_warps(block_n * block_d),
+            num_warps=warps,
         )
     per_prog, n_chunks = split_tokens(n, block_n, batch, dev)
     colsum = torch.empty(_N_COLSUMS, batch, n_chunks, d, dtype=torch.float32, device=dev)
@@ -418,7 +430,7 @@ def constraints_forward(
         x, xs, xm, m_arg, w_s, w_m, mu, s, c, a, lse, colsum, toksum,
         batch, n, d, per_prog, n_chunks,
         HAS_MASK=mask is not None, LSE_GIVEN=lse_given, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=tile_warps(block_n * block_d),
+        num_warps=warps,
     )
     losses = torch.empty(3, dtype=torch.float32, device=dev)
     log_qbar = torch.empty(d, dtype=torch.float32, device=dev)
@@ -497,7 +509,7 @@ def _constraint_losses_op(
 @_constraint_losses_op.register_fake
 def _(x, xs, xm, mask, w_s, w_m, mu, s, c, a, block_d_cap):
     batch, n, d = x.shape
-    block_n, _ = token_tile(n, d, col_cap=block_d_cap)
+    block_n, _, _ = _fwd_tile(n, d, block_d_cap)
     _, n_chunks = split_tokens(n, block_n, batch, x.device)
     f32 = dict(dtype=torch.float32)
     return (x.new_empty(3, **f32), x.new_empty(batch, n, **f32),

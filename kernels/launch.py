@@ -152,17 +152,26 @@ def tile_elems() -> int:
     return TILE_ELEMS_INTERPRETER if interpreter_active() else TILE_ELEMS_GPU
 
 
-def token_tile(n_tokens: int, n_cols: int, *, col_cap: int = ROW_BLOCK_CAP) -> tuple[int, int]:
+#: Tile budget on a GPU for kernels that keep ~10 fp32 tiles live *and* several row statistics
+#: (the constraint-loss forward): with 4 elements per thread at 8 warps ptxas gives ~125
+#: registers for sm_90 (triton 3.6 and 3.8), so two programs share a multiprocessor; the
+#: 2048-element tile at 8 per thread compiled to 172-254 registers, one program per
+#: multiprocessor (``benchmarks/kernel_resources.py``; not yet timed on a GPU).
+HEAVY_TILE_ELEMS_GPU = 1024
+
+
+def token_tile(n_tokens: int, n_cols: int, *, col_cap: int = ROW_BLOCK_CAP,
+               elems: int | None = None) -> tuple[int, int]:
     """``(BLOCK_N, BLOCK_D)`` for a program that walks tokens (rows) of width ``n_cols``.
 
     ``BLOCK_D`` is the power of two covering ``n_cols`` up to ``col_cap`` (wider rows are looped in
-    ``BLOCK_D`` chunks; at least 16 on a GPU); ``BLOCK_N`` fills the rest of :func:`tile_elems`, at
-    most the tokens there are (rounded up to a power of two), at least 1.
+    ``BLOCK_D`` chunks; at least 16 on a GPU); ``BLOCK_N`` fills the rest of ``elems`` (default
+    :func:`tile_elems`), at most the tokens there are (rounded up to a power of two), at least 1.
     """
     cap = max(1, next_power_of_2(col_cap))
     # GPU: at least 16 lanes per row (no degenerate size-1 blocks); the interpreter takes any size
     block_d = block_for(n_cols, cap=cap, floor=1 if interpreter_active() else min(16, cap))
-    block_n = max(1, min(next_power_of_2(n_tokens), tile_elems() // block_d))
+    block_n = max(1, min(next_power_of_2(n_tokens), (elems or tile_elems()) // block_d))
     return block_n, block_d
 
 
