@@ -51,10 +51,22 @@ def _methods(args):
 
     from cdds_fast.contrastive import FusedClipLoss
 
+    from cdds_fast.kernels import contrastive as kernels
+
+    def with_backward(method, **kwargs):
+        # the backward method is a module setting read at backward time; each factory sets it
+        # for the measurement that follows (methods are measured one after another)
+        def factory(dtype):
+            if kwargs.get("allow_tf32") and dtype != torch.float32:
+                return None
+            kernels.BACKWARD_METHOD = method
+            return FusedClipLoss(backend="triton", **kwargs)
+        return factory
+
     out = {
-        "fused": lambda dtype: FusedClipLoss(backend="triton"),
-        "fused-tf32": (lambda dtype: FusedClipLoss(backend="triton", allow_tf32=True)
-                       if dtype == torch.float32 else None),
+        "fused": with_backward("chunked"),
+        "fused-triton-bwd": with_backward("fused"),
+        "fused-tf32": with_backward("chunked", allow_tf32=True),
         "open_clip ClipLoss": lambda dtype: ClipLoss(),
     }
     try:
@@ -256,7 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of: fused fused-tf32 'open_clip ClipLoss' Inf-CL")
+                   help="subset of: fused fused-triton-bwd fused-tf32 'open_clip ClipLoss' "
+                        "Inf-CL (fused = the default chunked backward)")
     p.add_argument("--clip-max-b", type=int, default=1 << 30,
                    help="skip ClipLoss above this B (it is guarded against OOM anyway)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")

@@ -121,7 +121,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--skip-contrastive", action="store_true")
+    parser.add_argument("--compile-dtypes", default="bfloat16,float32",
+                        help="dtypes for which torch.compile(reference) is measured (each shape "
+                             "compiles anew, ~tens of seconds)")
     args = parser.parse_args(argv)
+    compile_dtypes = {getattr(torch, d) for d in args.compile_dtypes.split(",") if d}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -129,7 +133,9 @@ def main(argv=None) -> int:
     ceilings = measured_ceilings() if cuda else {}
     shapes = bench_cdds.QUICK_SHAPES if args.quick else bench_cdds.GPU_SHAPES
     names = None if cuda else ["eager reference"]
-    cdds = bench_cdds.run(shapes, [torch.bfloat16, torch.float32], names=names)
+    dtypes = [torch.bfloat16, torch.float32]
+    cdds = bench_cdds.run(shapes, dtypes, names=names,
+                          skip_compile_for=[d for d in dtypes if d not in compile_dtypes])
     for r in cdds:
         if cuda and r["impl"].startswith("fast") and r["full_ms"] == r["full_ms"]:
             floor_ms = cdds_min_bytes(r["shape"], r["dtype"]) / (ceilings["copy_GBps"] * 1e6)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The ONE prepared device run: GPU parity tests, then the measured benchmark matrix, then the
+# end-to-end step, each stage under its own time limit so that one slow stage cannot eat the
+# others' time (a task's whole device budget is 15 minutes, start-up included; one command may
+# run 600 s). Logs and results go to $OUT (the device tool brings that folder back) or to
+# benchmarks/results/gpu_check/. Before calling: benchmarks/fetch_wheels.sh, and carry .whl:
+#
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
+#
+# Stage limits (seconds) can be overridden: PARITY_S, REPORT_S, STEP_S.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu_check}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, keep the log, print its tail
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - start )) s (limit $limit s)" | tee -a "$SUMMARY"
+  tail -n "${TAIL:-40}" "$OUT/$name.log"
+}
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+# editable install: a plain PYTHONPATH copy of the repo would be shadowed by ./cdds_fast
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+  || { echo "install failed"; tail -n 30 "$OUT/install.log"; exit 1; }
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  git log -1 --format='commit %H %s'; } | tee "$OUT/env.txt"
+
+# 1. correctness first: every kernel's parity tests natively (CUDA present: slow tests run too)
+stage parity "${PARITY_S:-200}" python3 -m pytest -q -p no:cacheprovider -x \
+  tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py \
+  tests/test_constraints.py tests/test_fused_loss.py
+# 2. the comparison matrix: CDDS loss (fast / eager / torch.compile, compiled for bf16 only to
+#    fit the budget) and InfoNCE (both backward methods, ClipLoss, Inf-CL), markdown + PNG
+stage report "${REPORT_S:-250}" python3 benchmarks/report.py --out "$OUT/report" \
+  --compile-dtypes bfloat16
+# 3. end-to-end ViT-B/32 step, batch 256, bf16 autocast, with the z sweep
+stage step "${STEP_S:-100}" python3 benchmarks/bench_step.py
+cat "$SUMMARY"
