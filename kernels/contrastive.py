@@ -265,8 +265,11 @@ def _info_nce_fwd_kernel(
             m_new = tl.maximum(m_i, tl.max(t_r, axis=1))
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t_r - m_new[:, None]), axis=1)
             m_i = m_new
-            # -- label logit, taken from the very tile the LSE saw
-            d_i += tl.sum(tl.where(cols[None, :] == labels[:, None], t, 0.0), axis=1)
+            # -- label logit, taken from the very tile the LSE saw; only tiles that hold labels
+            #    (rows r -> column r + offset) pay for the select and the row sum
+            lab_lo = rb * BLOCK_M + label_offset
+            if (cb * BLOCK_N < lab_lo + BLOCK_M) & (cb * BLOCK_N + BLOCK_N > lab_lo):
+                d_i += tl.sum(tl.where(cols[None, :] == labels[:, None], t, 0.0), axis=1)
             # -- column statistics of this tile, merged into this row group's partial
             if COMPUTE_COL:
                 t_c = tl.where(row_ok[:, None], t, float("-inf"))
