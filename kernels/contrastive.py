@@ -678,20 +678,22 @@ def _gemm_f32(a: Tensor, b: Tensor, allow_tf32: bool) -> Tensor:
 
     CUDA 16-bit inputs use cuBLAS's fp32-output GEMM (``out_dtype``); fp32 inputs IEEE fp32
     unless ``allow_tf32``. Elsewhere (the CPU interpreter runs) operands are widened to fp32:
-    products of 16-bit values are exact in fp32, so the result is the same function."""
-    if a.device.type != "cuda":
-        return a.float() @ b.float()
-    if a.dtype == torch.float32:
-        undo = _cublas_tf32(allow_tf32)
+    products of 16-bit values are exact in fp32, so the result is the same function. Autocast is
+    off: a backward called inside an autocast region must not turn these into 16-bit GEMMs."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        if a.device.type != "cuda":
+            return a.float() @ b.float()
+        if a.dtype == torch.float32:
+            undo = _cublas_tf32(allow_tf32)
+            try:
+                return a @ b
+            finally:
+                if undo is not None:
+                    undo()
         try:
-            return a @ b
-        finally:
-            if undo is not None:
-                undo()
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except TypeError:  # torch < 2.8 has no fp32-output GEMM for 16-bit inputs
-        return a.float() @ b.float()
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8 has no fp32-output GEMM for 16-bit inputs
+            return a.float() @ b.float()
 
 
 def chunk_rows(m: int, n: int, dtype: torch.dtype, budget: int | None = None) -> int:

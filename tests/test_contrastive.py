@@ -272,6 +272,22 @@ def test_backward_methods_agree(device):
                             True, _method="tiles")
 
 
+def test_backward_inside_autocast_keeps_fp32(device):
+    """open_clip-style code may call backward inside its autocast region: the chunked backward's
+    fp32 GEMMs must not be downcast (the fp32 contract is 1e-5)."""
+    a0, t0 = features(37, 40, torch.float32, device)
+    grads = []
+    for amp in (False, True):
+        a, t = leaves(a0, t0)
+        loss = info_nce(a, t, torch.tensor(30.0, device=device), backend="triton")
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            loss.backward()
+        grads.append((a.grad, t.grad))
+    for plain, amp in zip(*grads):
+        assert amp.dtype == torch.float32
+        torch.testing.assert_close(amp, plain, atol=1e-7, rtol=1e-6)
+
+
 @pytest.mark.parametrize("rows,n,dtype,expected", [
     (16384, 16384, torch.float32, 192),   # 24 MiB budget: 192 rows of fp32 logits + fp32 G
     (65536, 65536, torch.bfloat16, 192),  # the budget would give 64 rows: the minimum wins
