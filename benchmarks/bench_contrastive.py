@@ -53,20 +53,21 @@ def _methods(args):
 
     from cdds_fast.kernels import contrastive as kernels
 
-    def with_backward(method, **kwargs):
-        # the backward method is a module setting read at backward time; each factory sets it
-        # for the measurement that follows (methods are measured one after another)
+    def with_methods(forward, backward, **kwargs):
+        # the methods are module settings read at every call; each factory sets them for the
+        # measurement that follows (methods are measured one after another)
         def factory(dtype):
             if kwargs.get("allow_tf32") and dtype != torch.float32:
                 return None
-            kernels.BACKWARD_METHOD = method
+            kernels.FORWARD_METHOD, kernels.BACKWARD_METHOD = forward, backward
             return FusedClipLoss(backend="triton", **kwargs)
         return factory
 
     out = {
-        "fused": with_backward("chunked"),
-        "fused-triton-bwd": with_backward("fused"),
-        "fused-tf32": with_backward("chunked", allow_tf32=True),
+        "fused": with_methods("fused", "chunked"),
+        "fused-chunked-fwd": with_methods("chunked", "chunked"),
+        "fused-triton-bwd": with_methods("fused", "fused"),
+        "fused-tf32": with_methods("fused", "chunked", allow_tf32=True),
         "open_clip ClipLoss": lambda dtype: ClipLoss(),
     }
     try:
@@ -114,6 +115,16 @@ def measure(loss_fn, a, t, s, *, warmup_ms: int, rep_ms: int):
 
 def run_table(args) -> list[dict]:
     """Print the markdown table and return its rows as dicts (for benchmarks/report.py)."""
+    from cdds_fast.kernels import contrastive as kernels
+
+    defaults = kernels.FORWARD_METHOD, kernels.BACKWARD_METHOD
+    try:
+        return _run_table(args)
+    finally:  # the method factories change these module settings
+        kernels.FORWARD_METHOD, kernels.BACKWARD_METHOD = defaults
+
+
+def _run_table(args) -> list[dict]:
     methods = _methods(args)
     records = []
     d = args.dim
@@ -268,8 +279,9 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of: fused fused-triton-bwd fused-tf32 'open_clip ClipLoss' "
-                        "Inf-CL (fused = the default chunked backward)")
+                   help="subset of: fused fused-chunked-fwd fused-triton-bwd fused-tf32 "
+                        "'open_clip ClipLoss' Inf-CL (fused = the defaults: fused forward, "
+                        "chunked backward)")
     p.add_argument("--clip-max-b", type=int, default=1 << 30,
                    help="skip ClipLoss above this B (it is guarded against OOM anyway)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")

@@ -172,20 +172,20 @@ def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
     from cdds_fast.kernels import contrastive
 
     tag = _name(dtype) + (" tf32" if allow_tf32 else "")
-    default = contrastive.BACKWARD_METHOD
-    try:
-        for method in ("chunked", "fused"):
-            contrastive.BACKWARD_METHOD = method
+    defaults = contrastive.FORWARD_METHOD, contrastive.BACKWARD_METHOD
+    try:  # every kernel of both methods: (fused fwd, chunked bwd) and (chunked fwd, fused bwd)
+        for fwd, bwd in (("fused", "chunked"), ("chunked", "fused")):
+            contrastive.FORWARD_METHOD, contrastive.BACKWARD_METHOD = fwd, bwd
             for symmetric in (True, False):
                 recorder.plan = (f"info_nce B={batch} D={dim} {tag} "
-                                 f"{'sym' if symmetric else 'rect'} {method} bwd")
+                                 f"{'sym' if symmetric else 'rect'} {fwd} fwd {bwd} bwd")
                 x = torch.randn(batch, dim).to(dtype).requires_grad_(True)
                 y = torch.randn(batch if symmetric else 2 * batch, dim).to(dtype)
                 scale = torch.tensor(14.3, requires_grad=True)
                 contrastive.info_nce_triton(x, y.requires_grad_(True), scale,
                                             symmetric=symmetric, allow_tf32=allow_tf32).backward()
     finally:
-        contrastive.BACKWARD_METHOD = default
+        contrastive.FORWARD_METHOD, contrastive.BACKWARD_METHOD = defaults
 
 
 def _name(dtype: torch.dtype) -> str:

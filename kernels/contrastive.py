@@ -63,6 +63,16 @@ call only. Row blocks may be split over ``C`` column ranges to fill the GPU at s
 partial ``dX``, summed afterwards), and ``D`` over output chunks when ``D`` is large (each chunk
 recomputes ``R``).
 
+Chunked forward (optional, ``FORWARD_METHOD = "chunked"``)
+----------------------------------------------------------
+The same forward kernel with ``LOGITS_GIVEN``: a cuBLAS GEMM writes ``R_c = X_c Y^T`` (fp32) for
+``c`` rows at a time and the kernel reads its tiles instead of forming them with ``tl.dot``; row
+statistics land at the chunk's offset, the column partials of each row group are merged in place
+by every chunk's launch (launches run in stream order). Two launches per chunk; extra memory one
+``[c, N]`` fp32 buffer; extra HBM traffic ``8 * M * N`` bytes (write + read ``R``). It exists for
+IEEE fp32, where cuBLAS's SGEMM outruns Triton's FMA ``tl.dot`` (the fused fp32 forward measured
+18 TFLOP/s at B = 16384), and is off by default until a GPU run compares the two.
+
 Chunked backward (the default, ``BACKWARD_METHOD = "chunked"``)
 --------------------------------------------------------------
 The same two calls, each over ``c`` rows of ``X`` at a time: ``R_c = X_c Y^T`` by a cuBLAS GEMM
@@ -208,9 +218,12 @@ def _info_nce_fwd_kernel(
     ROW_MAX, ROW_SUM,            # [C, M] fp32: base-2 row max / sum of exp2(t - max), per split
     COL_MAX, COL_SUM,            # [G, N] fp32: the same per row group for columns (-inf / 0 init)
     DIAG,                        # [M] fp32: base-2 label logit t[i, i + label_offset]
-    M, N, D, stride_x, stride_y, label_offset,
+    R,                           # LOGITS_GIVEN: [M, N] fp32 logits <x_i, y_j> of these rows
+    M, N, D, stride_x, stride_y, stride_r, label_offset,
+    row0, stat_stride,           # row statistics are written at row0 + row, split stride
     COMPUTE_COL: tl.constexpr,   # symmetric loss: also column statistics
     SINGLE_K: tl.constexpr,      # BLOCK_K >= D: load the X block once per row block
+    LOGITS_GIVEN: tl.constexpr,  # chunked forward: read the tile from R instead of tl.dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -235,8 +248,8 @@ def _info_nce_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     col_max_row = COL_MAX + pid_g.to(tl.int64) * N
     col_sum_row = COL_SUM + pid_g.to(tl.int64) * N
-    row_max_row = ROW_MAX + pid_c.to(tl.int64) * M
-    row_sum_row = ROW_SUM + pid_c.to(tl.int64) * M
+    row_max_row = ROW_MAX + pid_c.to(tl.int64) * stat_stride + row0
+    row_sum_row = ROW_SUM + pid_c.to(tl.int64) * stat_stride + row0
 
     for rb in range(pid_g, n_row_blocks, n_groups):
         rows = rb * BLOCK_M + offs_m
@@ -256,9 +269,13 @@ def _info_nce_fwd_kernel(
             cols = cb * BLOCK_N + offs_n
             col_ok = cols < N
             cols64 = cols.to(tl.int64)
-            r = _tile_logits(X, Y, x_single, rows64, cols64, row_ok, col_ok, offs_k, D,
-                             stride_x, stride_y, SINGLE_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-                             UPCAST)
+            if LOGITS_GIVEN:
+                r = tl.load(R + rows64[:, None] * stride_r + cols64[None, :],
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            else:
+                r = _tile_logits(X, Y, x_single, rows64, cols64, row_ok, col_ok, offs_k, D,
+                                 stride_x, stride_y, SINGLE_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                 PRECISION, UPCAST)
             t = r * scale2
             # -- row statistics (online LSE); padded columns are -inf, padded rows stay finite
             t_r = tl.where(col_ok[None, :], t, float("-inf"))
@@ -284,7 +301,8 @@ def _info_nce_fwd_kernel(
         # an empty split stores max = -inf, sum = 0: neutral when the partials are combined
         tl.store(row_max_row + rows64, m_i, mask=row_ok)
         tl.store(row_sum_row + rows64, l_i, mask=row_ok)
-        tl.store(DIAG + rows64, d_i, mask=row_ok & (labels >= col_lo) & (labels < col_hi))
+        tl.store(DIAG + row0 + rows64, d_i,
+                 mask=row_ok & (labels >= col_lo) & (labels < col_hi))
 
 
 @triton.jit
@@ -534,13 +552,15 @@ def _combine(part_max: Tensor, part_sum: Tensor) -> tuple[Tensor, Tensor]:
 def info_nce_forward(
     x: Tensor, y: Tensor, scale: Tensor, label_offset: int, symmetric: bool,
     allow_tf32: bool = False, *, _config: dict | None = None, _grid: tuple | None = None,
+    _method: str | None = None, _rows: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward kernel on contiguous, validated inputs.
 
     Args:
         x: ``[M, D]`` rows; y: ``[N, D]`` columns (same dtype/device); scale: 0-d tensor on the
         device (any float dtype). ``symmetric`` needs ``M == N`` and ``label_offset == 0``.
-        ``_config`` / ``_grid`` override the tiles / the ``(G, C)`` grid (tests, tuning).
+        ``_config`` / ``_grid`` override the tiles / the ``(G, C)`` grid, ``_method``
+        :data:`FORWARD_METHOD` and ``_rows`` the chunked forward's rows per chunk (tests, tuning).
     Returns:
         ``(loss, stats_r, stats_c)``: the 0-d fp32 loss; ``stats_r [3, M]`` fp32 with row 0 the
         base-2 row max of ``t = s*log2(e)*R``, row 1 the reciprocal of
@@ -548,28 +568,49 @@ def info_nce_forward(
         row 2 the label logit ``t_{i, i + label_offset}``; ``stats_c [2, N]`` max and reciprocal
         sum for columns (``[2, 0]`` when not symmetric).
     """
+    method = _method or FORWARD_METHOD
+    if method not in ("fused", "chunked"):
+        raise ValueError(f"forward method: expected 'chunked' or 'fused', got {method!r}")
+    chunked = method == "chunked"
     m, d = x.shape
     n = y.shape[0]
-    cfg = dict(info_nce_tiles("fwd", x.dtype, d, allow_tf32, x.device))
+    cfg = dict(info_nce_tiles("stats" if chunked else "fwd", x.dtype, d, allow_tf32, x.device))
     if _config:
         cfg.update(_config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = _grid or _fwd_grid(m, n, bm, bn, x.device, symmetric)
+    rows = (_rows or chunk_rows(m, n, x.dtype)) if chunked else m
+    grid = _grid or _fwd_grid(rows, n, bm, bn, x.device, symmetric)
     groups, splits = grid
     dev = x.device
     row_max = torch.empty((splits, m), dtype=torch.float32, device=dev)
     row_sum = torch.empty((splits, m), dtype=torch.float32, device=dev)
+    # column partials of each row group, merged in place by every launch (chunks run in order)
     col_shape = (groups, n) if symmetric else (1, 1)
     col_max = torch.full(col_shape, float("-inf"), dtype=torch.float32, device=dev)
     col_sum = torch.zeros(col_shape, dtype=torch.float32, device=dev)
     diag = torch.empty((m,), dtype=torch.float32, device=dev)
-    _info_nce_fwd_kernel[grid](
-        x, y, scale, row_max, row_sum, col_max, col_sum, diag,
-        m, n, d, x.stride(0), y.stride(0), label_offset,
-        COMPUTE_COL=symmetric, SINGLE_K=bk >= d,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x.dtype, allow_tf32),
-        UPCAST=_upcast(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    launch = dict(
+        COMPUTE_COL=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        PRECISION=_precision(x.dtype, allow_tf32), UPCAST=_upcast(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if not chunked:
+        _info_nce_fwd_kernel[grid](
+            x, y, scale, row_max, row_sum, col_max, col_sum, diag, x,
+            m, n, d, x.stride(0), y.stride(0), 0, label_offset, 0, m,
+            SINGLE_K=bk >= d, LOGITS_GIVEN=False, **launch,
+        )
+    else:
+        y_t = y.t()
+        for r0 in range(0, m, rows):
+            x_c = x[r0:r0 + rows]
+            c = x_c.shape[0]
+            logits = _gemm_f32(x_c, y_t, allow_tf32)
+            _info_nce_fwd_kernel[(min(groups, triton.cdiv(c, bm)), splits)](
+                x_c, y, scale, row_max, row_sum, col_max, col_sum, diag, logits,
+                c, n, d, x.stride(0), y.stride(0), n, label_offset + r0, r0, m,
+                SINGLE_K=False, LOGITS_GIVEN=True, **launch,
+            )
     # per-row loss = (max - label logit) + log2(sum): see "Max and sum are kept apart" above
     r_max, r_sum = _combine(row_max, row_sum)
     total = ((r_max - diag) + torch.log2(r_sum)).sum()
@@ -645,6 +686,11 @@ def _bwd_launch(
 #: tile kernel). Read at every backward call, so benchmarks can compare the two; the environment
 #: variable ``CDDS_FAST_INFO_NCE_BACKWARD`` sets the initial value.
 BACKWARD_METHOD = os.environ.get("CDDS_FAST_INFO_NCE_BACKWARD", "chunked")
+#: How the forward is computed: ``"fused"`` (the tile kernel above: logits by ``tl.dot``, O(B)
+#: memory) or ``"chunked"`` (logits of :func:`chunk_rows` rows at a time by a cuBLAS GEMM, the
+#: same kernel reading them: one chunk of extra memory; IEEE fp32 runs on cuBLAS instead of
+#: Triton's FMA dot). Env ``CDDS_FAST_INFO_NCE_FORWARD`` sets the initial value.
+FORWARD_METHOD = os.environ.get("CDDS_FAST_INFO_NCE_FORWARD", "fused")
 #: Bytes of one chunk's fp32 logits plus its ``G`` (the chunked backward's only extra memory),
 #: unless that is fewer than :data:`MIN_CHUNK_ROWS` rows. 24 MiB keeps fp32 B = 16384 within the
 #: issue's 0.1 GB of extra memory (gradients included); 192 rows keep each chunk's GEMMs large

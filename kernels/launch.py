@@ -209,7 +209,8 @@ def info_nce_tiles(kind: str, dtype: torch.dtype, d: int, allow_tf32: bool,
     """Tile sizes of the fused InfoNCE kernels (``kernels/contrastive.py``).
 
     Args:
-        kind: ``"fwd"`` or ``"bwd"``.
+        kind: ``"fwd"``, ``"bwd"`` or ``"stats"`` (the forward kernel reading given fp32 logits:
+            an element-wise pass, ``BLOCK_K`` unused).
         dtype: feature dtype; d: feature dimension; allow_tf32: fp32 on TF32 tensor cores.
     Returns:
         dict with ``BLOCK_M, BLOCK_N, BLOCK_K`` (reduction chunk over D), ``BLOCK_DO`` (output
@@ -229,6 +230,8 @@ def info_nce_tiles(kind: str, dtype: torch.dtype, d: int, allow_tf32: bool,
     # The fp32 "ieee" backward (CUDA-core FMA dots) is the weak spot: 186 ms with the config
     # below, no better one measured yet.
     tensor_cores = dtype in (torch.float16, torch.bfloat16) or allow_tf32
+    if kind == "stats":
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, BLOCK_DO=16, num_warps=8, num_stages=2)
     if kind == "fwd":
         if tensor_cores:
             if dtype != torch.float32:

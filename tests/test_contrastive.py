@@ -257,8 +257,26 @@ def test_chunked_backward(symmetric, dtype, rows, device):
     _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device)
 
 
-def test_backward_methods_agree(device):
-    """Both backward methods compute the same function (to the rounding of G in bf16)."""
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("rows", [16, 5, None], ids=["chunks16", "chunks5", "one-chunk"])
+def test_chunked_forward(symmetric, dtype, rows, device):
+    """The chunked forward (GEMM logits read by the forward kernel): row statistics written at
+    each chunk's offset, column partials merged across chunks in place, labels offset by the
+    chunk start; then the chunked backward on its statistics."""
+    x0, y0, offset = _paths_problem(symmetric, dtype, device)
+    scale = torch.tensor(20.0, device=device)
+    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, offset, symmetric,
+                                                _method="chunked", _rows=rows)
+    dx, dy, ds = K.info_nce_backward(torch.tensor(1.5, device=device), x0, y0, scale, stats_r,
+                                     stats_c, offset, symmetric, False, True, True, True,
+                                     _method="chunked", _rows=rows)
+    _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device)
+
+
+def test_methods_agree(device):
+    """Both backward methods compute the same function (to the rounding of G in bf16), and so do
+    both forward methods (to fp32 summation order)."""
     x0, y0, _ = _paths_problem(True, torch.bfloat16, device)
     scale = torch.tensor(14.3, device=device)
     _, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, 0, True)
@@ -270,6 +288,13 @@ def test_backward_methods_agree(device):
     with pytest.raises(ValueError, match="backward method: expected 'chunked' or 'fused'"):
         K.info_nce_backward(grad, x0, y0, scale, stats_r, stats_c, 0, True, False, True, True,
                             True, _method="tiles")
+    # and both forward methods give the same loss and statistics
+    chunked = K.info_nce_forward(x0, y0, scale, 0, True, _method="chunked", _rows=16)
+    fused = K.info_nce_forward(x0, y0, scale, 0, True, _method="fused")
+    for a, b in zip(chunked, fused):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="forward method: expected 'chunked' or 'fused'"):
+        K.info_nce_forward(x0, y0, scale, 0, True, _method="tiles")
 
 
 def test_backward_inside_autocast_keeps_fp32(device):
