@@ -7,7 +7,8 @@
 #
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
 #
-# Stage limits (seconds) can be overridden: PARITY_S, REPORT_S, STEP_S.
+# Stage limits (seconds) can be overridden: PARITY_S, NCE_S, CDDS_S, STEP_S; STAGES picks stages
+# (default "parity nce cdds step"), e.g. to finish in a second call what a first one cut short.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
@@ -36,14 +37,18 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git log -1 --format='commit %H %s'; } | tee "$OUT/env.txt"
 
+STAGES=${STAGES:-parity nce cdds step}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 # 1. correctness first: every kernel's parity tests natively (CUDA present: slow tests run too)
-stage parity "${PARITY_S:-200}" python3 -m pytest -q -p no:cacheprovider -x \
-  tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py \
+want parity && stage parity "${PARITY_S:-160}" python3 -m pytest -q -p no:cacheprovider -x \
+  --durations=10 tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py \
   tests/test_constraints.py tests/test_fused_loss.py
-# 2. the comparison matrix: CDDS loss (fast / eager / torch.compile, compiled for bf16 only to
-#    fit the budget) and InfoNCE (both backward methods, ClipLoss, Inf-CL), markdown + PNG
-stage report "${REPORT_S:-250}" python3 benchmarks/report.py --out "$OUT/report" \
-  --compile-dtypes bfloat16
-# 3. end-to-end ViT-B/32 step, batch 256, bf16 autocast, with the z sweep
-stage step "${STEP_S:-100}" python3 benchmarks/bench_step.py
+# 2. InfoNCE matrix: every forward/backward method, ClipLoss, Inf-CL; B 4096/16384/65536, D 512
+want nce && stage nce "${NCE_S:-110}" python3 benchmarks/report.py --skip-cdds \
+  --out "$OUT/report_nce"
+# 3. CDDS loss matrix: fast / eager / torch.compile (compiled for bf16 only, to fit the budget)
+want cdds && stage cdds "${CDDS_S:-180}" python3 benchmarks/report.py --skip-contrastive \
+  --compile-dtypes bfloat16 --out "$OUT/report_cdds"
+# 4. end-to-end ViT-B/32 step, batch 256, bf16 autocast, with the z sweep
+want step && stage step "${STEP_S:-70}" python3 benchmarks/bench_step.py
 cat "$SUMMARY"

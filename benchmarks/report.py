@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--skip-contrastive", action="store_true")
+    parser.add_argument("--skip-cdds", action="store_true")
     parser.add_argument("--compile-dtypes", default="bfloat16,float32",
                         help="dtypes for which torch.compile(reference) is measured (each shape "
                              "compiles anew, ~tens of seconds)")
@@ -134,8 +135,9 @@ def main(argv=None) -> int:
     shapes = bench_cdds.QUICK_SHAPES if args.quick else bench_cdds.GPU_SHAPES
     names = None if cuda else ["eager reference"]
     dtypes = [torch.bfloat16, torch.float32]
-    cdds = bench_cdds.run(shapes, dtypes, names=names,
-                          skip_compile_for=[d for d in dtypes if d not in compile_dtypes])
+    cdds = [] if args.skip_cdds else bench_cdds.run(
+        shapes, dtypes, names=names,
+        skip_compile_for=[d for d in dtypes if d not in compile_dtypes])
     for r in cdds:
         if cuda and r["impl"].startswith("fast") and r["full_ms"] == r["full_ms"]:
             floor_ms = cdds_min_bytes(r["shape"], r["dtype"]) / (ceilings["copy_GBps"] * 1e6)
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
     lines = ["# Benchmark report", "", f"Environment: `{json.dumps(env)}`", ""]
     if ceilings:
         lines += [f"Measured ceilings: `{json.dumps({k: round(v, 1) for k, v in ceilings.items()})}`", ""]
-    lines += ["## CDDS loss", "", bench_cdds.to_markdown(cdds), ""]
+    if cdds:
+        lines += ["## CDDS loss", "", bench_cdds.to_markdown(cdds), ""]
     fr = [r for r in cdds if "byte_roofline_fraction" in r]
     if fr:
         lines += ["Fast path, fraction of the byte roofline: " + ", ".join(
