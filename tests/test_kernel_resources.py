@@ -49,9 +49,14 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     specs = json.loads(out.read_text())
     assert {s["kernel"] for s in specs} == KERNELS
     assert all(s["error"] is None and s["regs"] > 0 for s in specs)
-    # the CDDS kernels (everything but the GEMM-like InfoNCE) keep their tiles in registers
+    # every kernel keeps its tiles in registers, except the GEMM-like fused InfoNCE tiles
+    # (tl.dot with fp32 accumulators; benchmarks/RESULTS.md lists their spills)
+    def gemm_like(s):
+        return s["kernel"] == "_info_nce_bwd_kernel" or (
+            s["kernel"] == "_info_nce_fwd_kernel" and not s["constexprs"]["LOGITS_GIVEN"])
+
     spilling = [(s["kernel"], s["constexprs"], s["stack"]) for s in specs
-                if s["stack"] and not s["kernel"].startswith("_info_nce")]
+                if s["stack"] and not gemm_like(s)]
     assert not spilling, spilling
 
 
