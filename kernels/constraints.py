@@ -544,6 +544,9 @@ def _setup_context(ctx, inputs, output):
     x, xs, xm, mask, w_s, w_m, mu, s, c, a, block_d_cap = inputs
     _, lse, colsum, log_qbar, n_tok = output
     ctx.save_for_backward(x, xs, xm, mask, w_s, w_m, mu, s, c, a, lse, colsum, log_qbar, n_tok)
+    # saved state, not results: no gradient and no zero-filled gradient tensors at every backward
+    ctx.mark_non_differentiable(lse, colsum, log_qbar, n_tok)
+    ctx.set_materialize_grads(False)
     ctx.block_d_cap = block_d_cap
 
 

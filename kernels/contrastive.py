@@ -28,8 +28,9 @@ row blocks ``g, g+G, g+2G, ...`` and, for each, the column blocks of split ``c``
 * picks the label logit ``S_{i,i+o}`` out of the tile (the same fp32 value the LSE saw, so
   ``B = 1`` gives exactly 0).
 
-Partials are combined on the host side (a max and a rescaled sum over ``C`` for rows, ``G``
-for columns). Extra memory: ``2*C*M + 2*G*N + M`` fp32 with ``G <= #SMs`` and ``C`` at most a
+Partials are combined by ``_info_nce_finalize_kernel`` (a max and a rescaled sum over ``C`` for
+rows, ``G`` for columns; it also writes the backward's statistics and per-program loss sums, so
+the whole epilogue is one launch plus a sum). Extra memory: ``2*C*M + 2*G*N + M`` fp32 with ``G <= #SMs`` and ``C`` at most a
 handful, i.e. **O(B)**; no ``[B, B]`` tensor exists at any point. Statistics are kept in base 2
 (``t = R * s * log2(e)``, ``exp2``/``log2``) and converted back with ``ln 2`` at the end.
 Max and sum are kept apart (never ``max + log2(sum)`` in one fp32 number): the loss of row ``i``
@@ -144,10 +145,12 @@ import triton.language as tl
 from torch import Tensor
 
 from cdds_fast.kernels.launch import (
+    block_for,
     info_nce_tiles,
     interpreter_active,
     logit_tiles,
     num_sms,
+    num_warps_for,
     sized_for_gpu,
     split_count,
 )
@@ -467,6 +470,52 @@ def _info_nce_grad_logits_kernel(
     tl.store(G + offs, (g * G_SCALE).to(G.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _merge_partials(MAX, SUM, offs, ok, n_parts, stride):
+    """Merge base-2 (max, sum) partials ``[n_parts, stride]`` at ``offs`` (empty partials are
+    (-inf, 0)); one partial is returned exactly as stored."""
+    hi = tl.load(MAX + offs, mask=ok, other=0.0)
+    for p in range(1, n_parts):
+        hi = tl.maximum(hi, tl.load(MAX + p * stride + offs, mask=ok, other=0.0))
+    total = tl.zeros_like(hi)
+    for p in range(0, n_parts):
+        part_max = tl.load(MAX + p * stride + offs, mask=ok, other=0.0)
+        part_sum = tl.load(SUM + p * stride + offs, mask=ok, other=0.0)
+        total += part_sum * tl.exp2(part_max - hi)
+    return hi, total
+
+
+@triton.jit
+def _info_nce_finalize_kernel(
+    ROW_MAX, ROW_SUM,            # [C, M] row partials
+    COL_MAX, COL_SUM,            # [G, N] column partials (COMPUTE_COL)
+    DIAG,                        # [M] base-2 label logits
+    STATS_R, STATS_C,            # out: [3, M] (max, 1/sum, label logit), [2, N] (max, 1/sum)
+    LOSS_PART,                   # out: [n_programs] sum of the base-2 per-row (and column) losses
+    M, n_row_parts, n_col_parts,
+    COMPUTE_COL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The forward's epilogue in one launch: merge the partials, write the statistics the backward
+    reads, and the per-row loss ``(max - label logit) + log2(sum)`` (see "Max and sum are kept
+    apart"), summed per program."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M
+    diag = tl.load(DIAG + offs, mask=ok, other=0.0)
+    r_max, r_sum = _merge_partials(ROW_MAX, ROW_SUM, offs, ok, n_row_parts, M)
+    r_sum = tl.where(ok, r_sum, 1.0)
+    tl.store(STATS_R + offs, r_max, mask=ok)
+    tl.store(STATS_R + M + offs, 1.0 / r_sum, mask=ok)
+    tl.store(STATS_R + 2 * M + offs, diag, mask=ok)
+    loss = tl.where(ok, (r_max - diag) + tl.log2(r_sum), 0.0)
+    if COMPUTE_COL:  # symmetric: N == M, column j's label logit is DIAG[j]
+        c_max, c_sum = _merge_partials(COL_MAX, COL_SUM, offs, ok, n_col_parts, M)
+        c_sum = tl.where(ok, c_sum, 1.0)
+        tl.store(STATS_C + offs, c_max, mask=ok)
+        tl.store(STATS_C + M + offs, 1.0 / c_sum, mask=ok)
+        loss += tl.where(ok, (c_max - diag) + tl.log2(c_sum), 0.0)
+    tl.store(LOSS_PART + tl.program_id(0), tl.sum(loss, axis=0))
+
+
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
@@ -538,17 +587,6 @@ def _fwd_grid(m: int, n: int, bm: int, bn: int, device: torch.device, symmetric:
     return (groups, split_count(groups, n_col_blocks, 2 * sms))
 
 
-def _combine(part_max: Tensor, part_sum: Tensor) -> tuple[Tensor, Tensor]:
-    """Merge base-2 (max, sum) partials over dim 0 (empty partials are (-inf, 0)).
-
-    Returns ``(max, sum)``; one partial (the usual case at large B) is returned as is, so
-    ``B = 1`` stays exact."""
-    if part_max.shape[0] == 1:
-        return part_max[0], part_sum[0]
-    hi = part_max.amax(0)
-    return hi, (part_sum * torch.exp2(part_max - hi)).sum(0)
-
-
 def info_nce_forward(
     x: Tensor, y: Tensor, scale: Tensor, label_offset: int, symmetric: bool,
     allow_tf32: bool = False, *, _config: dict | None = None, _grid: tuple | None = None,
@@ -611,18 +649,18 @@ def info_nce_forward(
                 c, n, d, x.stride(0), y.stride(0), n, label_offset + r0, r0, m,
                 SINGLE_K=False, LOGITS_GIVEN=True, **launch,
             )
-    # per-row loss = (max - label logit) + log2(sum): see "Max and sum are kept apart" above
-    r_max, r_sum = _combine(row_max, row_sum)
-    total = ((r_max - diag) + torch.log2(r_sum)).sum()
-    stats_r = torch.stack((r_max, 1.0 / r_sum, diag))
-    if symmetric:
-        c_max, c_sum = _combine(col_max, col_sum)
-        total = total + ((c_max - diag) + torch.log2(c_sum)).sum()
-        stats_c = torch.stack((c_max, 1.0 / c_sum))
-        loss = total * (LN2 / (2 * m))
-    else:
-        stats_c = torch.empty((2, 0), dtype=torch.float32, device=dev)
-        loss = total * (LN2 / m)
+    # epilogue in one launch (merging partials on the host took ~25 small ops per call)
+    stats_r = torch.empty((3, m), dtype=torch.float32, device=dev)
+    stats_c = torch.empty((2, n if symmetric else 0), dtype=torch.float32, device=dev)
+    block = block_for(m, cap=1024)
+    parts = torch.empty((triton.cdiv(m, block),), dtype=torch.float32, device=dev)
+    _info_nce_finalize_kernel[(parts.numel(),)](
+        row_max, row_sum, col_max, col_sum, diag, stats_r, stats_c if symmetric else stats_r,
+        parts, m, splits, groups, COMPUTE_COL=symmetric, BLOCK=block,
+        num_warps=num_warps_for(block),
+    )
+    total = parts[0] if parts.numel() == 1 else parts.sum()
+    loss = total * (LN2 / (2 * m) if symmetric else LN2 / m)
     return loss, stats_r, stats_c
 
 
@@ -790,7 +828,8 @@ def _bwd_chunked(
             num_warps=warps,
         )
         if compute_dx:
-            dx[r0:r0 + c] = (_gemm_f32(g, y, allow_tf32) * coef).to(x.dtype)
+            # scale, round to the input dtype and store into dX in one element-wise launch
+            torch.mul(_gemm_f32(g, y, allow_tf32), coef, out=dx[r0:r0 + c])
     out_ds = dscale.sum() * (grad * norm) if compute_dscale else None
     return dx, out_ds
 
@@ -890,9 +929,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, y, scale, stats_r, stats_c)
     ctx.label_offset, ctx.symmetric, ctx.allow_tf32 = label_offset, symmetric, allow_tf32
     ctx.mark_non_differentiable(stats_r, stats_c)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 
 
 def _backward(ctx, grad_loss, _grad_stats_r, _grad_stats_c):
+    if grad_loss is None:
+        return None, None, None, None, None, None
     x, y, scale, stats_r, stats_c = ctx.saved_tensors
     need_dx, need_dy, need_ds = ctx.needs_input_grad[:3]
     dx, dy, ds = _info_nce_bwd_op(grad_loss, x, y, scale, stats_r, stats_c, ctx.label_offset,

@@ -601,6 +601,7 @@ def _setup_context(ctx, inputs, output):
     mu_v, s_v, mu_t, s_t, alpha_image, alpha_text, tau_kl, rho = inputs
     c, a, stats = output
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # no zero-filled [fields, 2, B, D] gradient for stats
     ctx.save_for_backward(alpha_image, alpha_text, stats)
     ctx.tau_kl, ctx.rho = tau_kl, rho
     ctx.dtypes = (mu_v.dtype, s_v.dtype, mu_t.dtype, s_t.dtype)

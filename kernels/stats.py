@@ -256,6 +256,10 @@ def _setup_context(ctx, inputs, output):
     x, mask = inputs
     mu, s, mu_res, count = output
     ctx.save_for_backward(x, mask, mu, mu_res, s, count)
+    # mu_res and count are saved state, not results: no gradient, and no zero-filled gradient
+    # tensors for them (or for an unused mu / s) at every backward
+    ctx.mark_non_differentiable(mu_res, count)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_mu, grad_s, *_unused):

@@ -24,7 +24,7 @@ KERNELS = {
     "_related_sampling_bwd_row_kernel", "_related_sampling_bwd_col_kernel",
     "_row_lse_kernel", "_constraints_fwd_kernel", "_constraints_finalize_kernel",
     "_constraints_bwd_kernel", "_info_nce_fwd_kernel", "_info_nce_bwd_kernel",
-    "_info_nce_grad_logits_kernel",
+    "_info_nce_grad_logits_kernel", "_info_nce_finalize_kernel",
 }
 
 
