@@ -188,6 +188,60 @@ def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
         contrastive.FORWARD_METHOD, contrastive.BACKWARD_METHOD = defaults
 
 
+#: aten ops that launch no device work (views, metadata, allocation)
+_NO_LAUNCH = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::view",
+    "aten::_unsafe_view", "aten::_reshape_alias", "aten::reshape", "aten::select", "aten::slice",
+    "aten::narrow", "aten::t", "aten::transpose", "aten::permute", "aten::as_strided",
+    "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze", "aten::flatten",
+    "aten::unflatten", "aten::unbind", "aten::split", "aten::chunk", "aten::detach",
+    "aten::alias", "aten::lift_fresh", "aten::result_type", "aten::promote_types",
+    "aten::contiguous", "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::_to_copy",
+}
+
+
+def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch.bfloat16,
+                   sms: int = 132) -> dict:
+    """Device launches of one fast-path CDDS loss forward and backward at ``shape``, as a GPU
+    would issue them: Triton launches (recorded, not run) and top-level aten ops that launch
+    work (``aten::to`` is left out: on a GPU most are no-ops, and the CPU stand-in for the
+    fp32-output GEMM adds some). Eager launch overhead (~5 us each) is what bounds a small batch.
+    """
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.bench_cdds import make_problem
+    from cdds_fast.fused_loss import cdds_loss_triton
+    from cdds_fast.kernels.launch import gpu_launch_plan
+
+    triton_calls = Counter()
+    recorder = Recorder(90)
+    recorder.run = lambda fn, args, kwargs, grid: triton_calls.update([fn.__name__])
+    _install(recorder)
+    tensors, mask, params = make_problem(*shape, dtype, torch.device("cpu"))
+    out = {}
+    with gpu_launch_plan(sms):
+        for phase in ("forward", "backward"):
+            triton_calls.clear()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                if phase == "forward":
+                    terms = cdds_loss_triton(*tensors, mask, **params)
+                    total = sum(terms.values())
+                else:
+                    total.backward()
+            aten = 0
+            for event in prof.events():
+                if not event.name.startswith("aten::") or event.name in _NO_LAUNCH:
+                    continue
+                parent = event.cpu_parent
+                while parent is not None and not parent.name.startswith("aten::"):
+                    parent = parent.cpu_parent
+                aten += parent is None  # nested ops belong to their top-level op
+            out[phase] = {"triton": sum(triton_calls.values()), "aten": aten}
+    return out
+
+
 def _name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
@@ -254,7 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the specs and resources here")
     parser.add_argument("--allow-spills", action="store_true",
                         help="exit 0 even if some kernel spills (compile errors still fail)")
+    parser.add_argument("--count-launches", action="store_true",
+                        help="only count the device launches of one CDDS loss step, print JSON")
     args = parser.parse_args(argv)
+    if args.count_launches:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            raise SystemExit("kernel_resources: unset TRITON_INTERPRET")
+        print(json.dumps(count_launches(sms=args.sms)))
+        return 0
     import triton
 
     start = time.perf_counter()

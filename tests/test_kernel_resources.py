@@ -67,3 +67,23 @@ def test_launch_plan_refuses_the_interpreter():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
+
+
+#: Device launches of one fast-path CDDS loss step at (256, 50, 77, 512) bf16, counted
+#: 2026-11-27: forward 14 Triton + 44 aten, backward 12 + 134 (before the InfoNCE epilogue
+#: kernel and the non-materialised gradients: 11 + 125 and 12 + 159). Eager launch overhead
+#: (~5 us each) bounds the step at small batches, so growth here is a performance regression.
+LAUNCH_BUDGET = {"forward": 64, "backward": 160}
+
+
+def test_launch_budget_of_one_cdds_step():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--count-launches"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    for phase, budget in LAUNCH_BUDGET.items():
+        launches = counts[phase]["triton"] + counts[phase]["aten"]
+        assert counts[phase]["triton"] > 0 and launches <= budget, (phase, counts[phase])
