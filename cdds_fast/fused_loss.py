@@ -20,7 +20,8 @@ forward 33 MB and backward 67 MB, constraints forward 100 MB and backward 200 MB
 autograd's sum of the two ``X^s`` gradients (the stats backward and the constraints backward each
 write one; they cannot share a kernel because the statistics' gradients are complete only after
 the sampling backward has run) -- about 0.5 GB, ~170 us at 3 TB/s, the floor of this path besides
-the sampling and InfoNCE kernels and ~40 small ``[B, D]`` ops (``normalize``, term weights).
+the sampling and InfoNCE kernels and a few dozen small ``[B, D]`` ops (term weights, autograd's
+gradient sums); the four pooled-feature normalisations are one ``l2_normalize`` launch.
 Extra memory beyond the gradients: one ``X^s``-sized gradient before that sum plus ~15 MB of
 ``[B, D]`` partials; the ``[B, D, D]`` and ``[B, N, D]`` fp32 tensors of the reference never exist.
 
@@ -34,11 +35,11 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cdds_fast.contrastive import info_nce
 from cdds_fast.kernels.constraints import constraint_losses
+from cdds_fast.kernels.normalize import l2_normalize
 from cdds_fast.kernels.sampling import related_sampling
 from cdds_fast.kernels.stats import column_stats
 from cdds_fast.reference import cdds_loss as _reference_cdds_loss
@@ -119,11 +120,14 @@ def cdds_loss_triton(
 
     # Section 6, contrastive terms on the pooled features: pool(X^s) = normalize(mu),
     # pool(X^x) = normalize(c).
-    image_feat, text_feat = F.normalize(mu_v, dim=-1), F.normalize(mu_t, dim=-1)
+    # (the four normalisations as one launch each way: l2_normalize of the stacked [4, B, D])
+    image_feat, text_feat, image_x_feat, text_x_feat = l2_normalize(
+        torch.stack((mu_v, mu_t, c_v, c_t))
+    ).unbind(0)
     l_clip = contrastive(image_feat, text_feat, logit_scale)
     l_s = (
-        contrastive(image_feat, F.normalize(c_v, dim=-1), logit_scale)
-        + contrastive(text_feat, F.normalize(c_t, dim=-1), logit_scale)
+        contrastive(image_feat, image_x_feat, logit_scale)
+        + contrastive(text_feat, text_x_feat, logit_scale)
     ) / 2
 
     # Section 6, constraint losses: (L_f, L_x, L_m) per modality in one fused pass each.
