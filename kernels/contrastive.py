@@ -790,14 +790,15 @@ def chunk_rows(m: int, n: int, dtype: torch.dtype, budget: int | None = None) ->
 
 
 def _bwd_chunked(
-    x: Tensor, y: Tensor, scale: Tensor, grad: Tensor, stats_r: Tensor | None,
-    stats_c: Tensor | None, label_offset: int, diag_coef: float, norm: float, compute_dx: bool,
+    x: Tensor, y: Tensor, scale: Tensor, grad_norm: Tensor, stats_r: Tensor | None,
+    stats_c: Tensor | None, label_offset: int, diag_coef: float, compute_dx: bool,
     compute_dscale: bool, allow_tf32: bool, label_t: Tensor, label_by_col: bool,
     rows_per_chunk: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """:func:`_bwd_launch`'s result (``dX = g s G Y`` and ``dL/ds``) computed chunk by chunk:
     for ``c`` rows at a time, ``R = X_c Y^T`` (GEMM, fp32), ``G_c`` from ``R`` (Triton), and
-    ``dX_c = G_c Y`` (GEMM). Extra memory: one ``[c, N]`` fp32 + one ``[c, N]`` operand buffer."""
+    ``dX_c = G_c Y`` (GEMM). Extra memory: one ``[c, N]`` fp32 + one ``[c, N]`` operand buffer.
+    ``grad_norm`` is the upstream gradient times the loss's ``1/(2M)`` or ``1/M`` (0-d)."""
     m, d = x.shape
     n = y.shape[0]
     rows = rows_per_chunk or chunk_rows(m, n, x.dtype)
@@ -805,32 +806,37 @@ def _bwd_chunked(
     g_scale = _FP16_G_SCALE if x.dtype == torch.float16 else 1.0
     bm, bn, warps = logit_tiles(rows, n, dev)
     grid_n = triton.cdiv(n, bn)
-    n_chunks = triton.cdiv(m, rows)
-    dscale = torch.zeros((n_chunks, triton.cdiv(rows, bm) * grid_n), dtype=torch.float32,
-                         device=dev)
+    # one dL/ds partial per program of every chunk, all written: no zero fill
+    n_parts = sum(triton.cdiv(min(rows, m - r0), bm) for r0 in range(0, m, rows)) * grid_n
+    dscale = torch.empty((n_parts if compute_dscale else 1,), dtype=torch.float32, device=dev)
     dx = torch.empty((m, d), dtype=x.dtype, device=dev) if compute_dx else None
     dummy = torch.empty((1,), dtype=torch.float32, device=dev)
     max_r, inv_r = (stats_r[0], stats_r[1]) if stats_r is not None else (dummy, dummy)
     max_c, inv_c = (stats_c[0], stats_c[1]) if stats_c is not None else (dummy, dummy)
-    coef = grad * scale.to(torch.float32) * (norm / g_scale)
+    # dX = g s norm G Y; G was stored times g_scale. grad * norm is a 0-d device tensor.
+    coef = grad_norm * (scale.to(torch.float32) / g_scale) if compute_dx else None
     y_t = y.t()
-    for k, r0 in enumerate(range(0, m, rows)):
+    part = 0
+    for r0 in range(0, m, rows):
         x_c = x[r0:r0 + rows]
         c = x_c.shape[0]
         logits = _gemm_f32(x_c, y_t, allow_tf32)
         g = torch.empty((c, n), dtype=x.dtype, device=dev)
-        _info_nce_grad_logits_kernel[(triton.cdiv(c, bm), grid_n)](
-            logits, g, scale, max_r, inv_r, max_c, inv_c, label_t, dscale[k],
+        grid = (triton.cdiv(c, bm), grid_n)
+        _info_nce_grad_logits_kernel[grid](
+            logits, g, scale, max_r, inv_r, max_c, inv_c, label_t,
+            dscale[part:] if compute_dscale else dscale,
             c, n, r0, label_offset, float(diag_coef),
             HAS_R=stats_r is not None, HAS_C=stats_c is not None,
             COMPUTE_DSCALE=compute_dscale, LABEL_BY_COL=label_by_col, BLOCK_M=bm, BLOCK_N=bn,
             G_SCALE=g_scale,
             num_warps=warps,
         )
+        part += grid[0] * grid[1] if compute_dscale else 0
         if compute_dx:
             # scale, round to the input dtype and store into dX in one element-wise launch
             torch.mul(_gemm_f32(g, y, allow_tf32), coef, out=dx[r0:r0 + c])
-    out_ds = dscale.sum() * (grad * norm) if compute_dscale else None
+    out_ds = dscale.sum() * grad_norm if compute_dscale else None
     return dx, out_ds
 
 
@@ -860,8 +866,10 @@ def info_nce_backward(
         off_y = -label_offset
     method = _method or BACKWARD_METHOD
     if method == "chunked":
+        grad_norm = grad * norm
+
         def launch(a, b, sr, sc, off, need_da, need_ds, transposed):
-            return _bwd_chunked(a, b, scale, grad, sr, sc, off, diag_coef, norm, need_da,
+            return _bwd_chunked(a, b, scale, grad_norm, sr, sc, off, diag_coef, need_da,
                                 need_ds, allow_tf32, stats_r[2], transposed, _rows)
     elif method == "fused":
         def launch(a, b, sr, sc, off, need_da, need_ds, transposed):
