@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from .common import compute_dtype
 from .constraints import modality_kl, reconstruction_loss
 from .contrastive import info_nce, pool
 from .related import related_weights
@@ -77,6 +78,19 @@ def cdds_loss(
     )
     contrastive = contrastive or info_nce
     mask = text_mask
+    # Every input is widened to the compute dtype ONCE, so the gradients of its several uses are
+    # added in fp32 and rounded to the input dtype once. Casting per use made autograd add 16-bit
+    # partial gradients, which overflow where they are large and cancel (inf - inf = NaN in fp16
+    # although the gradient itself is ~10: found by the fuzz test at D = 2).
+    cd = compute_dtype(image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
+                       text_modality, alpha_image, alpha_text, w_s_image, w_m_image, w_s_text,
+                       w_m_text)
+    (image_tokens, image_semantic, image_modality, text_tokens, text_semantic, text_modality,
+     alpha_image, alpha_text, w_s_image, w_m_image, w_s_text, w_m_text) = (
+        t.to(cd) for t in (image_tokens, image_semantic, image_modality, text_tokens,
+                           text_semantic, text_modality, alpha_image, alpha_text, w_s_image,
+                           w_m_image, w_s_text, w_m_text)
+    )
 
     # Section 3: column statistics of the semantic components.
     mu_v, s_v = column_stats(image_semantic)
