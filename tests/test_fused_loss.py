@@ -208,10 +208,10 @@ def check(tensors, params, *, conditioned=False):
     Smooth regime: fp32 quantities elementwise against the fp32 reference (table tolerance).
     Gradients of bf16/fp16 leaves, and everything in the conditioned regime, against the float64
     reference with the fp32 reference's own error as the yardstick (see module docstring;
-    ``N_ORDERS`` perturbed evaluations). Why low-precision gradients need that: autograd rounds each
-    path's fp32 gradient to the leaf's dtype before summing the paths (the reference has ~4
-    paths into X^s, the fast path 2), so where paths cancel the result is off by ulps of the
-    *partial* gradients, on both sides.
+    ``N_ORDERS`` perturbed evaluations). Why low-precision gradients need that: the fast path has
+    two paths into X^s (the statistics' and the constraint losses' backward), each rounded to the
+    leaf's dtype before autograd sums them, so where they cancel its result is off by ulps of the
+    *partial* gradients (the reference widens each leaf once: its gradient is rounded once).
     """
     out, grads = run(cdds_loss_triton, tensors, params)
     ref, ref_grads = run(reference_cdds_loss, tensors, params)
