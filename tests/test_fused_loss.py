@@ -34,11 +34,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cdds_fast.fused_loss import cdds_loss_triton
 from cdds_fast.reference import cdds_loss as reference_cdds_loss
 from cdds_fast.reference.loss import LOSS_KEYS
 from tests._inputs import assert_close, make_inputs, subnormal_ulp
+from tests.conftest import DEVICE
 
 # (dtype, atol, rtol, reason); atol is relative to max|expected|. The five loss terms are fp32
 # for every input dtype and always use the fp32 row (both sides compute in fp32 from the same
@@ -157,26 +160,39 @@ def run(fn, tensors, params, *, cast=None, **kw):
 def run_reference_perturbed(tensors, params):
     """The fp32 reference as another correct fp32 implementation might round it: every pair's
     tokens in a random order (text mask alongside; the loss is invariant to it, only the
-    rounding of the token reductions changes) and the column statistics moved by one ulp in a
+    rounding of the token reductions changes), the column statistics moved by one ulp in a
     random direction (what a differently ordered reduction inside the statistics or the
-    related-weights op does). Gradients are returned in the original token order."""
+    related-weights op does), and the fast path's rounding structure for ``X^s``: its gradient
+    is the statistics' path plus the other uses, each rounded to the leaf's dtype and added in
+    it (``cdds_loss_triton`` has two ops reading ``X^s``; autograd adds their outputs). Gradients
+    are returned in the original token order."""
     import cdds_fast.reference.loss as reference_loss
 
     perm_v = torch.randperm(tensors[0].shape[1], device=tensors[0].device)
     perm_t = torch.randperm(tensors[3].shape[1], device=tensors[3].device)
     permuted = [t[:, perm_v] for t in tensors[:3]] + [t[:, perm_t] for t in tensors[3:7]]
     exact_stats = reference_loss.column_stats
+    stats_inputs = []  # the statistics' own copies of X^s (image, then text)
 
     def stats_one_ulp_off(x, mask=None):
+        x = x.detach().requires_grad_()
+        stats_inputs.append(x)
         mu, s = exact_stats(x, mask)
         ulp = torch.finfo(mu.dtype).eps
         return tuple(v * (1 + ulp * torch.randint_like(v, 0, 2).mul(2).sub(1)) for v in (mu, s))
 
+    leaves = [t.detach().requires_grad_() for t in permuted[:6]]
+    p = {k: v.detach().requires_grad_() for k, v in params.items()}
     reference_loss.column_stats = stats_one_ulp_off
     try:
-        out, grads = run(reference_cdds_loss, permuted, params)
+        out = reference_cdds_loss(*leaves, permuted[6], **p)
     finally:
         reference_loss.column_stats = exact_stats
+    grads = torch.autograd.grad(sum(out.values()), [*leaves, *p.values(), *stats_inputs])
+    grads, stats_grads = list(grads[:len(LEAF_NAMES)]), grads[len(LEAF_NAMES):]
+    for index, g_stats in zip((1, 4), stats_grads):  # image_semantic, text_semantic
+        grads[index] = grads[index] + g_stats.to(grads[index].dtype)
+    grads = dict(zip(LEAF_NAMES, grads))
     inv_v, inv_t = torch.argsort(perm_v), torch.argsort(perm_t)
     for i, name in enumerate(LEAF_NAMES[:6]):
         grads[name] = grads[name][:, inv_v if i < 3 else inv_t]
@@ -313,6 +329,21 @@ CONDITIONED = [
 def test_matches_reference_conditioned(batch, patches, length, dim, make_mask, dtype, device):
     mask = make_mask(batch, length, device) if make_mask else None
     tensors, params = inputs(batch, patches, length, dim, dtype, device, mask=mask)
+    check_conditioned(tensors, repair_alpha(tensors, params))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 4), patches=st.integers(1, 7), length=st.integers(1, 9),
+    dim=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_matches_reference(batch, patches, length, dim, dtype, seed):
+    """Random small shapes (B = 1, one token, D = 1 included) and values, all five terms and all
+    13 gradients against the reference with the conditioned yardstick; the seed is drawn by
+    hypothesis, so a failure reproduces."""
+    torch.manual_seed(seed)
+    tensors, params = inputs(batch, patches, length, dim, dtype, DEVICE)
     check_conditioned(tensors, repair_alpha(tensors, params))
 
 
