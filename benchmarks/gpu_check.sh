@@ -41,7 +41,7 @@ STAGES=${STAGES:-parity nce cdds step}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # 1. correctness first: every kernel's parity tests natively (CUDA present: slow tests run too)
 want parity && stage parity "${PARITY_S:-160}" python3 -m pytest -q -p no:cacheprovider -x \
-  --durations=10 tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py \
+  --durations=10 tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py tests/test_normalize.py \
   tests/test_constraints.py tests/test_fused_loss.py
 # 2. InfoNCE matrix: every forward/backward method, ClipLoss, Inf-CL; B 4096/16384/65536, D 512
 want nce && stage nce "${NCE_S:-110}" python3 benchmarks/report.py --skip-cdds \
