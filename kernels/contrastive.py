@@ -162,6 +162,18 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _FP16_G_SCALE = 16384.0  # 2**14: |G| <= 2, so |G * 2**14| <= 32768 < 65504 (fp16 max)
 
 
+#: Tests set this to fill every scratch buffer the kernels must write with NaN instead of leaving
+#: it uninitialised, so a slot a kernel forgets to write shows up as NaN in the results.
+POISON_SCRATCH = False
+
+
+def _scratch(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` (NaN-filled under :data:`POISON_SCRATCH`) for buffers a kernel fills."""
+    if POISON_SCRATCH:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 # ------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------
@@ -224,6 +236,8 @@ def _info_nce_fwd_kernel(
     R,                           # LOGITS_GIVEN: [M, N] fp32 logits <x_i, y_j> of these rows
     M, N, D, stride_x, stride_y, stride_r, label_offset,
     row0, stat_stride,           # row statistics are written at row0 + row, split stride
+    col_init,                    # 1: COL_MAX/COL_SUM hold garbage; a group's first row block
+                                 # writes its column partials instead of merging into them
     COMPUTE_COL: tl.constexpr,   # symmetric loss: also column statistics
     SINGLE_K: tl.constexpr,      # BLOCK_K >= D: load the X block once per row block
     LOGITS_GIVEN: tl.constexpr,  # chunked forward: read the tile from R instead of tl.dot
@@ -295,8 +309,10 @@ def _info_nce_fwd_kernel(
                 t_c = tl.where(row_ok[:, None], t, float("-inf"))
                 c_max = tl.max(t_c, axis=0)
                 c_sum = tl.sum(tl.exp2(t_c - c_max[None, :]), axis=0)
-                old_max = tl.load(col_max_row + cols64, mask=col_ok, other=float("-inf"))
-                old_sum = tl.load(col_sum_row + cols64, mask=col_ok, other=0.0)
+                fresh = (rb == pid_g) & (col_init != 0)  # nothing merged here yet
+                old_max = tl.load(col_max_row + cols64, mask=col_ok & ~fresh,
+                                  other=float("-inf"))
+                old_sum = tl.load(col_sum_row + cols64, mask=col_ok & ~fresh, other=0.0)
                 new_max = tl.maximum(old_max, c_max)
                 new_sum = old_sum * tl.exp2(old_max - new_max) + c_sum * tl.exp2(c_max - new_max)
                 tl.store(col_max_row + cols64, new_max, mask=col_ok)
@@ -306,6 +322,17 @@ def _info_nce_fwd_kernel(
         tl.store(row_sum_row + rows64, l_i, mask=row_ok)
         tl.store(DIAG + row0 + rows64, d_i,
                  mask=row_ok & (labels >= col_lo) & (labels < col_hi))
+    if COMPUTE_COL:
+        # a group without row blocks (more groups than blocks) still owns its partial row:
+        # neutral values (-inf, 0), written here since nothing initialised it
+        if (pid_g >= n_row_blocks) & (col_init != 0):
+            for cb in range(cb_lo, cb_hi):
+                cols = cb * BLOCK_N + offs_n
+                col_ok = cols < N
+                cols64 = cols.to(tl.int64)
+                tl.store(col_max_row + cols64, tl.full((BLOCK_N,), float("-inf"), tl.float32),
+                         mask=col_ok)
+                tl.store(col_sum_row + cols64, tl.zeros((BLOCK_N,), tl.float32), mask=col_ok)
 
 
 @triton.jit
@@ -620,13 +647,13 @@ def info_nce_forward(
     grid = _grid or _fwd_grid(rows, n, bm, bn, x.device, symmetric)
     groups, splits = grid
     dev = x.device
-    row_max = torch.empty((splits, m), dtype=torch.float32, device=dev)
-    row_sum = torch.empty((splits, m), dtype=torch.float32, device=dev)
+    row_max = _scratch((splits, m), torch.float32, dev)
+    row_sum = _scratch((splits, m), torch.float32, dev)
     # column partials of each row group, merged in place by every launch (chunks run in order)
     col_shape = (groups, n) if symmetric else (1, 1)
-    col_max = torch.full(col_shape, float("-inf"), dtype=torch.float32, device=dev)
-    col_sum = torch.zeros(col_shape, dtype=torch.float32, device=dev)
-    diag = torch.empty((m,), dtype=torch.float32, device=dev)
+    col_max = _scratch(col_shape, torch.float32, dev)  # initialised by the first launch
+    col_sum = _scratch(col_shape, torch.float32, dev)  # (col_init)
+    diag = _scratch((m,), torch.float32, dev)
     launch = dict(
         COMPUTE_COL=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         PRECISION=_precision(x.dtype, allow_tf32), UPCAST=_upcast(x.dtype),
@@ -635,7 +662,7 @@ def info_nce_forward(
     if not chunked:
         _info_nce_fwd_kernel[grid](
             x, y, scale, row_max, row_sum, col_max, col_sum, diag, x,
-            m, n, d, x.stride(0), y.stride(0), 0, label_offset, 0, m,
+            m, n, d, x.stride(0), y.stride(0), 0, label_offset, 0, m, 1,
             SINGLE_K=bk >= d, LOGITS_GIVEN=False, **launch,
         )
     else:
@@ -646,14 +673,14 @@ def info_nce_forward(
             logits = _gemm_f32(x_c, y_t, allow_tf32)
             _info_nce_fwd_kernel[(min(groups, triton.cdiv(c, bm)), splits)](
                 x_c, y, scale, row_max, row_sum, col_max, col_sum, diag, logits,
-                c, n, d, x.stride(0), y.stride(0), n, label_offset + r0, r0, m,
+                c, n, d, x.stride(0), y.stride(0), n, label_offset + r0, r0, m, int(r0 == 0),
                 SINGLE_K=False, LOGITS_GIVEN=True, **launch,
             )
     # epilogue in one launch (merging partials on the host took ~25 small ops per call)
-    stats_r = torch.empty((3, m), dtype=torch.float32, device=dev)
-    stats_c = torch.empty((2, n if symmetric else 0), dtype=torch.float32, device=dev)
+    stats_r = _scratch((3, m), torch.float32, dev)
+    stats_c = _scratch((2, n if symmetric else 0), torch.float32, dev)
     block = block_for(m, cap=1024)
-    parts = torch.empty((triton.cdiv(m, block),), dtype=torch.float32, device=dev)
+    parts = _scratch((triton.cdiv(m, block),), torch.float32, dev)
     _info_nce_finalize_kernel[(parts.numel(),)](
         row_max, row_sum, col_max, col_sum, diag, stats_r, stats_c if symmetric else stats_r,
         parts, m, splits, groups, COMPUTE_COL=symmetric, BLOCK=block,
@@ -691,13 +718,12 @@ def _bwd_launch(
     dev = x.device
     if compute_dx:
         if splits == 1:
-            dx = torch.empty((m, d), dtype=x.dtype, device=dev)
+            dx = _scratch((m, d), x.dtype, dev)
         else:
-            dx = torch.empty((splits, m, d), dtype=torch.float32, device=dev)
+            dx = _scratch((splits, m, d), torch.float32, dev)
     else:
         dx = torch.empty((0,), dtype=torch.float32, device=dev)
-    dscale = torch.empty((splits * n_row_blocks if compute_dscale else 1,), dtype=torch.float32,
-                         device=dev)
+    dscale = _scratch((splits * n_row_blocks if compute_dscale else 1,), torch.float32, dev)
     dummy = torch.empty((1,), dtype=torch.float32, device=dev)
     max_r, inv_r = (stats_r[0], stats_r[1]) if stats_r is not None else (dummy, dummy)
     max_c, inv_c = (stats_c[0], stats_c[1]) if stats_c is not None else (dummy, dummy)
@@ -808,8 +834,8 @@ def _bwd_chunked(
     grid_n = triton.cdiv(n, bn)
     # one dL/ds partial per program of every chunk, all written: no zero fill
     n_parts = sum(triton.cdiv(min(rows, m - r0), bm) for r0 in range(0, m, rows)) * grid_n
-    dscale = torch.empty((n_parts if compute_dscale else 1,), dtype=torch.float32, device=dev)
-    dx = torch.empty((m, d), dtype=x.dtype, device=dev) if compute_dx else None
+    dscale = _scratch((n_parts if compute_dscale else 1,), torch.float32, dev)
+    dx = _scratch((m, d), x.dtype, dev) if compute_dx else None
     dummy = torch.empty((1,), dtype=torch.float32, device=dev)
     max_r, inv_r = (stats_r[0], stats_r[1]) if stats_r is not None else (dummy, dummy)
     max_c, inv_c = (stats_c[0], stats_c[1]) if stats_c is not None else (dummy, dummy)
@@ -821,7 +847,7 @@ def _bwd_chunked(
         x_c = x[r0:r0 + rows]
         c = x_c.shape[0]
         logits = _gemm_f32(x_c, y_t, allow_tf32)
-        g = torch.empty((c, n), dtype=x.dtype, device=dev)
+        g = _scratch((c, n), x.dtype, dev)
         grid = (triton.cdiv(c, bm), grid_n)
         _info_nce_grad_logits_kernel[grid](
             logits, g, scale, max_r, inv_r, max_c, inv_c, label_t,
