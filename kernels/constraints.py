@@ -59,6 +59,8 @@ from cdds_fast.kernels.launch import (
     HEAVY_TILE_ELEMS_GPU,
     ROW_BLOCK_CAP,
     interpreter_active,
+    scratch,
+    scratch_like,
     split_tokens,
     tile_elems,
     tile_warps,
@@ -416,7 +418,7 @@ def constraints_forward(
     dev = x.device
     m_arg = _mask_arg(mask, x)
     block_n, block_d, warps = _fwd_tile(n, d, block_d_cap)
-    lse = torch.empty(batch, n, dtype=torch.float32, device=dev)
+    lse = scratch((batch, n), torch.float32, dev)
     lse_given = block_d < d
     if lse_given:
         _row_lse_kernel[(batch, triton.cdiv(n, block_n))](
@@ -424,17 +426,17 @@ def constraints_forward(
             num_warps=warps,
         )
     per_prog, n_chunks = split_tokens(n, block_n, batch, dev)
-    colsum = torch.empty(_N_COLSUMS, batch, n_chunks, d, dtype=torch.float32, device=dev)
-    toksum = torch.empty(4, batch, n_chunks, dtype=torch.float32, device=dev)
+    colsum = scratch((_N_COLSUMS, batch, n_chunks, d), torch.float32, dev)
+    toksum = scratch((4, batch, n_chunks), torch.float32, dev)
     _constraints_fwd_kernel[(batch, n_chunks)](
         x, xs, xm, m_arg, w_s, w_m, mu, s, c, a, lse, colsum, toksum,
         batch, n, d, per_prog, n_chunks,
         HAS_MASK=mask is not None, LSE_GIVEN=lse_given, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=warps,
     )
-    losses = torch.empty(3, dtype=torch.float32, device=dev)
-    log_qbar = torch.empty(d, dtype=torch.float32, device=dev)
-    n_tok = torch.empty(1, dtype=torch.float32, device=dev)
+    losses = scratch((3,), torch.float32, dev)
+    log_qbar = scratch((d,), torch.float32, dev)
+    n_tok = scratch((1,), torch.float32, dev)
     rows = batch * n_chunks
     block_r, block_dq = token_tile(rows, d, col_cap=min(block_d_cap, 1024))
     _constraints_finalize_kernel[(1,)](
@@ -473,10 +475,10 @@ def constraints_backward(
         )
     x, xs, xm = x.contiguous(), xs.contiguous(), xm.contiguous()
     dev = x.device
-    gx, gxs, gxm = torch.empty_like(x), torch.empty_like(xs), torch.empty_like(xm)
-    g_mu, g_s, g_c, g_a = (torch.empty(batch, d, dtype=torch.float32, device=dev)
+    gx, gxs, gxm = scratch_like(x), scratch_like(xs), scratch_like(xm)
+    g_mu, g_s, g_c, g_a = (scratch((batch, d), torch.float32, dev)
                            for _ in range(4))
-    g_w_part = torch.empty(2, batch, d, dtype=torch.float32, device=dev)
+    g_w_part = scratch((2, batch, d), torch.float32, dev)
     # The backward loops over D in blocks whatever their width (the forward saved each row's
     # log-sum-exp), so its blocks stay within one tile: a [1, 4096] block (D > 2048) spilled
     # registers for sm_90 (benchmarks/kernel_resources.py).

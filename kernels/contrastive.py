@@ -151,6 +151,7 @@ from cdds_fast.kernels.launch import (
     logit_tiles,
     num_sms,
     num_warps_for,
+    scratch,
     sized_for_gpu,
     split_count,
 )
@@ -160,18 +161,6 @@ LN2 = 0.6931471805599453
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _FP16_G_SCALE = 16384.0  # 2**14: |G| <= 2, so |G * 2**14| <= 32768 < 65504 (fp16 max)
-
-
-#: Tests set this to fill every scratch buffer the kernels must write with NaN instead of leaving
-#: it uninitialised, so a slot a kernel forgets to write shows up as NaN in the results.
-POISON_SCRATCH = False
-
-
-def _scratch(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.empty`` (NaN-filled under :data:`POISON_SCRATCH`) for buffers a kernel fills."""
-    if POISON_SCRATCH:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -647,13 +636,13 @@ def info_nce_forward(
     grid = _grid or _fwd_grid(rows, n, bm, bn, x.device, symmetric)
     groups, splits = grid
     dev = x.device
-    row_max = _scratch((splits, m), torch.float32, dev)
-    row_sum = _scratch((splits, m), torch.float32, dev)
+    row_max = scratch((splits, m), torch.float32, dev)
+    row_sum = scratch((splits, m), torch.float32, dev)
     # column partials of each row group, merged in place by every launch (chunks run in order)
     col_shape = (groups, n) if symmetric else (1, 1)
-    col_max = _scratch(col_shape, torch.float32, dev)  # initialised by the first launch
-    col_sum = _scratch(col_shape, torch.float32, dev)  # (col_init)
-    diag = _scratch((m,), torch.float32, dev)
+    col_max = scratch(col_shape, torch.float32, dev)  # initialised by the first launch
+    col_sum = scratch(col_shape, torch.float32, dev)  # (col_init)
+    diag = scratch((m,), torch.float32, dev)
     launch = dict(
         COMPUTE_COL=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         PRECISION=_precision(x.dtype, allow_tf32), UPCAST=_upcast(x.dtype),
@@ -677,10 +666,10 @@ def info_nce_forward(
                 SINGLE_K=False, LOGITS_GIVEN=True, **launch,
             )
     # epilogue in one launch (merging partials on the host took ~25 small ops per call)
-    stats_r = _scratch((3, m), torch.float32, dev)
-    stats_c = _scratch((2, n if symmetric else 0), torch.float32, dev)
+    stats_r = scratch((3, m), torch.float32, dev)
+    stats_c = scratch((2, n if symmetric else 0), torch.float32, dev)
     block = block_for(m, cap=1024)
-    parts = _scratch((triton.cdiv(m, block),), torch.float32, dev)
+    parts = scratch((triton.cdiv(m, block),), torch.float32, dev)
     _info_nce_finalize_kernel[(parts.numel(),)](
         row_max, row_sum, col_max, col_sum, diag, stats_r, stats_c if symmetric else stats_r,
         parts, m, splits, groups, COMPUTE_COL=symmetric, BLOCK=block,
@@ -718,12 +707,12 @@ def _bwd_launch(
     dev = x.device
     if compute_dx:
         if splits == 1:
-            dx = _scratch((m, d), x.dtype, dev)
+            dx = scratch((m, d), x.dtype, dev)
         else:
-            dx = _scratch((splits, m, d), torch.float32, dev)
+            dx = scratch((splits, m, d), torch.float32, dev)
     else:
         dx = torch.empty((0,), dtype=torch.float32, device=dev)
-    dscale = _scratch((splits * n_row_blocks if compute_dscale else 1,), torch.float32, dev)
+    dscale = scratch((splits * n_row_blocks if compute_dscale else 1,), torch.float32, dev)
     dummy = torch.empty((1,), dtype=torch.float32, device=dev)
     max_r, inv_r = (stats_r[0], stats_r[1]) if stats_r is not None else (dummy, dummy)
     max_c, inv_c = (stats_c[0], stats_c[1]) if stats_c is not None else (dummy, dummy)
@@ -834,8 +823,8 @@ def _bwd_chunked(
     grid_n = triton.cdiv(n, bn)
     # one dL/ds partial per program of every chunk, all written: no zero fill
     n_parts = sum(triton.cdiv(min(rows, m - r0), bm) for r0 in range(0, m, rows)) * grid_n
-    dscale = _scratch((n_parts if compute_dscale else 1,), torch.float32, dev)
-    dx = _scratch((m, d), x.dtype, dev) if compute_dx else None
+    dscale = scratch((n_parts if compute_dscale else 1,), torch.float32, dev)
+    dx = scratch((m, d), x.dtype, dev) if compute_dx else None
     dummy = torch.empty((1,), dtype=torch.float32, device=dev)
     max_r, inv_r = (stats_r[0], stats_r[1]) if stats_r is not None else (dummy, dummy)
     max_c, inv_c = (stats_c[0], stats_c[1]) if stats_c is not None else (dummy, dummy)
@@ -847,7 +836,7 @@ def _bwd_chunked(
         x_c = x[r0:r0 + rows]
         c = x_c.shape[0]
         logits = _gemm_f32(x_c, y_t, allow_tf32)
-        g = _scratch((c, n), x.dtype, dev)
+        g = scratch((c, n), x.dtype, dev)
         grid = (triton.cdiv(c, bm), grid_n)
         _info_nce_grad_logits_kernel[grid](
             logits, g, scale, max_r, inv_r, max_c, inv_c, label_t,

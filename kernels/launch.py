@@ -267,3 +267,24 @@ def logit_tiles(rows: int, cols: int, device: torch.device) -> tuple[int, int, i
     if not sized_for_gpu(device):
         return block_for(rows, cap=128, floor=1), block_for(cols, cap=2048, floor=1), 4
     return block_for(rows, cap=16, floor=1), block_for(cols, cap=256), 8
+
+
+# --- scratch buffers ---------------------------------------------------------------------------
+
+#: Tests set this (``tests/conftest.py``) so that every buffer a kernel must fill starts as NaN
+#: instead of whatever the allocator returns: a slot a kernel forgets to write, or reads before
+#: writing, then shows up as NaN in the results.
+POISON_SCRATCH = False
+
+
+def scratch(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty(shape)`` for a buffer a kernel fills (NaN-filled under
+    :data:`POISON_SCRATCH`)."""
+    if POISON_SCRATCH:
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def scratch_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous :func:`scratch` buffer shaped like ``t``."""
+    return scratch(t.shape, dtype or t.dtype, t.device)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cdds_fast.kernels.launch import block_for, num_warps_for
+from cdds_fast.kernels.launch import block_for, num_warps_for, scratch, scratch_like
 
 EPS = 1e-12
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,8 +90,8 @@ def _check(x: object) -> None:
 def _l2_normalize_op(x: Tensor) -> tuple[Tensor, Tensor]:
     d = x.shape[-1]
     rows = x.numel() // d
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    norm = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    y = scratch_like(x)
+    norm = scratch(x.shape[:-1], torch.float32, x.device)
     if rows:
         block, warps = _launch_args(d)
         _l2_normalize_fwd_kernel[(rows,)](x, y, norm, d, EPS=EPS, BLOCK_D=block, num_warps=warps)
@@ -109,7 +109,7 @@ def _l2_normalize_backward_op(grad: Tensor, y: Tensor, norm: Tensor) -> Tensor:
     d = y.shape[-1]
     rows = y.numel() // d
     grad = grad.contiguous()
-    gx = torch.empty_like(y)
+    gx = scratch_like(y)
     if rows:
         block, warps = _launch_args(d)
         _l2_normalize_bwd_kernel[(rows,)](grad, y, norm, gx, d, EPS=EPS, BLOCK_D=block,

@@ -96,6 +96,8 @@ from cdds_fast.kernels.launch import (
     device_supports_triton,
     num_warps_for,
     pairwise_tiles,
+    scratch,
+    scratch_like,
 )
 from cdds_fast.reference.validation import check_hyper, check_same_device, check_tensor
 
@@ -508,15 +510,15 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     bsz, d = mu_v.shape
     dev = mu_v.device
-    stats = torch.empty(N_STATS, 2, bsz, d, dtype=torch.float32, device=dev)
+    stats = scratch((N_STATS, 2, bsz, d), torch.float32, dev)
     # the one copy: inputs (any strides / float dtype) -> contiguous fp32 planes of `stats`
     stats[MU.value, 0].copy_(mu_v)
     stats[MU.value, 1].copy_(mu_t)
     stats[SD.value, 0].copy_(s_v)
     stats[SD.value, 1].copy_(s_t)
     alpha = torch.stack([alpha_image.float(), alpha_text.float()]).contiguous()
-    c = torch.empty(2, bsz, d, dtype=torch.float32, device=dev)
-    a = torch.empty_like(c)
+    c = scratch((2, bsz, d), torch.float32, dev)
+    a = scratch_like(c)
     plane = 2 * bsz * d
     block = block_for(plane, cap=1024)
     _related_sampling_coef_kernel[(triton.cdiv(plane, block),)](
@@ -541,21 +543,21 @@ def _backward(
     g_c = g_c.float().contiguous()
     g_a = g_a.float().contiguous()
     alpha = torch.stack([alpha_image.float(), alpha_text.float()]).contiguous()
-    scratch = torch.empty(N_SCRATCH, 2, bsz, d, dtype=torch.float32, device=dev)
-    g_mu = torch.empty(2, bsz, d, dtype=torch.float32, device=dev)
-    g_sd = torch.empty_like(g_mu)
-    g_alpha_rows = torch.empty_like(g_mu)
+    row_scratch = scratch((N_SCRATCH, 2, bsz, d), torch.float32, dev)
+    g_mu = scratch((2, bsz, d), torch.float32, dev)
+    g_sd = scratch_like(g_mu)
+    g_alpha_rows = scratch_like(g_mu)
     plane = 2 * bsz * d
     bi, bj, warps = _tiles(d, "row")
     n_blk = triton.cdiv(d, bi)
     _related_sampling_bwd_row_kernel[(bsz * n_blk, 2)](
-        stats, alpha, g_c, g_a, scratch, g_mu, g_sd, g_alpha_rows, bsz, d, plane, n_blk,
+        stats, alpha, g_c, g_a, row_scratch, g_mu, g_sd, g_alpha_rows, bsz, d, plane, n_blk,
         1.0 / tau_kl, 1.0 - rho, BLOCK_I=bi, BLOCK_J=bj, EVEN_J=d % bj == 0, num_warps=warps,
     )
     bi, bj, warps = _tiles(d, "col")
     n_blk_c = triton.cdiv(d, bj)
     _related_sampling_bwd_col_kernel[(bsz * n_blk_c, 2)](
-        stats, scratch, g_mu, g_sd, bsz, d, plane, n_blk_c, 1.0 / tau_kl,
+        stats, row_scratch, g_mu, g_sd, bsz, d, plane, n_blk_c, 1.0 / tau_kl,
         BLOCK_I=bi, BLOCK_J=bj, EVEN_I=d % bi == 0, num_warps=warps,
     )
     return g_mu, g_sd, g_alpha_rows.sum(1)

@@ -21,7 +21,12 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+from cdds_fast.kernels import launch  # noqa: E402  (after TRITON_INTERPRET is decided)
+
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# Every buffer a kernel must fill starts as NaN in the tests (kernels/launch.py: scratch): a slot
+# a kernel forgets to write, or reads before writing, shows up instead of passing unnoticed.
+launch.POISON_SCRATCH = True
 
 
 def pytest_addoption(parser):

