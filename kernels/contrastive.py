@@ -30,9 +30,10 @@ row blocks ``g, g+G, g+2G, ...`` and, for each, the column blocks of split ``c``
 
 Partials are combined by ``_info_nce_finalize_kernel`` (a max and a rescaled sum over ``C`` for
 rows, ``G`` for columns; it also writes the backward's statistics and per-program loss sums, so
-the whole epilogue is one launch plus a sum). Extra memory: ``2*C*M + 2*G*N + M`` fp32 with ``G <= #SMs`` and ``C`` at most a
-handful, i.e. **O(B)**; no ``[B, B]`` tensor exists at any point. Statistics are kept in base 2
-(``t = R * s * log2(e)``, ``exp2``/``log2``) and converted back with ``ln 2`` at the end.
+the whole epilogue is one launch plus a sum). Extra memory: ``2*C*M + 2*G*N + M`` fp32 with
+``G <= #SMs`` and ``C`` at most a handful, i.e. **O(B)**; no ``[B, B]`` tensor exists at any
+point. Statistics are kept in base 2 (``t = R * s * log2(e)``, ``exp2``/``log2``) and converted
+back with ``ln 2`` at the end.
 Max and sum are kept apart (never ``max + log2(sum)`` in one fp32 number): the loss of row ``i``
 is ``(max_i - t_{i,label}) + log2(sum_i)``, whose first term is exact (both are the same tile
 values) and 0 when the label wins, so a near-zero loss at ``s = 100`` is not swamped by the

@@ -61,8 +61,8 @@ def pairwise_tiles(n: int) -> tuple[int, int, int]:
     return bi, bj, max(1, min(8, bi * bj // 128))
 
 
-#: Multiprocessor count of the GPU a launch plan is being recorded for (see :func:`gpu_launch_plan`);
-#: None in normal operation.
+#: Multiprocessor count of the GPU a launch plan is being recorded for
+#: (see :func:`gpu_launch_plan`); None in normal operation.
 _PLAN_SMS: int | None = None
 
 

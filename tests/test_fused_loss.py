@@ -415,7 +415,20 @@ def test_pooled_x_semantic_is_normalized_c(device):
                             params["alpha_image"].detach())
         c, a = sampling_coefficients(w, mu.detach().flip(0), s.detach().flip(0))
         pooled = pool(x_semantic(xs, mu, s, c, a), m)
-        assert_close(pooled, F.normalize(c, dim=-1), (1e-6, 1e-5), "pool(X^x) vs normalize(c)")
+        # mean_n zeta_n = (mean_n x_n - mu) / s is 0 up to the rounding of the mean, so pool(X^x)
+        # differs from normalize(c) by ~eps * |a| mean|x| / s (plus eps * mean|X^x|) relative to
+        # |c|: a column with a large mean and a small spread amplifies it (seen up to 3x that
+        # scale in 220 random cases; a fixed 1e-6 failed 1 case in 150)
+        weights = torch.ones(xs.shape[:2], device=xs.device) if m is None else m.float()
+        count = weights.sum(1, keepdim=True)
+        x_abs_mean = (xs.detach().abs() * weights[..., None]).sum(1) / count
+        x_x = x_semantic(xs, mu, s, c, a).detach()
+        xx_abs_mean = (x_x.abs() * weights[..., None]).sum(1) / count
+        terms = (a.abs() * x_abs_mean / s.detach() + xx_abs_mean) / c.norm(dim=-1, keepdim=True)
+        err = (pooled.detach() - F.normalize(c, dim=-1)).abs()
+        bound = 16 * torch.finfo(torch.float32).eps * terms + 1e-7
+        assert bool((err <= bound).all()), (
+            f"pool(X^x) vs normalize(c): excess {(err - bound).max().item():.3g}")
         up = torch.randn_like(pooled)
         (g,) = torch.autograd.grad((pooled * up).sum(), xs)
         # the direct path through zeta alone (mu, s held fixed) is what the mu and s paths cancel;
