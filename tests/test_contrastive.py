@@ -14,12 +14,15 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from cdds_fast.contrastive import FusedClipLoss, info_nce, info_nce_gathered
 from cdds_fast.kernels import contrastive as K
 from cdds_fast.reference import contrastive as R
+from tests.conftest import DEVICE
 
 F64 = torch.float64
 HAS_CUDA = torch.cuda.is_available()
@@ -311,6 +314,47 @@ def test_backward_inside_autocast_keeps_fp32(device):
     for plain, amp in zip(*grads):
         assert amp.dtype == torch.float32
         torch.testing.assert_close(amp, plain, atol=1e-7, rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 70), extra=st.integers(0, 40), d=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES), scale=st.floats(1.0, 100.0),
+    symmetric=st.booleans(), forward=st.sampled_from(["fused", "chunked"]),
+    backward=st.sampled_from(["fused", "chunked"]), rows=st.integers(1, 80),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_methods_match_float64(m, extra, d, dtype, scale, symmetric, forward, backward, rows,
+                                    seed):
+    """Random sizes, scales, label offsets, forward/backward methods and chunk sizes: loss and
+    all three gradients against the float64 cross-entropies (seeded by hypothesis)."""
+    torch.manual_seed(seed)
+    n = m if symmetric else m + extra
+    offset = 0 if symmetric else extra // 2
+    x0 = F.normalize(torch.randn(m, d, device=DEVICE), dim=-1).to(dtype)
+    y0 = F.normalize(torch.randn(n, d, device=DEVICE), dim=-1).to(dtype)
+    scale_t = torch.tensor(scale, device=DEVICE)
+    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale_t, offset, symmetric,
+                                                _method=forward, _rows=rows)
+    dx, dy, ds = K.info_nce_backward(torch.tensor(1.0, device=DEVICE), x0, y0, scale_t, stats_r,
+                                     stats_c, offset, symmetric, False, True, True, True,
+                                     _method=backward, _rows=rows)
+    x, y = leaves(x0, y0, dtype=F64)
+    s64 = torch.tensor(scale, device=DEVICE, dtype=F64, requires_grad=True)
+    logits = s64 * x @ y.T
+    labels = torch.arange(m, device=DEVICE) + offset
+    ref = F.cross_entropy(logits, labels)
+    if symmetric:
+        ref = (ref + F.cross_entropy(logits.T, labels)) / 2
+    ref.backward()
+    atol, rtol = TOL[dtype]
+    # the loss is a log-sum-exp minus a logit of size ~s: fp32 knows it to ~eps * s absolutely
+    torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol * max(1.0, scale / 14.3),
+                               rtol=rtol)
+    assert_grad_close(dx, x.grad, atol, rtol, "dx", term_scale(scale, y0, m))
+    assert_grad_close(dy, y.grad, atol, rtol, "dy", term_scale(scale, x0, m))
+    torch.testing.assert_close(ds.to(F64), s64.grad, atol=atol * max(1, abs(s64.grad.item())),
+                               rtol=rtol)
 
 
 @pytest.mark.parametrize("rows,n,dtype,expected", [
