@@ -138,6 +138,22 @@ def _tiles(d: int, kernel: str) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _pair_block(ST, B, D, plane, n_blk):
+    """Where a program of the three sweeping kernels works: grid axis 0 = pair ``b`` x block
+    ``blk`` of ``n_blk``, axis 1 = direction ``dr``. Returns ``(dr, blk, src, dst, o_mu, o_sd)``:
+    the row offsets of the source and destination modality's ``[D]`` vectors of pair ``b`` and
+    the pair's value offsets ``mu_v[b, 0]``, ``s_v[b, 0]`` (see "sweep 2")."""
+    pid = tl.program_id(0)
+    dr = tl.program_id(1).to(tl.int64)
+    b = (pid // n_blk).to(tl.int64)
+    src = (dr * B + b) * D
+    dst = ((1 - dr) * B + b) * D
+    o_mu = tl.load(ST + MU * plane + b * D)
+    o_sd = tl.load(ST + SD * plane + b * D)
+    return dr, pid % n_blk, src, dst, o_mu, o_sd
+
+
+@triton.jit
 def _logits(mu_i, s2_i, nu_j, col_a, col_b):
     """``d = mu_i - nu_j``, ``w = s_i^2 + d^2`` and base-2 logits ``y = colA + w colB`` on a tile;
     the arguments come already broadcast (``[:, None]`` / ``[None, :]``), so the same helper serves
@@ -182,14 +198,7 @@ def _related_sampling_fwd_kernel(
     ST, ALPHA, C, A, B, D, plane, n_blk, one_minus_rho,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, EVEN_J: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    dr = tl.program_id(1).to(tl.int64)
-    b = (pid // n_blk).to(tl.int64)
-    blk = pid % n_blk
-    src = (dr * B + b) * D
-    dst = ((1 - dr) * B + b) * D
-    o_mu = tl.load(ST + MU * plane + b * D)  # per-pair value offsets: mu_v[b, 0], s_v[b, 0]
-    o_sd = tl.load(ST + SD * plane + b * D)
+    dr, blk, src, dst, o_mu, o_sd = _pair_block(ST, B, D, plane, n_blk)
     rows = blk * BLOCK_I + tl.arange(0, BLOCK_I)
     rmask = rows < D
     mu_i = tl.load(ST + MU * plane + src + rows, mask=rmask, other=0.0)[:, None]
@@ -321,14 +330,7 @@ def _related_sampling_bwd_row_kernel(
     ST, ALPHA, GC, GA, SCR, GMU, GSD, GALPHA, B, D, plane, n_blk, inv_tau, one_minus_rho,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, EVEN_J: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    dr = tl.program_id(1).to(tl.int64)
-    b = (pid // n_blk).to(tl.int64)
-    blk = pid % n_blk
-    src = (dr * B + b) * D
-    dst = ((1 - dr) * B + b) * D
-    o_mu = tl.load(ST + MU * plane + b * D)
-    o_sd = tl.load(ST + SD * plane + b * D)
+    dr, blk, src, dst, o_mu, o_sd = _pair_block(ST, B, D, plane, n_blk)
     rows = blk * BLOCK_I + tl.arange(0, BLOCK_I)
     rmask = rows < D
     o = src + rows
@@ -432,14 +434,7 @@ def _related_sampling_bwd_col_kernel(
 ):
     # tile [BLOCK_J owned columns j, BLOCK_I rows i]: the eleven per-row vectors loaded at every
     # step lie along the fast axis (vector loads); the per-column ones are loaded once
-    pid = tl.program_id(0)
-    dr = tl.program_id(1).to(tl.int64)
-    b = (pid // n_blk).to(tl.int64)
-    blk = pid % n_blk
-    src = (dr * B + b) * D
-    dst = ((1 - dr) * B + b) * D
-    o_mu = tl.load(ST + MU * plane + b * D)
-    o_sd = tl.load(ST + SD * plane + b * D)
+    dr, blk, src, dst, o_mu, o_sd = _pair_block(ST, B, D, plane, n_blk)
     cols = blk * BLOCK_J + tl.arange(0, BLOCK_J)
     cmask = cols < D
     oc = dst + cols
