@@ -326,6 +326,21 @@ def _info_nce_fwd_kernel(
 
 
 @triton.jit
+def _logit_grad(t, is_label, max_r, inv_r, max_c, inv_c, diag_coef,
+                HAS_R: tl.constexpr, HAS_C: tl.constexpr):
+    """``G`` on a tile (without the ``1/(2M)`` or ``1/M`` factor; see "Backward"): the row and
+    column softmax terms of the base-2 logits ``t`` minus ``diag_coef`` at the labels. Padded
+    entries must have ``t = -inf`` (their softmax terms are then exactly 0); ``max_r, inv_r`` are
+    per row, ``max_c, inv_c`` per column (ignored without ``HAS_R`` / ``HAS_C``)."""
+    g = tl.where(is_label, -diag_coef, 0.0)
+    if HAS_R:
+        g += tl.exp2(t - max_r[:, None]) * inv_r[:, None]
+    if HAS_C:
+        g += tl.exp2(t - max_c[None, :]) * inv_c[None, :]
+    return g
+
+
+@triton.jit
 def _info_nce_bwd_kernel(
     X, Y, SCALE, GRAD,           # GRAD: upstream gradient of the loss, 0-d fp32
     MAX_R, INV_R,                # per row of X [M]: base-2 max of t, 1 / sum exp2(t - max)
@@ -401,13 +416,13 @@ def _info_nce_bwd_kernel(
         # Padded rows/columns get t = -inf, so their softmax terms are exactly 0 (no overflow);
         # exp2(t - max) <= 1 elsewhere.
         t = tl.where(row_ok[:, None] & col_ok[None, :], r * scale2, float("-inf"))
-        g = tl.where((cols[None, :] == labels[:, None]) & row_ok[:, None], -diag_coef, 0.0)
-        if HAS_R:
-            g += tl.exp2(t - max_r[:, None]) * inv_r[:, None]
+        max_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        inv_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if HAS_C:
             max_c = tl.load(MAX_C + cols64, mask=col_ok, other=0.0)
             inv_c = tl.load(INV_C + cols64, mask=col_ok, other=0.0)
-            g += tl.exp2(t - max_c[None, :]) * inv_c[None, :]
+        g = _logit_grad(t, (cols[None, :] == labels[:, None]) & row_ok[:, None], max_r, inv_r,
+                        max_c, inv_c, diag_coef, HAS_R, HAS_C)
         if COMPUTE_DSCALE:
             ds += tl.sum(g * r, axis=1)
         if COMPUTE_DX:
@@ -448,9 +463,9 @@ def _info_nce_grad_logits_kernel(
     LABEL_BY_COL: tl.constexpr,  # the transposed call (dY): the original row is the column
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G_SCALE: tl.constexpr,
 ):
-    """One tile of ``G`` (see "Backward") from a chunk of logits computed by a GEMM: the chunked
-    backward's only Triton work. Same formula as ``_info_nce_bwd_kernel``'s inner loop, except
-    that label entries take the forward's own logit value (see "Chunked backward")."""
+    """One tile of ``G`` (``_logit_grad``, as ``_info_nce_bwd_kernel``) from a chunk of logits
+    computed by a GEMM: the chunked backward's only Triton work. Label entries take the forward's
+    own logit value (see "Chunked backward")."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
@@ -472,15 +487,17 @@ def _info_nce_grad_logits_kernel(
     else:
         label_t = tl.load(LABEL_T + row0 + rows64, mask=row_ok, other=0.0)[:, None]
     t = tl.where(is_label, label_t, t)
-    g = tl.where(is_label, -diag_coef, 0.0)
+    max_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    inv_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if HAS_R:
         max_r = tl.load(MAX_R + row0 + rows64, mask=row_ok, other=0.0)
         inv_r = tl.load(INV_R + row0 + rows64, mask=row_ok, other=0.0)
-        g += tl.exp2(t - max_r[:, None]) * inv_r[:, None]
+    max_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    inv_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if HAS_C:
         max_c = tl.load(MAX_C + cols64, mask=col_ok, other=0.0)
         inv_c = tl.load(INV_C + cols64, mask=col_ok, other=0.0)
-        g += tl.exp2(t - max_c[None, :]) * inv_c[None, :]
+    g = _logit_grad(t, is_label, max_r, inv_r, max_c, inv_c, diag_coef, HAS_R, HAS_C)
     if COMPUTE_DSCALE:
         part = tl.sum(tl.sum(g * r, axis=1), axis=0)
         tl.store(DSCALE_PART + pid_m * tl.num_programs(1) + pid_n, part)
