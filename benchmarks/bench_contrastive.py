@@ -28,9 +28,14 @@ import math
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import measure as common_measure  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,27 +95,14 @@ def _cleanup():
 
 
 def measure(loss_fn, a, t, s, *, warmup_ms: int, rep_ms: int):
-    """(median ms of fwd+bwd, peak extra MiB, loss value)."""
-    import triton.testing
-
+    """(median ms of fwd+bwd, peak extra MiB, loss value), via ``benchmarks.common.measure``."""
     def step():
         loss = loss_fn(a, t, s)
         loss.backward()
-        return loss
+        return loss.detach()
 
-    # first call compiles (Triton) / autotunes (cuBLAS); also gives the memory high-water mark
-    a.grad = t.grad = s.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    loss = step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    value = float(loss.detach().float())
-    del loss
-    ms = triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=[a, t, s],
-                                 return_mode="median")
-    return ms, peak, value
+    m = common_measure(step, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=[a, t, s])
+    return m.median_ms, m.peak_extra_mb, float(m.result.float())
 
 
 def run_table(args) -> list[dict]:

@@ -12,6 +12,7 @@ analytic count of the transformer blocks' matmul FLOPs (fwd + bwd = 3x fwd); the
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -46,12 +47,10 @@ def main(argv=None) -> int:
         print("bench_step: no CUDA device; run with --quick for a CPU smoke run")
         return 0
     device = "cuda" if cuda else "cpu"
+    timed = measure
     if args.quick:  # smoke run: tiny batch, one timed repetition per row
         args.batch = 2
-        import benchmarks.common as common
-
-        common_measure = common.measure
-        globals()["measure"] = lambda fn: common_measure(fn, cpu_reps=1)
+        timed = functools.partial(measure, cpu_reps=1)
     clip = open_clip.create_model(args.model).to(device)
     model = CDDSModel(clip, output_dict=True).to(device).train()
     size = clip.visual.image_size
@@ -111,12 +110,12 @@ def main(argv=None) -> int:
         return run
 
     fast = "triton" if cuda else "reference"
-    rows = [("ClipLoss (plain CLIP)", measure(clip_step)),
-            ("CDDS, fast loss", measure(cdds_step(fast))),
-            ("CDDS, reference loss", measure(cdds_step("reference"))),
-            ("  towers only (fwd+bwd)", measure(towers_step)),
-            ("  CDDS loss ops only, fast", measure(loss_only(fast))),
-            ("  CDDS loss ops only, reference", measure(loss_only("reference")))]
+    rows = [("ClipLoss (plain CLIP)", timed(clip_step)),
+            ("CDDS, fast loss", timed(cdds_step(fast))),
+            ("CDDS, reference loss", timed(cdds_step("reference"))),
+            ("  towers only (fwd+bwd)", timed(towers_step)),
+            ("  CDDS loss ops only, fast", timed(loss_only(fast))),
+            ("  CDDS loss ops only, reference", timed(loss_only("reference")))]
     rows_by = dict(rows)
     decoupler_ms = rows_by["CDDS, fast loss"].median_ms - rows_by["  towers only (fwd+bwd)"].median_ms \
         - rows_by["  CDDS loss ops only, fast"].median_ms
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
     print("| --- | --- |")
     for zz in (1, 2, 4):
         model.head.image_decoupler.z = model.head.text_decoupler.z = zz
-        print(f"| {zz} | {fmt(measure(cdds_step(fast)).median_ms, '.2f')} |")
+        print(f"| {zz} | {fmt(timed(cdds_step(fast)).median_ms, '.2f')} |")
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 class Measurement:
     median_ms: float
     peak_extra_bytes: int | None  # None on CPU
+    result: object = None  # what fn() returned on the measured (memory) call
 
     @property
     def peak_extra_mb(self) -> float | None:
@@ -28,28 +29,40 @@ class Measurement:
 
 
 def measure(fn: Callable[[], object], *, warmup_ms: float = 200, rep_ms: float = 1000,
-            cpu_reps: int = 5) -> Measurement:
-    """Median time of ``fn()`` and its peak extra device memory."""
+            cpu_reps: int = 5, grad_to_none: list[torch.Tensor] | None = None) -> Measurement:
+    """Median time of ``fn()`` and its peak extra device memory.
+
+    ``grad_to_none``: leaves whose ``.grad`` is reset before every call, so each backward
+    allocates its gradients afresh (they count in the peak) instead of accumulating."""
+    def reset():
+        for t in grad_to_none or ():
+            t.grad = None
+
     if torch.cuda.is_available():
         from triton.testing import do_bench
 
+        reset()
         fn()  # compile / autotune outside the timed region
+        reset()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn()
+        result = fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-        return Measurement(float(ms), int(peak))
-    fn()
+        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                      return_mode="median")
+        return Measurement(float(ms), int(peak), result)
+    reset()
+    result = fn()
     times = []
     for _ in range(cpu_reps):
+        reset()
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return Measurement(statistics.median(times), None)
+    return Measurement(statistics.median(times), None, result)
 
 
 def environment() -> dict[str, str]:
