@@ -66,6 +66,7 @@ from cdds_fast.kernels.launch import (
     tile_warps,
     token_tile,
 )
+from cdds_fast.kernels.tokens import valid_tokens
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Index of each per-(b, column) forward sum in the ``colsum`` output.
@@ -84,9 +85,7 @@ def _row_lse_kernel(
     """Per-token log-sum-exp of ``X^m`` rows wider than one block (online max / sum)."""
     pid_b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = rows < N
-    if HAS_MASK:
-        valid = valid & (tl.load(M + pid_b * N + rows, mask=valid, other=0) != 0)
+    valid = valid_tokens(M, pid_b, rows, N, N, HAS_MASK)
     row_base = pid_b * N * D + rows[:, None].to(tl.int64) * D
     run_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -123,9 +122,7 @@ def _constraints_fwd_kernel(
     n_valid = tl.zeros([BLOCK_N], dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        valid = rows < n_end
-        if HAS_MASK:
-            valid = valid & (tl.load(M + pid_b * N + rows, mask=valid, other=0) != 0)
+        valid = valid_tokens(M, pid_b, rows, n_end, N, HAS_MASK)
         n_valid += valid.to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -147,9 +144,7 @@ def _constraints_fwd_kernel(
         for n0 in range(n_start, n_end, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             row_ok = rows < n_end
-            valid = row_ok
-            if HAS_MASK:
-                valid = valid & (tl.load(M + pid_b * N + rows, mask=row_ok, other=0) != 0)
+            valid = valid_tokens(M, pid_b, rows, n_end, N, HAS_MASK)
             ld = valid[:, None] & col_ok[None, :]
             offs = x_base + rows[:, None].to(tl.int64) * D + cols[None, :]
             x = tl.load(X + offs, mask=ld, other=0.0).to(tl.float32)
@@ -256,9 +251,7 @@ def _constraints_bwd_kernel(
     pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    valid = row_ok
-    if HAS_MASK:
-        valid = valid & (tl.load(M + pid_b * N + rows, mask=row_ok, other=0) != 0)
+    valid = valid_tokens(M, pid_b, rows, N, N, HAS_MASK)
     # d L / d X = k_f r_f + k_x r_x (+ softmax part with k_m), upstream G = d L / d (L_f, L_x, L_m)
     inv_tok = 1.0 / tl.load(NTOK)
     k_f = 2.0 * tl.load(G_LOSSES) * inv_tok / D

@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cdds_fast.kernels.launch import scratch, scratch_like, sized_for_gpu, tile_warps, token_tile
+from cdds_fast.kernels.tokens import valid_tokens
 
 STD_EPS = 1e-5  # inside the square root, as cdds_fast.reference.stats
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,9 +64,7 @@ def _stats_fwd_kernel(
     cnt = tl.zeros([BLOCK_N], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        valid = rows < N
-        if HAS_MASK:
-            valid = valid & (tl.load(M + pid_b * N + rows, mask=valid, other=0) != 0)
+        valid = valid_tokens(M, pid_b, rows, N, N, HAS_MASK)
         ld = valid[:, None] & col_ok[None, :]
         x = tl.load(x_row0 + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ld, other=0.0)
         acc += tl.sum(x.to(tl.float32), axis=0)
@@ -79,9 +78,7 @@ def _stats_fwd_kernel(
     acc2 = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        valid = rows < N
-        if HAS_MASK:
-            valid = valid & (tl.load(M + pid_b * N + rows, mask=valid, other=0) != 0)
+        valid = valid_tokens(M, pid_b, rows, N, N, HAS_MASK)
         ld = valid[:, None] & col_ok[None, :]
         x = tl.load(x_row0 + rows[:, None].to(tl.int64) * D + cols[None, :], mask=ld, other=0.0)
         dev = tl.where(ld, x.to(tl.float32) - mu[None, :], 0.0)
@@ -115,9 +112,7 @@ def _stats_bwd_kernel(
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < N
     col_ok = cols < D
-    valid = row_ok
-    if HAS_MASK:
-        valid = valid & (tl.load(M + pid_b * N + rows, mask=row_ok, other=0) != 0)
+    valid = valid_tokens(M, pid_b, rows, N, N, HAS_MASK)
     stat = pid_b * D + cols
     mu = tl.load(MU + stat, mask=col_ok, other=0.0)
     mu_res = tl.load(MU_RES + stat, mask=col_ok, other=0.0)
