@@ -75,6 +75,33 @@ _N_COLSUMS = 7
 
 
 @triton.jit
+def _column_params(WS, WM, MU, S, C, A, pid_b, cols, col_ok, D):
+    """The fp32 per-column vectors of one ``BLOCK_D`` block: weights ``w_s, w_m`` (shared) and the
+    pair's ``mu, s, c, a`` (padded columns: neutral values, ``s = 1``)."""
+    stat = pid_b * D + cols
+    ws = tl.load(WS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    wm = tl.load(WM + cols, mask=col_ok, other=0.0).to(tl.float32)
+    mu = tl.load(MU + stat, mask=col_ok, other=0.0)
+    s = tl.load(S + stat, mask=col_ok, other=1.0)
+    c = tl.load(C + stat, mask=col_ok, other=0.0)
+    a = tl.load(A + stat, mask=col_ok, other=0.0)
+    return ws, wm, mu, s, c, a
+
+
+@triton.jit
+def _residuals(x, xs, xm, ws, wm, mu, s, c, a):
+    """On a ``[tokens, columns]`` tile (column vectors as loaded by ``_column_params``): the
+    standard score ``zeta``, ``X^x = c + a zeta`` and the residuals ``r_f = w_s X^s + w_m X^m - X``,
+    ``r_x = w_s X^x + w_m X^m - X``; the forward and the backward share it, so both see the same
+    values."""
+    zeta = (xs - mu[None, :]) / s[None, :]
+    x_x = c[None, :] + a[None, :] * zeta
+    r_f = ws[None, :] * xs + wm[None, :] * xm - x
+    r_x = ws[None, :] * x_x + wm[None, :] * xm - x
+    return zeta, x_x, r_f, r_x
+
+
+@triton.jit
 def _row_lse_kernel(
     XM, M, LSE,
     N, D,
@@ -127,13 +154,7 @@ def _constraints_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        stat = pid_b * D + cols
-        ws = tl.load(WS + cols, mask=col_ok, other=0.0).to(tl.float32)
-        wm = tl.load(WM + cols, mask=col_ok, other=0.0).to(tl.float32)
-        mu = tl.load(MU + stat, mask=col_ok, other=0.0)
-        s = tl.load(S + stat, mask=col_ok, other=1.0)
-        c = tl.load(C + stat, mask=col_ok, other=0.0)
-        a = tl.load(A + stat, mask=col_ok, other=0.0)
+        ws, wm, mu, s, c, a = _column_params(WS, WM, MU, S, C, A, pid_b, cols, col_ok, D)
         acc_rx = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_rx_zeta = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_rf_xs = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -160,10 +181,9 @@ def _constraints_fwd_kernel(
                 tl.store(LSE + pid_b * N + rows, lse, mask=row_ok)
             log_q = xm - lse[:, None]
             q = tl.where(ld, tl.exp(log_q), 0.0)
-            r_f = tl.where(ld, ws[None, :] * xs + wm[None, :] * xm - x, 0.0)
-            zeta = (xs - mu[None, :]) / s[None, :]
-            x_x = c[None, :] + a[None, :] * zeta
-            r_x = tl.where(ld, ws[None, :] * x_x + wm[None, :] * xm - x, 0.0)
+            zeta, x_x, r_f, r_x = _residuals(x, xs, xm, ws, wm, mu, s, c, a)
+            r_f = tl.where(ld, r_f, 0.0)
+            r_x = tl.where(ld, r_x, 0.0)
             sum_rf2 += tl.sum(r_f * r_f, axis=1)
             sum_rx2 += tl.sum(r_x * r_x, axis=1)
             sum_qlogq += tl.sum(tl.where(ld, q * log_q, 0.0), axis=1)
@@ -305,22 +325,14 @@ def _constraints_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        stat = pid_b * D + cols
-        ws = tl.load(WS + cols, mask=col_ok, other=0.0).to(tl.float32)
-        wm = tl.load(WM + cols, mask=col_ok, other=0.0).to(tl.float32)
-        mu = tl.load(MU + stat, mask=col_ok, other=0.0)
-        s = tl.load(S + stat, mask=col_ok, other=1.0)
-        c = tl.load(C + stat, mask=col_ok, other=0.0)
-        a = tl.load(A + stat, mask=col_ok, other=0.0)
+        ws, wm, mu, s, c, a = _column_params(WS, WM, MU, S, C, A, pid_b, cols, col_ok, D)
         log_qbar = tl.load(LOG_QBAR + cols, mask=col_ok, other=0.0)
         ld = valid[:, None] & col_ok[None, :]
         offs = row_base + cols[None, :]
         x = tl.load(X + offs, mask=ld, other=0.0).to(tl.float32)
         xs = tl.load(XS + offs, mask=ld, other=0.0).to(tl.float32)
         xm = tl.load(XM + offs, mask=ld, other=0.0).to(tl.float32)
-        zeta = (xs - mu[None, :]) / s[None, :]
-        r_f = ws[None, :] * xs + wm[None, :] * xm - x
-        r_x = ws[None, :] * (c[None, :] + a[None, :] * zeta) + wm[None, :] * xm - x
+        _, _, r_f, r_x = _residuals(x, xs, xm, ws, wm, mu, s, c, a)
         t_f = k_f * r_f
         t_x = k_x * r_x
         t = t_f + t_x
