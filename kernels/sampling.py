@@ -167,6 +167,18 @@ def _logits(mu_i, s2_i, nu_j, col_a, col_b):
 
 
 @triton.jit
+def _dest_logits(ST, plane, dst, cols, cmask, mu_i, s2_i):
+    """``_logits`` of a ``[rows, BLOCK_J]`` tile against the destination columns ``cols`` of the
+    pair (padded columns load neutral values; mask ``y`` where it matters). Returns
+    ``(nu, d, w, y)`` with ``nu`` the 1-D column means."""
+    nu = tl.load(ST + MU * plane + dst + cols, mask=cmask, other=0.0)
+    col_a = tl.load(ST + COLA * plane + dst + cols, mask=cmask, other=0.0)[None, :]
+    col_b = tl.load(ST + COLB * plane + dst + cols, mask=cmask, other=0.0)[None, :]
+    d, w, y = _logits(mu_i, s2_i, nu[None, :], col_a, col_b)
+    return nu, d, w, y
+
+
+@triton.jit
 def _grad_pr(pr, e, valid, nu_sh, sig_sh, k, gcz, gaz, uz, gamma, delta):
     """``gPr`` on a tile (0 on masked entries, where also ``pr == 0``) and the mask ``A > 0``;
     arguments already broadcast."""
@@ -212,10 +224,7 @@ def _related_sampling_fwd_kernel(
     for j0 in range(0, D, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         cmask = cols < D
-        nu = tl.load(ST + MU * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        col_a = tl.load(ST + COLA * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        col_b = tl.load(ST + COLB * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        d, w, y = _logits(mu_i, s2_i, nu, col_a, col_b)
+        _, _, _, y = _dest_logits(ST, plane, dst, cols, cmask, mu_i, s2_i)
         if not EVEN_J:
             y = tl.where(cmask[None, :], y, float("-inf"))
         m_acc = tl.maximum(m_acc, y)
@@ -228,10 +237,7 @@ def _related_sampling_fwd_kernel(
     for j0 in range(0, D, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         cmask = cols < D
-        nu = tl.load(ST + MU * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        col_a = tl.load(ST + COLA * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        col_b = tl.load(ST + COLB * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        d, w, y = _logits(mu_i, s2_i, nu, col_a, col_b)
+        _, _, _, y = _dest_logits(ST, plane, dst, cols, cmask, mu_i, s2_i)
         inv_n = 1.0 / (j0 // BLOCK_J + 1)  # 1 / (columns seen so far by each slot)
         if EVEN_J:
             e = tl.exp2(y - m[:, None])
@@ -272,11 +278,8 @@ def _related_sampling_fwd_kernel(
     for j0 in range(0, D, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         cmask = cols < D
-        nu = tl.load(ST + MU * plane + dst + cols, mask=cmask, other=0.0)
         sig = tl.load(ST + SD * plane + dst + cols, mask=cmask, other=1.0)
-        col_a = tl.load(ST + COLA * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        col_b = tl.load(ST + COLB * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        d, w, y = _logits(mu_i, s2_i, nu[None, :], col_a, col_b)
+        nu, d, w, y = _dest_logits(ST, plane, dst, cols, cmask, mu_i, s2_i)
         if EVEN_J:
             e = tl.exp2(y - m[:, None])
             pr = e * inv_l[:, None]
@@ -391,12 +394,9 @@ def _related_sampling_bwd_row_kernel(
     for j0 in range(0, D, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         cmask = cols < D
-        nu = tl.load(ST + MU * plane + dst + cols, mask=cmask, other=0.0)
         sig = tl.load(ST + SD * plane + dst + cols, mask=cmask, other=1.0)
-        col_a = tl.load(ST + COLA * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        col_b = tl.load(ST + COLB * plane + dst + cols, mask=cmask, other=0.0)[None, :]
         r = tl.load(ST + RINV * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-        d, w, y = _logits(mu_c, s2_c, nu[None, :], col_a, col_b)
+        nu, d, w, y = _dest_logits(ST, plane, dst, cols, cmask, mu_c, s2_c)
         valid = cmask[None, :]
         if EVEN_J:
             e = tl.exp2(y - m_c)
