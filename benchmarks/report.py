@@ -65,6 +65,18 @@ def contrastive_rows(quick: bool) -> list[dict]:
     return bench_contrastive.run_table(args)
 
 
+def _save(fig, axes, title: str, path: Path) -> Path:
+    """Legend on the first panel, title, tight layout, PNG at ``path``; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(cdds: list[dict], clip: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -87,12 +99,8 @@ def plot(cdds: list[dict], clip: list[dict], out: Path) -> list[Path]:
             ax.set_xlabel("batch size B (D = 512)")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.suptitle("Symmetric InfoNCE: time and memory against batch size")
-        fig.tight_layout()
-        paths.append(out / "contrastive.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, axes, "Symmetric InfoNCE: time and memory against batch size",
+                           out / "contrastive.png"))
     if cdds:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         labels = sorted({(r["impl"], r["dtype"]) for r in cdds})
@@ -107,12 +115,8 @@ def plot(cdds: list[dict], clip: list[dict], out: Path) -> list[Path]:
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=8)
             ax.set_yscale("log")
             ax.set_ylabel(ylabel)
-        axes[0].legend(fontsize=7)
-        fig.suptitle("CDDS loss forward+backward (B x P x L x D)")
-        fig.tight_layout()
-        paths.append(out / "cdds_loss.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, axes, "CDDS loss forward+backward (B x P x L x D)",
+                           out / "cdds_loss.png"))
     return paths
 
 
