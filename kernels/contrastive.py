@@ -137,8 +137,9 @@ memory where ``ClipLoss`` fits, and run where it does not. fp32 "ieee" is CUDA-c
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -674,15 +675,16 @@ def info_nce_forward(
         )
     else:
         y_t = y.t()
-        for r0 in range(0, m, rows):
-            x_c = x[r0:r0 + rows]
-            c = x_c.shape[0]
-            logits = _gemm_f32(x_c, y_t, allow_tf32)
-            _info_nce_fwd_kernel[(min(groups, triton.cdiv(c, bm)), splits)](
-                x_c, y, scale, row_max, row_sum, col_max, col_sum, diag, logits,
-                c, n, d, x.stride(0), y.stride(0), n, label_offset + r0, r0, m, int(r0 == 0),
-                SINGLE_K=False, LOGITS_GIVEN=True, **launch,
-            )
+        with _gemm_precision(dev, allow_tf32):
+            for r0 in range(0, m, rows):
+                x_c = x[r0:r0 + rows]
+                c = x_c.shape[0]
+                logits = _gemm_f32(x_c, y_t)
+                _info_nce_fwd_kernel[(min(groups, triton.cdiv(c, bm)), splits)](
+                    x_c, y, scale, row_max, row_sum, col_max, col_sum, diag, logits,
+                    c, n, d, x.stride(0), y.stride(0), n, label_offset + r0, r0, m, int(r0 == 0),
+                    SINGLE_K=False, LOGITS_GIVEN=True, **launch,
+                )
     # epilogue in one launch (merging partials on the host took ~25 small ops per call)
     stats_r = scratch((3, m), torch.float32, dev)
     stats_c = scratch((2, n if symmetric else 0), torch.float32, dev)
@@ -790,34 +792,40 @@ def _cublas_tf32(want: bool) -> Callable[[], None] | None:
     return lambda: setattr(m, "allow_tf32", legacy)
 
 
-def _gemm_f32(a: Tensor, b: Tensor, allow_tf32: bool) -> Tensor:
-    """``a @ b`` with an fp32 result and fp32 accumulation, whatever the (common) input dtype.
-
-    CUDA 16-bit inputs use cuBLAS's fp32-output GEMM (``out_dtype``); fp32 inputs IEEE fp32
-    unless ``allow_tf32``. Elsewhere (the CPU interpreter runs) operands are widened to fp32:
-    products of 16-bit values are exact in fp32, so the result is the same function. Autocast is
-    off: a backward called inside an autocast region must not turn these into 16-bit GEMMs."""
-    with torch.autocast(device_type=a.device.type, enabled=False):
-        if a.device.type != "cuda":
-            return a.float() @ b.float()
-        if a.dtype == torch.float32:
-            undo = _cublas_tf32(allow_tf32)
-            try:
-                return a @ b
-            finally:
-                if undo is not None:
-                    undo()
+@contextlib.contextmanager
+def _gemm_precision(device: torch.device, allow_tf32: bool) -> Iterator[None]:
+    """Around a chunked pass's GEMMs, set once and restored after: autocast off (a backward
+    called inside an autocast region must not turn them into 16-bit GEMMs) and, on CUDA, fp32
+    GEMMs in IEEE fp32 unless ``allow_tf32``."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        undo = _cublas_tf32(allow_tf32) if device.type == "cuda" else None
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except TypeError:  # torch < 2.8 has no fp32-output GEMM for 16-bit inputs
-            return a.float() @ b.float()
+            yield
+        finally:
+            if undo is not None:
+                undo()
+
+
+def _gemm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with an fp32 result and fp32 accumulation, whatever the (common) input dtype
+    (inside :func:`_gemm_precision`).
+
+    CUDA 16-bit inputs use cuBLAS's fp32-output GEMM (``out_dtype``). Elsewhere (the CPU
+    interpreter runs) operands are widened to fp32: products of 16-bit values are exact in fp32,
+    so the result is the same function."""
+    if a.device.type != "cuda" or a.dtype == torch.float32:
+        return a.float() @ b.float()
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except TypeError:  # torch < 2.8 has no fp32-output GEMM for 16-bit inputs
+        return a.float() @ b.float()
 
 
 def chunk_rows(m: int, n: int, dtype: torch.dtype, budget: int | None = None) -> int:
     """Rows per chunk of the chunked backward: the fp32 logits ``[c, n]`` and ``G`` ``[c, n]``
     fit ``budget`` bytes (:data:`CHUNK_BYTES`), in multiples of 64 rows, at least
     :data:`MIN_CHUNK_ROWS`, at most ``m``."""
-    per_row = n * (4 + torch.empty((), dtype=dtype).element_size())
+    per_row = n * (4 + torch.finfo(dtype).bits // 8)
     rows = max(MIN_CHUNK_ROWS, (int(budget or CHUNK_BYTES) // per_row) // 64 * 64)
     return min(m, rows)
 
@@ -850,25 +858,26 @@ def _bwd_chunked(
     coef = grad_norm * (scale.to(torch.float32) / g_scale) if compute_dx else None
     y_t = y.t()
     part = 0
-    for r0 in range(0, m, rows):
-        x_c = x[r0:r0 + rows]
-        c = x_c.shape[0]
-        logits = _gemm_f32(x_c, y_t, allow_tf32)
-        g = scratch((c, n), x.dtype, dev)
-        grid = (triton.cdiv(c, bm), grid_n)
-        _info_nce_grad_logits_kernel[grid](
-            logits, g, scale, max_r, inv_r, max_c, inv_c, label_t,
-            dscale[part:] if compute_dscale else dscale,
-            c, n, r0, label_offset, float(diag_coef),
-            HAS_R=stats_r is not None, HAS_C=stats_c is not None,
-            COMPUTE_DSCALE=compute_dscale, LABEL_BY_COL=label_by_col, BLOCK_M=bm, BLOCK_N=bn,
-            G_SCALE=g_scale,
-            num_warps=warps,
-        )
-        part += grid[0] * grid[1] if compute_dscale else 0
-        if compute_dx:
-            # scale, round to the input dtype and store into dX in one element-wise launch
-            torch.mul(_gemm_f32(g, y, allow_tf32), coef, out=dx[r0:r0 + c])
+    with _gemm_precision(dev, allow_tf32):
+        for r0 in range(0, m, rows):
+            x_c = x[r0:r0 + rows]
+            c = x_c.shape[0]
+            logits = _gemm_f32(x_c, y_t)
+            g = scratch((c, n), x.dtype, dev)
+            grid = (triton.cdiv(c, bm), grid_n)
+            _info_nce_grad_logits_kernel[grid](
+                logits, g, scale, max_r, inv_r, max_c, inv_c, label_t,
+                dscale[part:] if compute_dscale else dscale,
+                c, n, r0, label_offset, float(diag_coef),
+                HAS_R=stats_r is not None, HAS_C=stats_c is not None,
+                COMPUTE_DSCALE=compute_dscale, LABEL_BY_COL=label_by_col, BLOCK_M=bm, BLOCK_N=bn,
+                G_SCALE=g_scale,
+                num_warps=warps,
+            )
+            part += grid[0] * grid[1] if compute_dscale else 0
+            if compute_dx:
+                # scale, round to the input dtype and store into dX in one element-wise launch
+                torch.mul(_gemm_f32(g, y), coef, out=dx[r0:r0 + c])
     out_ds = dscale.sum() * grad_norm if compute_dscale else None
     return dx, out_ds
 
