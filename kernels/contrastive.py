@@ -229,6 +229,7 @@ def _info_nce_fwd_kernel(
     row0, stat_stride,           # row statistics are written at row0 + row, split stride
     col_init,                    # 1: COL_MAX/COL_SUM hold garbage; a group's first row block
                                  # writes its column partials instead of merging into them
+                                 # (the launcher gives every group a row block)
     COMPUTE_COL: tl.constexpr,   # symmetric loss: also column statistics
     SINGLE_K: tl.constexpr,      # BLOCK_K >= D: load the X block once per row block
     LOGITS_GIVEN: tl.constexpr,  # chunked forward: read the tile from R instead of tl.dot
@@ -313,17 +314,6 @@ def _info_nce_fwd_kernel(
         tl.store(row_sum_row + rows64, l_i, mask=row_ok)
         tl.store(DIAG + row0 + rows64, d_i,
                  mask=row_ok & (labels >= col_lo) & (labels < col_hi))
-    if COMPUTE_COL:
-        # a group without row blocks (more groups than blocks) still owns its partial row:
-        # neutral values (-inf, 0), written here since nothing initialised it
-        if (pid_g >= n_row_blocks) & (col_init != 0):
-            for cb in range(cb_lo, cb_hi):
-                cols = cb * BLOCK_N + offs_n
-                col_ok = cols < N
-                cols64 = cols.to(tl.int64)
-                tl.store(col_max_row + cols64, tl.full((BLOCK_N,), float("-inf"), tl.float32),
-                         mask=col_ok)
-                tl.store(col_sum_row + cols64, tl.zeros((BLOCK_N,), tl.float32), mask=col_ok)
 
 
 @triton.jit
@@ -652,8 +642,11 @@ def info_nce_forward(
         cfg.update(_config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     rows = (_rows or chunk_rows(m, n, x.dtype)) if chunked else m
-    grid = _grid or _fwd_grid(rows, n, bm, bn, x.device, symmetric)
-    groups, splits = grid
+    groups, splits = _grid or _fwd_grid(rows, n, bm, bn, x.device, symmetric)
+    # every row group owns at least one row block: its first one initialises the group's column
+    # partials (col_init), so no group may be left without one
+    groups = min(groups, triton.cdiv(rows, bm))
+    grid = (groups, splits)
     dev = x.device
     row_max = scratch((splits, m), torch.float32, dev)
     row_sum = scratch((splits, m), torch.float32, dev)

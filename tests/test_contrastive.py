@@ -185,7 +185,8 @@ SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4,
 
 
 _PATHS = [(g, s, dt) for g, s in [((3, 2), 3)] for dt in DTYPES] + [
-    ((5, 4), 2, torch.float32),  # more groups/splits than blocks: empty partials are neutral
+    ((5, 4), 2, torch.float32),  # more splits than column blocks (empty splits are neutral);
+    # more groups than row blocks are clamped by the launcher (each group initialises its part)
     ((1, 1), 1, torch.float32),  # one program does everything
 ]
 
