@@ -50,31 +50,31 @@ def _features(b: int, d: int, dtype: torch.dtype, seed: int = 0):
     return a, t, s
 
 
+#: FusedClipLoss variants: name -> (forward method, backward method, allow_tf32)
+FUSED_VARIANTS = {
+    "fused": ("fused", "chunked", False),
+    "fused-chunked-fwd": ("chunked", "chunked", False),
+    "fused-triton-bwd": ("fused", "fused", False),
+    "fused-tf32": ("fused", "chunked", True),
+}
+
+
 def _methods(args):
-    """name -> factory(dtype) returning loss(a, t, s), or None if unavailable."""
+    """name -> factory(dtype) returning loss(a, t, s), or None if unavailable. FusedClipLoss
+    variants are measured inside ``kernels.contrastive.methods`` (see ``FUSED_VARIANTS``)."""
     from open_clip.loss import ClipLoss
 
     from cdds_fast.contrastive import FusedClipLoss
 
-    from cdds_fast.kernels import contrastive as kernels
-
-    def with_methods(forward, backward, **kwargs):
-        # the methods are module settings read at every call; each factory sets them for the
-        # measurement that follows (methods are measured one after another)
+    def fused(allow_tf32):
         def factory(dtype):
-            if kwargs.get("allow_tf32") and dtype != torch.float32:
+            if allow_tf32 and dtype != torch.float32:
                 return None
-            kernels.FORWARD_METHOD, kernels.BACKWARD_METHOD = forward, backward
-            return FusedClipLoss(backend="triton", **kwargs)
+            return FusedClipLoss(backend="triton", allow_tf32=allow_tf32)
         return factory
 
-    out = {
-        "fused": with_methods("fused", "chunked"),
-        "fused-chunked-fwd": with_methods("chunked", "chunked"),
-        "fused-triton-bwd": with_methods("fused", "fused"),
-        "fused-tf32": with_methods("fused", "chunked", allow_tf32=True),
-        "open_clip ClipLoss": lambda dtype: ClipLoss(),
-    }
+    out = {name: fused(tf32) for name, (_, _, tf32) in FUSED_VARIANTS.items()}
+    out["open_clip ClipLoss"] = lambda dtype: ClipLoss()
     try:
         from inf_cl import cal_inf_loss  # type: ignore
 
@@ -109,14 +109,6 @@ def run_table(args) -> list[dict]:
     """Print the markdown table and return its rows as dicts (for benchmarks/report.py)."""
     from cdds_fast.kernels import contrastive as kernels
 
-    defaults = kernels.FORWARD_METHOD, kernels.BACKWARD_METHOD
-    try:
-        return _run_table(args)
-    finally:  # the method factories change these module settings
-        kernels.FORWARD_METHOD, kernels.BACKWARD_METHOD = defaults
-
-
-def _run_table(args) -> list[dict]:
     methods = _methods(args)
     records = []
     d = args.dim
@@ -139,8 +131,10 @@ def _run_table(args) -> list[dict]:
                 _cleanup()
                 try:
                     a, t, s = _features(b, d, dtype)
-                    ms, peak, value = measure(fn, a, t, s, warmup_ms=args.warmup,
-                                              rep_ms=args.rep)
+                    forward, backward, _ = FUSED_VARIANTS.get(name, (None, None, None))
+                    with kernels.methods(forward, backward):
+                        ms, peak, value = measure(fn, a, t, s, warmup_ms=args.warmup,
+                                                  rep_ms=args.rep)
                     results[name] = (ms, peak, value)
                 except torch.cuda.OutOfMemoryError:
                     results[name] = ("OOM", None, None)

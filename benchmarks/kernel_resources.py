@@ -85,6 +85,7 @@ class Recorder:
         self.target = GPUTarget("cuda", arch, 32)
         self.backend = make_backend(self.target)
         self.specs: dict[str, Spec] = {}
+        self.binders: dict = {}  # JITFunction -> Triton's argument binder for this backend
         self.sources: dict[str, tuple] = {}
         self.plan = ""
 
@@ -93,7 +94,10 @@ class Recorder:
 
         kwargs = dict(kwargs)
         kwargs.setdefault("debug", False)
-        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+        binder = self.binders.get(fn)
+        if binder is None:
+            binder = self.binders[fn] = create_function_from_signature(
+                fn.signature, fn.params, self.backend)
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(
             self.backend, kwargs, bound, specialization, options)
@@ -172,10 +176,9 @@ def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
     from cdds_fast.kernels import contrastive
 
     tag = _name(dtype) + (" tf32" if allow_tf32 else "")
-    defaults = contrastive.FORWARD_METHOD, contrastive.BACKWARD_METHOD
-    try:  # every kernel of both methods: (fused fwd, chunked bwd) and (chunked fwd, fused bwd)
-        for fwd, bwd in (("fused", "chunked"), ("chunked", "fused")):
-            contrastive.FORWARD_METHOD, contrastive.BACKWARD_METHOD = fwd, bwd
+    # every kernel of both methods: (fused fwd, chunked bwd) and (chunked fwd, fused bwd)
+    for fwd, bwd in (("fused", "chunked"), ("chunked", "fused")):
+        with contrastive.methods(fwd, bwd):
             for symmetric in (True, False):
                 recorder.plan = (f"info_nce B={batch} D={dim} {tag} "
                                  f"{'sym' if symmetric else 'rect'} {fwd} fwd {bwd} bwd")
@@ -184,8 +187,6 @@ def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
                 scale = torch.tensor(14.3, requires_grad=True)
                 contrastive.info_nce_triton(x, y.requires_grad_(True), scale,
                                             symmetric=symmetric, allow_tf32=allow_tf32).backward()
-    finally:
-        contrastive.FORWARD_METHOD, contrastive.BACKWARD_METHOD = defaults
 
 
 #: aten ops that launch no device work (views, metadata, allocation)

@@ -757,6 +757,19 @@ BACKWARD_METHOD = os.environ.get("CDDS_FAST_INFO_NCE_BACKWARD", "chunked")
 #: same kernel reading them: one chunk of extra memory; IEEE fp32 runs on cuBLAS instead of
 #: Triton's FMA dot). Env ``CDDS_FAST_INFO_NCE_FORWARD`` sets the initial value.
 FORWARD_METHOD = os.environ.get("CDDS_FAST_INFO_NCE_FORWARD", "fused")
+
+
+@contextlib.contextmanager
+def methods(forward: str | None = None, backward: str | None = None) -> Iterator[None]:
+    """Run the enclosed forward *and* backward passes with these methods (None: unchanged);
+    restores :data:`FORWARD_METHOD` / :data:`BACKWARD_METHOD` after (benchmarks, tools)."""
+    global FORWARD_METHOD, BACKWARD_METHOD
+    saved = FORWARD_METHOD, BACKWARD_METHOD
+    FORWARD_METHOD, BACKWARD_METHOD = forward or FORWARD_METHOD, backward or BACKWARD_METHOD
+    try:
+        yield
+    finally:
+        FORWARD_METHOD, BACKWARD_METHOD = saved
 #: Bytes of one chunk's fp32 logits plus its ``G`` (the chunked backward's only extra memory),
 #: unless that is fewer than :data:`MIN_CHUNK_ROWS` rows. 24 MiB keeps fp32 B = 16384 within the
 #: issue's 0.1 GB of extra memory (gradients included); 192 rows keep each chunk's GEMMs large

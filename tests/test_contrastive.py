@@ -358,6 +358,20 @@ def test_fuzz_methods_match_float64(m, extra, d, dtype, scale, symmetric, forwar
                                rtol=rtol)
 
 
+def test_methods_context_covers_backward_and_restores(monkeypatch, device):
+    """kernels.contrastive.methods() holds for the backward that runs inside it, and restores."""
+    monkeypatch.setattr(K, "FORWARD_METHOD", "fused")
+    monkeypatch.setattr(K, "BACKWARD_METHOD", "chunked")
+    seen = []
+    real = K._bwd_launch
+    monkeypatch.setattr(K, "_bwd_launch", lambda *a, **k: seen.append("fused") or real(*a, **k))
+    a, t = leaves(*features(5, 8, torch.float32, device))
+    with K.methods(backward="fused"):
+        assert (K.FORWARD_METHOD, K.BACKWARD_METHOD) == ("fused", "fused")
+        info_nce(a, t, 3.0, backend="triton").backward()
+    assert seen and (K.FORWARD_METHOD, K.BACKWARD_METHOD) == ("fused", "chunked")
+
+
 @pytest.mark.parametrize("rows,n,dtype,expected", [
     (16384, 16384, torch.float32, 192),   # 24 MiB budget: 192 rows of fp32 logits + fp32 G
     (65536, 65536, torch.bfloat16, 192),  # the budget would give 64 rows: the minimum wins
