@@ -45,6 +45,23 @@ def check_scale(name: str, scale: object) -> None:
         raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(scale).__name__}")
 
 
+def check_values(ok: Tensor, message: str, *, host: bool) -> None:
+    """A check on tensor *values*: every element of the bool tensor ``ok`` must be True.
+
+    ``host=True``: read now, raising ``ValueError(message)``; on a CUDA tensor that read waits for
+    the device, so callers pass it only where a synchronisation was asked for (``check_finite``).
+    ``host=False``: a device-side assertion (``torch._assert_async``) that nothing waits for; a
+    failure stops the program at the device's next synchronisation (on CPU tensors it raises
+    ``RuntimeError(message)`` at once). While ``torch.compile`` traces, the check is always the
+    device-side one: a host read would break the graph.
+    """
+    if host and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            raise ValueError(message)
+        return
+    torch._assert_async(ok.all(), message)
+
+
 def check_same_device(tensors: Mapping[str, Tensor | None]) -> None:
     items = [(n, t) for n, t in tensors.items() if isinstance(t, Tensor)]
     first_name, first = items[0]

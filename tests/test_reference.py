@@ -303,3 +303,26 @@ def test_fuzz_reference_loss_is_finite(batch, patches, length, dim, dtype, scale
         assert not bool(torch.isnan(t.grad).any())
         representable = w.grad.abs() < limit
         assert bool(torch.isfinite(t.grad[representable]).all())
+
+
+def test_check_values_host_and_device_side():
+    """check_values: the host form raises the named ValueError; the device-side form raises
+    RuntimeError with the same message on CPU tensors, and traces under fullgraph compile."""
+    from cdds_fast.reference.validation import check_values
+
+    ok, bad = torch.tensor([True, True]), torch.tensor([True, False])
+    check_values(ok, "x: fine", host=True)
+    check_values(ok, "x: fine", host=False)
+    with pytest.raises(ValueError, match="x: expected > 0"):
+        check_values(bad, "x: expected > 0", host=True)
+    with pytest.raises(RuntimeError, match="x: expected > 0"):
+        check_values(bad, "x: expected > 0", host=False)
+
+    def positive_sum(x):
+        check_values(x > 0, "x: expected > 0", host=True)
+        return x.sum()
+
+    compiled = torch.compile(positive_sum, fullgraph=True)
+    assert compiled(torch.ones(3)).item() == 3.0
+    with pytest.raises(RuntimeError, match="x: expected > 0"):
+        compiled(-torch.ones(3))
