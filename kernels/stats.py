@@ -47,6 +47,33 @@ _GPU_COLS_PER_PROGRAM = 64
 
 
 @triton.jit
+def finish_column_stats(mean1, sum_dev, sum_dev2, count, EPS: tl.constexpr):
+    """End of the corrected two-pass (Chan, Golub & LeVeque 1983) for one block of columns:
+    ``mean1`` is the first pass's mean, ``sum_dev`` / ``sum_dev2`` the second pass's sums of the
+    deviations ``x - mean1`` and of their squares over ``count`` tokens. The first mean's own
+    rounding error (``shift``) is measured and removed, so a constant column gets a variance of
+    exactly 0 (the plain two-pass leaves ~ulp(mean) / s).
+
+    Returns ``(mu, mu_res, shift, s)``: the fp32 mean, what it could not hold (Fast2Sum,
+    ``|mean1| >= |shift|``: the deviations ``(x - mu) - mu_res`` are as accurate as autograd
+    through the reference's two-pass), ``shift = mu + mu_res - mean1`` (so ``x - mean1 - shift``
+    is the exact deviation) and ``s = sqrt(var + EPS)``."""
+    shift = sum_dev / count
+    mu = mean1 + shift
+    mu_res = shift - (mu - mean1)
+    var = tl.maximum(sum_dev2 / count - shift * shift, 0.0)
+    return mu, mu_res, shift, tl.sqrt_rn(var + EPS)
+
+
+@triton.jit
+def stats_grad(x, mu, mu_res, s, g_mu, g_s, inv_count):
+    """Gradient of ``(mu, s)`` w.r.t. one valid token's value ``x`` (broadcast operands):
+    ``(g_mu + g_s zeta) / count`` with ``zeta = ((x - mu) - mu_res) / s``."""
+    zeta = ((x - mu) - mu_res) / s
+    return (g_mu + g_s * zeta) * inv_count
+
+
+@triton.jit
 def _stats_fwd_kernel(
     X, M, MU, S, MU_RES, COUNT,
     N, D,
@@ -71,9 +98,7 @@ def _stats_fwd_kernel(
         cnt += valid.to(tl.float32)
     count = tl.sum(cnt, axis=0)
     mu = acc / count
-    # pass 2: sums of deviations and squared deviations from that mean ("corrected two-pass",
-    # Chan, Golub & LeVeque 1983): the mean's own rounding error is measured and removed, so a
-    # constant column gets deviations of exactly 0 (the plain two-pass leaves ~ulp(mean) / s).
+    # pass 2: sums of deviations and squared deviations from that mean (finish_column_stats)
     acc1 = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -84,13 +109,7 @@ def _stats_fwd_kernel(
         dev = tl.where(ld, x.to(tl.float32) - mu[None, :], 0.0)
         acc1 += tl.sum(dev, axis=0)
         acc2 += tl.sum(dev * dev, axis=0)
-    shift = acc1 / count
-    mu_new = mu + shift
-    # what the fp32 mean could not hold (Fast2Sum, |mu| >= |shift|): the backward's deviations
-    # are (x - mu) - mu_res, as accurate as autograd through the reference's two-pass
-    mu_res = shift - (mu_new - mu)
-    var = tl.maximum(acc2 / count - shift * shift, 0.0)
-    s = tl.sqrt_rn(var + EPS)
+    mu_new, mu_res, _, s = finish_column_stats(mu, acc1, acc2, count, EPS)
     out = pid_b * D + cols
     tl.store(MU + out, mu_new, mask=col_ok)
     tl.store(S + out, s, mask=col_ok)
@@ -123,9 +142,8 @@ def _stats_bwd_kernel(
     offs = pid_b * N * D + rows[:, None].to(tl.int64) * D + cols[None, :]
     ld = valid[:, None] & col_ok[None, :]
     x = tl.load(X + offs, mask=ld, other=0.0).to(tl.float32)
-    zeta = ((x - mu[None, :]) - mu_res[None, :]) / s[None, :]
-    g = (g_mu[None, :] + g_s[None, :] * zeta) * inv_count
-    g = tl.where(ld, g, 0.0)
+    g = tl.where(ld, stats_grad(x, mu[None, :], mu_res[None, :], s[None, :], g_mu[None, :],
+                                g_s[None, :], inv_count), 0.0)
     tl.store(GX + offs, g.to(GX.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
