@@ -74,14 +74,26 @@ def check_same_device(tensors: Mapping[str, Tensor | None]) -> None:
 
 
 def check_finite(tensors: Mapping[str, Tensor | None]) -> None:
+    """Every floating tensor holds finite values only. Reads the values (a synchronisation),
+    raising ValueError with the count of bad entries; while ``torch.compile`` traces, a
+    device-side assertion per tensor instead (:func:`check_values`)."""
     for name, t in tensors.items():
-        if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not (isinstance(t, Tensor) and t.is_floating_point()):
+            continue
+        ok = torch.isfinite(t).all()
+        if torch.compiler.is_compiling():
+            check_values(ok, f"{name}: expected finite values", host=False)
+        elif not bool(ok):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries")
 
 
-def check_mask(text_mask: object, batch: int, length: int) -> Tensor:
-    """``text_mask`` is bool ``[B, L]`` with at least one valid token per row."""
+def check_mask(text_mask: object, batch: int, length: int, *, host: bool | None = True) -> Tensor:
+    """``text_mask`` is bool ``[B, L]`` with at least one valid token per row.
+
+    The per-row check reads values: ``host=True`` on the host (ValueError naming the rows),
+    ``host=False`` as a device-side assertion (:func:`check_values`), ``host=None`` not at all
+    (the caller checks inside a kernel that counts the tokens anyway)."""
     if not isinstance(text_mask, Tensor):
         raise TypeError(f"text_mask: expected a bool torch.Tensor, got {type(text_mask).__name__}")
     if text_mask.dtype != torch.bool:
@@ -91,13 +103,16 @@ def check_mask(text_mask: object, batch: int, length: int) -> Tensor:
             f"text_mask: expected shape [B, L] = {[batch, length]} (from text_tokens), "
             f"got {_shape(text_mask)}"
         )
-    valid = text_mask.sum(1)
-    if bool((valid == 0).any()):
-        rows = torch.nonzero(valid == 0).flatten().tolist()
-        raise ValueError(
-            f"text_mask: expected at least one valid token per row, got rows {rows[:8]} "
-            f"with no valid token"
-        )
+    if host is None:
+        return text_mask
+    valid = text_mask.any(1)
+    message = "text_mask: expected at least one valid token per row"
+    if host and not torch.compiler.is_compiling():
+        if not bool(valid.all()):
+            rows = torch.nonzero(~valid).flatten().tolist()
+            raise ValueError(f"{message}, got rows {rows[:8]} with no valid token")
+        return text_mask
+    check_values(valid, f"{message}, got a row with none", host=False)
     return text_mask
 
 
@@ -136,8 +151,15 @@ def validate_cdds_inputs(
     a_m: float,
     a_f: float,
     finite: bool,
+    mask_in_kernel: bool = False,
 ) -> None:
-    """All of spec section 9's checks for :func:`cdds_loss`; raises on the first violation."""
+    """All the input checks of :func:`cdds_loss`; raises on the first violation.
+
+    Shapes, dtypes, devices and hyper-parameters are checked on the host without reading tensor
+    values. The checks that read values run on the host only with ``finite`` (the finite-value
+    check and the text-mask check; a synchronisation each); without it the text-mask check is a
+    device-side assertion, or, with ``mask_in_kernel``, left to the caller's kernel (the fast
+    path counts every row's tokens anyway)."""
     check_tensor("image_tokens", image_tokens, ndim=3)
     check_tensor("text_tokens", text_tokens, ndim=3)
     batch, patches, dim = image_tokens.shape
@@ -179,7 +201,8 @@ def validate_cdds_inputs(
         if v.shape[0] != dim:
             raise ValueError(f"{name}: expected shape [D] = [{dim}], got {_shape(v)}")
     check_scale("logit_scale", logit_scale)
-    check_mask(text_mask, batch, length)
+    check_mask(text_mask, batch, length,
+               host=True if finite else (None if mask_in_kernel else False))
     everything = {
         "image_tokens": image_tokens,
         "image_semantic": image_semantic,
