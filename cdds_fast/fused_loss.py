@@ -1,29 +1,70 @@
-"""The CDDS loss on the Triton kernels: ``backend="triton"`` of
+r"""The CDDS loss on the Triton kernels: ``backend="triton"`` of
 :func:`cdds_fast.functional.cdds_loss`.
 
-Same function as :func:`cdds_fast.reference.cdds_loss` (spec sections 3-6), computed without ever
-materialising the ``[B, D, D]`` relation matrices or the ``[B, N, D]`` x-semantic components:
+Same function as :func:`cdds_fast.reference.cdds_loss` (docs/method.md sections 2-5), computed
+without ever materialising the ``[B, D, D]`` relation matrices or the ``[B, N, D]`` x-semantic
+components, as ONE custom op forward (``cdds_fast::cdds_loss``) and ONE backward
+(``cdds_fast::cdds_loss_backward``, registered as its autograd), so ``torch.compile`` sees one
+opaque node each way and autograd adds nothing between the kernels. Forward, both modalities in
+every launch:
 
-1. column statistics ``mu, s`` of both semantic components (``kernels/stats.py``);
-2. related weights and sampling coefficients ``c, a`` of both directions, fused
-   (``kernels/sampling.py``);
-3. pooled features from the statistics alone: ``pool(X^s) = normalize(mu)`` (the masked mean *is*
-   ``mu``) and ``pool(X^x) = normalize(c)`` (spec section 5: the masked mean of ``X^x`` is ``c``);
-4. the three InfoNCE terms through ``contrastive`` (default: the Triton InfoNCE);
-5. ``L_f``, ``L_x`` and ``L_m`` of each modality in one fused pass over ``(X, X^s, X^m)``
-   (``kernels/constraints.py``).
+1. ``kernels/constraints.py``: one pass over ``X, X^s, X^m``: the column statistics ``mu, s`` of
+   ``X^s`` (section 2), every token sum the constraint losses need (section 5; ``L_x``'s
+   ``c, a``-dependent parts are rewritten through ``r_f`` sums), the per-token log-sum-exp of
+   ``X^m`` and the pooled ``pool(X^s) = mu / |mu|`` (the masked mean *is* ``mu``);
+2. ``kernels/sampling.py``: related weights and sampling coefficients ``c, a`` of both
+   directions (sections 3-4), the pair's ``L_x`` sum, and ``pool(X^x) = c / |c|`` (section 4:
+   the masked mean of ``X^x`` is ``c``);
+3. the three InfoNCE problems (image, text), (image, image_x), (text, text_x) batched
+   (``kernels/contrastive.py``);
+4. ``_constraints_finalize_kernel``: the five weighted terms.
 
-float64 inputs are routed to the reference (spec section 9).
+Backward: the terms' gradients -> InfoNCE gradients and per-modality coefficients (one small
+kernel); the batched InfoNCE backward; the sampling backward (row kernel: also the constraint
+gradients of ``c, a, mu, s`` and the pooled features' normalisation; column kernel; the ``[D]``
+vector gradients summed over pairs); one pass writing ``grad X, X^s, X^m`` of both modalities.
+Every input gradient is written exactly once, in its input's dtype, rounded once (``X^s`` gets
+the statistics' and the constraints' terms in one fp32 sum).
 
-Cost at ``(B, P, L, D) = (256, 50, 77, 512)`` bf16 (bytes from HBM, both modalities): stats
-forward 33 MB and backward 67 MB, constraints forward 100 MB and backward 200 MB, plus 100 MB for
-autograd's sum of the two ``X^s`` gradients (the stats backward and the constraints backward each
-write one; they cannot share a kernel because the statistics' gradients are complete only after
-the sampling backward has run) -- about 0.5 GB, ~170 us at 3 TB/s, the floor of this path besides
-the sampling and InfoNCE kernels and a few dozen small ``[B, D]`` ops (term weights, autograd's
-gradient sums); the four pooled-feature normalisations are one ``l2_normalize`` launch.
-Extra memory beyond the gradients: one ``X^s``-sized gradient before that sum plus ~15 MB of
-``[B, D]`` partials; the ``[B, D, D]`` and ``[B, N, D]`` fp32 tensors of the reference never exist.
+Launches at (B, P, L, D) = (256, 50, 77, 512) bf16, counted by
+``benchmarks/kernel_resources.py --count-launches`` (tests/test_kernel_resources.py): forward
+4 Triton + 1 aten (the assertion below) + the batched InfoNCE forward (2) + the caller's sum of the
+five terms (5 aten adds) = 12; backward 6 Triton + the batched InfoNCE backward (2) + autograd's
+``ones_like`` = 9. With ``D > 4096`` the forward adds one row-LSE launch.
+
+Checks (which run when)
+-----------------------
+* Always, before any launch, on shapes, dtypes, devices and hyper-parameters (no tensor values
+  are read): ``reference/validation.validate_cdds_inputs``.
+* At least one valid token per text row: by default folded into the finalize kernel (it has
+  every row's token count) and raised by ONE device-side ``torch._assert_async``: no
+  synchronisation, CUDA-graph capturable, traced by ``torch.compile(fullgraph=True)``. A failure
+  surfaces at the device's next synchronisation (on CPU tensors at once) as a RuntimeError
+  naming ``text_mask``.
+* ``check_finite=True`` (off by default here): the finite-value check of every input and the
+  text-mask check on the host before any launch, raising ValueError naming the argument; both
+  read tensor values, i.e. synchronise with the device.
+float64 inputs are routed to the reference (docs/method.md, decision 4).
+
+Traffic and memory model (bf16, (B, P, L, D) = (256, 50, 77, 512); a model, not a measurement)
+---------------------------------------------------------------------------------------------
+Token tensors, ``E = B (P + L) D = 16.6 M`` elements per kind (``X, X^s, X^m``) of which ``V``
+are valid tokens' (masked text tokens are never read; all valid: ``V = E``):
+* forward: ``3 V e`` read once from HBM (``X^s`` a second time from L2): 100 MB at ``V = E``;
+* backward: ``3 V e`` read (``X^m`` twice, the second time from L1) + ``3 E e`` written (the
+  gradients, zeros at masked tokens): 200 MB at ``V = E``.
+``O(B D)`` state (fp32, one ``[2, B, D]`` plane = 1 MB): the token pass writes 9 planes, the
+sampling forward 13, the pooled features are 3 (``[2, 3, B, D]``); the backward writes the
+InfoNCE gradients (3), the sampling scratch (6), the statistics' gradients (2) and per-pair
+vector-gradient rows (3): 39 MB written, each read back by a later kernel of the same step.
+Counting each plane as one HBM write (its reads hit the 50 MB L2 of an H100/H200) the step moves
+**339 MB at ``V = E``** (all 77 text tokens valid) and **about 280 MB** with the benchmarks' text
+lengths (uniform in [5, 77], 53 % valid: ``V = 11.9 M``), against the 300 MB the token tensors
+alone take at ``V = E``; if none of the ``O(B D)`` reads hit L2, add 39 MB. Sampling
+instructions per element of the virtual ``[2, B, D, D]``: ~114 (``kernels/sampling.py``).
+Extra memory beyond inputs and gradients: the ``O(B D)`` state above plus the per-token
+log-sum-exp (``4 B (P + L)`` = 0.13 MB) and the InfoNCE statistics: ``ExtraMemory`` below,
+checked on CPU by ``tests/test_fused_loss.py`` against the scratch the launchers allocate.
 
 Behaviour at the edges equals the reference's, including where the reference is NaN: if modality
 components are so large that a softmax column ``qbar_d`` underflows to exactly 0, ``L_m`` is NaN on
@@ -32,23 +73,274 @@ both paths (``log 0`` in ``KL(q || qbar)``).
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from cdds_fast.contrastive import info_nce
-from cdds_fast.kernels.constraints import constraint_losses
-from cdds_fast.kernels.normalize import l2_normalize
-from cdds_fast.kernels.sampling import related_sampling
-from cdds_fast.kernels.stats import column_stats
+from cdds_fast.kernels.constraints import (
+    N_COL,
+    N_PAIR,
+    constraints_backward,
+    constraints_forward,
+    finalize_terms,
+    terms_grad,
+)
+from cdds_fast.kernels.contrastive import info_nce_backward, info_nce_forward
+from cdds_fast.kernels.launch import ROW_BLOCK_CAP, scratch
+from cdds_fast.kernels.sampling import (
+    ASH,
+    CSH,
+    N_PART,
+    N_ROW,
+    N_SCRATCH,
+    sampling_backward,
+    sampling_forward,
+)
 from cdds_fast.reference import cdds_loss as _reference_cdds_loss
-from cdds_fast.reference.loss import Contrastive
+from cdds_fast.reference.loss import LOSS_KEYS, Contrastive
 from cdds_fast.reference.validation import validate_cdds_inputs
 
+_MASK_MESSAGE = "text_mask: expected at least one valid token per row, got a row with none"
+#: The InfoNCE problems of a step: rows x = (image, image, text), columns y = (text, image_x,
+#: text_x) of the pooled features (``feat`` [2, 3, B, D] = (x, y)).
+N_NCE = 3
 
-def _default_contrastive() -> Contrastive:
-    return functools.partial(info_nce, backend="triton")
+
+# ------------------------------------------------------------------------------------------------
+# The three InfoNCE problems of a step
+# ------------------------------------------------------------------------------------------------
+# Batched InfoNCE with a problem axis, the interface kernels/contrastive.py provides for exactly
+# these three small problems: nce_forward(x [P, M, D], y [P, N, D], scale) -> (loss [P],
+# stats_r [P, 3, M], stats_c [P, 3, N]) and nce_backward(grad [P], x, y, scale, stats_r, stats_c)
+# -> (dx, dy, dscale = sum_p grad[p] dL_p / ds). Until it lands, these stand-ins loop over the
+# problems with the single-problem launchers (same results, more launches).
+
+
+def _nce_forward(x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    losses, rows, cols = [], [], []
+    for p in range(x.shape[0]):
+        loss, stats_r, stats_c = info_nce_forward(x[p], y[p], scale, 0, True)
+        losses.append(loss)
+        rows.append(stats_r)
+        cols.append(torch.cat((stats_c, stats_r[2:])))
+    return torch.stack(losses), torch.stack(rows), torch.stack(cols)
+
+
+def _nce_backward(grad: Tensor, x: Tensor, y: Tensor, scale: Tensor, stats_r: Tensor,
+                  stats_c: Tensor, *, need_dscale: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    dxs, dys, dss = [], [], []
+    for p in range(x.shape[0]):
+        dx, dy, ds = info_nce_backward(grad[p], x[p], y[p], scale, stats_r[p], stats_c[p, :2], 0,
+                                       True, False, True, True, need_dscale)
+        dxs.append(dx)
+        dys.append(dy)
+        dss.append(ds)
+    dscale = torch.stack(dss).sum() if need_dscale else None
+    return torch.stack(dxs), torch.stack(dys), dscale
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory model
+# ------------------------------------------------------------------------------------------------
+
+
+class ExtraMemory(NamedTuple):
+    """Bytes of the state the fast path keeps beyond inputs and gradients, by buffer."""
+
+    col: int
+    row: int
+    pair: int
+    lse: int
+    feat: int
+    nce: int
+    sampling_scratch: int
+    stats_grads: int
+    vector_rows: int
+    nce_grads: int
+
+    @property
+    def saved(self) -> int:
+        """Saved from forward to backward."""
+        return self.col + self.row + self.pair + self.lse + self.feat + self.nce
+
+    @property
+    def peak(self) -> int:
+        """Everything alive at the backward's peak (saved state + backward scratch)."""
+        return sum(self)
+
+
+def extra_memory(batch: int, patches: int, length: int, dim: int) -> ExtraMemory:
+    """The model: fp32 bytes of every buffer the launchers allocate besides the gradients."""
+    plane = 4 * 2 * batch * dim  # one fp32 [2, B, D] plane
+    return ExtraMemory(
+        col=N_COL * plane, row=N_ROW * plane, pair=4 * N_PAIR * 2 * batch,
+        lse=4 * batch * (patches + length), feat=3 * plane,
+        nce=4 * 2 * N_NCE * 3 * batch, sampling_scratch=N_SCRATCH * plane, stats_grads=2 * plane,
+        vector_rows=N_PART * plane, nce_grads=3 * plane,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The op: one forward, one backward
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cdds_fast::cdds_loss", mutates_args=())
+def _cdds_loss_op(
+    v: Tensor, v_s: Tensor, v_m: Tensor, t: Tensor, t_s: Tensor, t_m: Tensor, mask: Tensor,
+    alpha_image: Tensor, alpha_text: Tensor, w_s_image: Tensor, w_m_image: Tensor,
+    w_s_text: Tensor, w_m_text: Tensor, scale: Optional[Tensor],
+    a_c: float, a_s: float, a_m: float, a_f: float, tau_kl: float, rho: float, block_d_cap: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor, Tensor]:
+    """``(5 weighted terms, feat, col, row, pair, lse, glob, nce_r, nce_c)``; with ``scale=None``
+    the InfoNCE problems are left to the caller (the first two terms are 0 and ``feat`` holds
+    the pooled features they need)."""
+    col, pair, lse, feat = constraints_forward(
+        (v, v_s, v_m), (t, t_s, t_m), mask, (w_s_image, w_m_image), (w_s_text, w_m_text),
+        block_d_cap=block_d_cap,
+    )
+    _, _, batch, dim = col.shape
+    row = scratch((N_ROW, 2, batch, dim), torch.float32, v.device)
+    sampling_forward(col, row, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho,
+                     fused=dict(pair=pair, w_s=(w_s_image, w_s_text), feat=feat))
+    if scale is not None:
+        nce_loss, nce_r, nce_c = _nce_forward(feat[0], feat[1], scale)
+    else:
+        nce_loss, nce_r, nce_c = None, feat.new_empty((0,)), feat.new_empty((0,))
+    terms, glob, ok = finalize_terms(col, pair, nce_loss, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
+    torch._assert_async(ok, _MASK_MESSAGE)
+    return (*terms, feat, col, row, pair, lse, glob, nce_r, nce_c)
+
+
+@_cdds_loss_op.register_fake
+def _(v, v_s, v_m, t, t_s, t_m, mask, alpha_image, alpha_text, w_s_image, w_m_image, w_s_text,
+      w_m_text, scale, a_c, a_s, a_m, a_f, tau_kl, rho, block_d_cap):
+    batch, patches, dim = v.shape
+    length = t.shape[1]
+    f32 = dict(dtype=torch.float32)
+    nce = (N_NCE, 3, batch) if scale is not None else (0,)
+    return (*(v.new_empty((), **f32) for _ in range(5)), v.new_empty((2, N_NCE, batch, dim), **f32),
+            v.new_empty((N_COL, 2, batch, dim), **f32), v.new_empty((N_ROW, 2, batch, dim), **f32),
+            v.new_empty((N_PAIR, 2, batch), **f32), v.new_empty((batch * (patches + length),), **f32),
+            v.new_empty((2, dim + 1), **f32), v.new_empty(nce, **f32), v.new_empty(nce, **f32))
+
+
+@torch.library.custom_op("cdds_fast::cdds_loss_backward", mutates_args=())
+def _cdds_loss_backward_op(
+    g_clip: Tensor, g_sem: Tensor, g_mod: Tensor, g_f: Tensor, g_x: Tensor,
+    g_feat: Optional[Tensor],
+    v: Tensor, v_s: Tensor, v_m: Tensor, t: Tensor, t_s: Tensor, t_m: Tensor, mask: Tensor,
+    alpha_image: Tensor, alpha_text: Tensor, w_s_image: Tensor, w_m_image: Tensor,
+    w_s_text: Tensor, w_m_text: Tensor, scale: Optional[Tensor],
+    feat: Tensor, col: Tensor, row: Tensor, pair: Tensor, lse: Tensor, glob: Tensor,
+    nce_r: Tensor, nce_c: Tensor,
+    a_c: float, a_s: float, a_m: float, a_f: float, tau_kl: float, rho: float, block_d_cap: int,
+    need_dscale: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor, Tensor]:
+    """Gradients of the 13 differentiable inputs (``scale``'s is empty unless ``need_dscale``)."""
+    coef = terms_grad((g_clip, g_sem, g_mod, g_f, g_x), glob, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
+    dscale = None
+    if scale is not None:
+        dx, dy, dscale = _nce_backward(coef[:N_NCE], feat[0], feat[1], scale, nce_r, nce_c,
+                                       need_dscale=need_dscale)
+        if g_feat is not None:  # the pooled features were used outside the loss too
+            dx, dy = dx + g_feat[0], dy + g_feat[1]
+    elif g_feat is not None:
+        dx, dy = g_feat[0].contiguous(), g_feat[1].contiguous()
+    else:
+        dx = dy = torch.zeros_like(feat[0])
+    g_alpha = (scratch(alpha_image.shape, alpha_image.dtype, v.device),
+               scratch(alpha_text.shape, alpha_text.dtype, v.device))
+    g_w = tuple(scratch(w.shape, w.dtype, v.device)
+                for w in (w_s_image, w_s_text, w_m_image, w_m_text))
+    g_mu, g_sd = sampling_backward(
+        col, row, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho,
+        fused=dict(coef=coef, pair=pair, w_s=(w_s_image, w_s_text), feat=feat, dx=dx, dy=dy),
+        g_alpha=g_alpha, g_w=g_w,
+    )
+    grads = constraints_backward(
+        (v, v_s, v_m), (t, t_s, t_m), mask, (w_s_image, w_m_image), (w_s_text, w_m_text), col,
+        row, pair, lse, glob, coef, g_mu, g_sd, (CSH.value, ASH.value), block_d_cap=block_d_cap,
+    )
+    g_scale = (dscale.to(scale.dtype) if dscale is not None
+               else v.new_empty((0,), dtype=torch.float32))
+    return (*grads, *g_alpha, g_w[0], g_w[2], g_w[1], g_w[3], g_scale)
+
+
+@_cdds_loss_backward_op.register_fake
+def _(g_clip, g_sem, g_mod, g_f, g_x, g_feat, v, v_s, v_m, t, t_s, t_m, mask, alpha_image,
+      alpha_text, w_s_image, w_m_image, w_s_text, w_m_text, scale, feat, col, row, pair, lse,
+      glob, nce_r, nce_c, a_c, a_s, a_m, a_f, tau_kl, rho, block_d_cap, need_dscale):
+    ins = (v, v_s, v_m, t, t_s, t_m, alpha_image, alpha_text, w_s_image, w_m_image, w_s_text,
+           w_m_text)
+    g_scale = (scale.new_empty(()) if scale is not None and need_dscale
+               else v.new_empty((0,), dtype=torch.float32))
+    return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in ins), g_scale)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, scale, a_c, a_s, a_m, a_f, tau_kl, rho, block_d_cap = inputs
+    _, _, _, _, _, feat, *state = output
+    ctx.save_for_backward(*tensors, scale, feat, *state)
+    # saved state, not results: no gradient and no zero-filled gradient tensors at every backward
+    ctx.mark_non_differentiable(*state)
+    ctx.set_materialize_grads(False)
+    ctx.hyper = (a_c, a_s, a_m, a_f, tau_kl, rho, block_d_cap)
+
+
+def _backward(ctx, g_clip, g_sem, g_mod, g_f, g_x, g_feat, *_state):
+    saved = ctx.saved_tensors
+    tensors, scale, feat, state = saved[:13], saved[13], saved[14], saved[15:]
+    g_terms = [g if g is not None else feat.new_zeros(())
+               for g in (g_clip, g_sem, g_mod, g_f, g_x)]
+    need_dscale = scale is not None and ctx.needs_input_grad[13]
+    grads = _cdds_loss_backward_op(*g_terms, g_feat, *tensors, scale, feat, *state, *ctx.hyper,
+                                   need_dscale)
+    # inputs: 6 token tensors, mask, 6 vectors, scale, 7 hyper-parameters
+    return (*grads[:6], None, *grads[6:12], grads[12] if need_dscale else None, *(None,) * 7)
+
+
+_cdds_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def _fast_terms(
+    tensors: tuple[Tensor, ...], text_mask: Tensor, params: dict[str, Tensor],
+    logit_scale: Tensor | float, *, a_c: float, a_s: float, a_m: float, a_f: float,
+    tau_kl: float, rho: float, contrastive: Contrastive | None,
+    block_d_cap: int = ROW_BLOCK_CAP,
+) -> dict[str, Tensor]:
+    """The terms on the kernels, for validated fp32/bf16/fp16 inputs. ``block_d_cap`` (tests) is
+    the widest row the token pass holds in one block."""
+    v, v_s, v_m, t, t_s, t_m = (x.contiguous() for x in tensors)
+    vectors = [params[k].contiguous() for k in ("alpha_image", "alpha_text", "w_s_image",
+                                                 "w_m_image", "w_s_text", "w_m_text")]
+    scale = None
+    if contrastive is None:
+        scale = (logit_scale if isinstance(logit_scale, Tensor)
+                 else torch.full((), float(logit_scale), dtype=torch.float32, device=v.device))
+    out = _cdds_loss_op(v, v_s, v_m, t, t_s, t_m, text_mask.contiguous(), *vectors, scale,
+                        float(a_c), float(a_s), float(a_m), float(a_f), float(tau_kl), float(rho),
+                        int(block_d_cap))
+    terms = dict(zip(LOSS_KEYS, out[:5]))
+    if contrastive is not None:
+        # pool(X^s) of image and text, pool(X^x) of image and text (see N_NCE)
+        feat = out[5]
+        image_feat, text_feat, image_x_feat, text_x_feat = feat[0, 0], feat[1, 0], feat[1, 1], \
+            feat[1, 2]
+        l_clip = contrastive(image_feat, text_feat, logit_scale)
+        l_s = (contrastive(image_feat, image_x_feat, logit_scale)
+               + contrastive(text_feat, text_x_feat, logit_scale)) / 2
+        terms["contrastive_loss"] = a_c * l_clip
+        terms["semantic_loss"] = a_s * l_s
+    return terms
 
 
 def cdds_loss_triton(
@@ -81,8 +373,9 @@ def cdds_loss_triton(
     Arguments, shapes and returns as :func:`cdds_fast.reference.cdds_loss` (image ``[B, P, D]``,
     text ``[B, L, D]``, ``text_mask`` bool ``[B, L]``, the six parameter vectors ``[D]``,
     ``logit_scale`` 0-d or a number); tensors may be fp32/bf16/fp16 (mixed), any strides.
-    ``check_finite`` defaults to False here (the check costs a device synchronisation).
-    ``contrastive`` defaults to :func:`cdds_fast.contrastive.info_nce` with ``backend="triton"``.
+    ``check_finite`` defaults to False here: it reads tensor values on the host (see "Checks" in
+    the module docstring). ``contrastive`` (e.g. ``CDDSLoss``'s gathering InfoNCE under DDP)
+    replaces the three fused InfoNCE problems; by default they run inside the op.
 
     Returns:
         dict ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
@@ -94,50 +387,16 @@ def cdds_loss_triton(
         text_mask=text_mask, alpha_image=alpha_image, alpha_text=alpha_text,
         w_s_image=w_s_image, w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text,
         logit_scale=logit_scale, tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f,
-        finite=check_finite,
+        finite=check_finite, mask_in_kernel=True,
     )
     tensors = (image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
                text_modality)
     params = dict(alpha_image=alpha_image, alpha_text=alpha_text, w_s_image=w_s_image,
                   w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text)
+    hyper = dict(a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho)
     if any(t.dtype == torch.float64 for t in (*tensors, *params.values())) or (
         isinstance(logit_scale, Tensor) and logit_scale.dtype == torch.float64
     ):
-        return _reference_cdds_loss(
-            *tensors, text_mask, **params, logit_scale=logit_scale, a_c=a_c, a_s=a_s, a_m=a_m,
-            a_f=a_f, tau_kl=tau_kl, rho=rho, check_finite=False, contrastive=contrastive,
-        )
-    contrastive = contrastive or _default_contrastive()
-    v, v_s, v_m, t, t_s, t_m = (x.contiguous() for x in tensors)
-    mask = text_mask.contiguous()
-
-    # Section 3: column statistics. Sections 4-5: related weights -> sampling coefficients c, a.
-    mu_v, s_v = column_stats(v_s)
-    mu_t, s_t = column_stats(t_s, mask)
-    c_v, a_v, c_t, a_t = related_sampling(
-        mu_v, s_v, mu_t, s_t, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho
-    )
-
-    # Section 6, contrastive terms on the pooled features: pool(X^s) = normalize(mu),
-    # pool(X^x) = normalize(c).
-    # (the four normalisations as one launch each way: l2_normalize of the stacked [4, B, D])
-    image_feat, text_feat, image_x_feat, text_x_feat = l2_normalize(
-        torch.stack((mu_v, mu_t, c_v, c_t))
-    ).unbind(0)
-    l_clip = contrastive(image_feat, text_feat, logit_scale)
-    l_s = (
-        contrastive(image_feat, image_x_feat, logit_scale)
-        + contrastive(text_feat, text_x_feat, logit_scale)
-    ) / 2
-
-    # Section 6, constraint losses: (L_f, L_x, L_m) per modality in one fused pass each.
-    image_terms = constraint_losses(v, v_s, v_m, w_s_image, w_m_image, mu_v, s_v, c_v, a_v)
-    text_terms = constraint_losses(t, t_s, t_m, w_s_text, w_m_text, mu_t, s_t, c_t, a_t, mask)
-    l_f, l_x, l_m = ((image_terms + text_terms) / 2).unbind()
-    return {
-        "contrastive_loss": a_c * l_clip,
-        "semantic_loss": a_s * l_s,
-        "modality_loss": a_m * l_m,
-        "completeness_loss": a_f * l_f,
-        "x_completeness_loss": (1.0 - a_f) * l_x,
-    }
+        return _reference_cdds_loss(*tensors, text_mask, **params, logit_scale=logit_scale,
+                                    **hyper, check_finite=False, contrastive=contrastive)
+    return _fast_terms(tensors, text_mask, params, logit_scale, **hyper, contrastive=contrastive)

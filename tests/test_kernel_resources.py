@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Every ``@triton.jit`` kernel of ``kernels/``; the launch plan has to reach each one.
 KERNELS = {
     "_stats_fwd_kernel", "_stats_bwd_kernel",
-    "_related_sampling_coef_kernel", "_related_sampling_fwd_kernel",
-    "_related_sampling_bwd_row_kernel", "_related_sampling_bwd_col_kernel",
+    "_related_sampling_fwd_kernel", "_related_sampling_bwd_row_kernel",
+    "_related_sampling_bwd_col_kernel", "_related_sampling_vec_kernel",
     "_row_lse_kernel", "_constraints_fwd_kernel", "_constraints_finalize_kernel",
-    "_constraints_bwd_kernel", "_info_nce_fwd_kernel", "_info_nce_bwd_kernel",
+    "_terms_grad_kernel", "_constraints_bwd_kernel",
+    "_info_nce_fwd_kernel", "_info_nce_bwd_kernel",
     "_info_nce_grad_logits_kernel", "_info_nce_finalize_kernel",
-    "_l2_normalize_fwd_kernel", "_l2_normalize_bwd_kernel",
 }
 
 
@@ -70,14 +70,25 @@ def test_launch_plan_refuses_the_interpreter():
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
 
 
-#: Device launches of one fast-path CDDS loss step at (256, 50, 77, 512) bf16, counted
-#: 2026-11-27: forward 15 Triton + 27 aten, backward 13 + 73 (at the start of that day: 11 + 125
-#: and 12 + 159, before the InfoNCE epilogue kernel, the non-materialised gradients of saved
-#: state and the one-launch l2_normalize). Eager launch overhead (~5 us each) bounds the step at
-#: small batches, so growth here is a performance regression.
-LAUNCH_BUDGET = {"forward": 48, "backward": 96}
+#: Device launches of one fast-path CDDS loss step at (256, 50, 77, 512) bf16, Triton and aten
+#: together (cdds_fast/fused_loss.py lists them): forward = the token pass, the sampling forward,
+#: the batched InfoNCE forward (2), the finalize kernel, the text-mask assertion and the caller's
+#: sum of the five terms (5 adds): 11; backward = autograd's ones_like, the terms' gradient
+#: kernel, the batched InfoNCE backward (2), the sampling row, column and vector kernels and the
+#: token pass: 9. Eager launch overhead (~5 us each) bounds the step at small batches.
+LAUNCH_BUDGET = {"forward": 12, "backward": 16}
 
 
+def _batched_info_nce() -> bool:
+    """Whether kernels/contrastive.py has the batched InfoNCE (problem axis) the loss is written
+    against; until then fused_loss.py loops over the three problems (9 + 40 more launches)."""
+    from cdds_fast.kernels import contrastive
+
+    return hasattr(contrastive, "nce_forward") and hasattr(contrastive, "nce_backward")
+
+
+@pytest.mark.xfail(not _batched_info_nce(), strict=True,
+                   reason="the InfoNCE problems still run one by one (fused_loss._nce_forward)")
 def test_launch_budget_of_one_cdds_step():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

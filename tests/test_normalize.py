@@ -1,81 +1,88 @@
-"""l2_normalize (kernels/normalize.py) against F.normalize: values and gradients.
+"""The pooled features of the fast path against the reference's ``pool`` (docs/method.md
+section 5): ``pool(X^s) = mu / max(|mu|, eps)`` written by the token pass
+(kernels/constraints.py), ``pool(X^x) = c / max(|c|, eps)`` by the sampling forward, and their
+gradients through ``F.normalize``'s backward in the sampling row kernel.
 
-On CPU the kernels run through the Triton interpreter (tests/conftest.py); fresh random inputs.
+A ``contrastive`` that records the four features and returns a fixed random function of them
+replaces the InfoNCE terms (the op then hands the features out and takes their gradients: the
+path ``CDDSLoss`` uses under DDP). The recorded features and every leaf's gradient through that
+function are compared with the reference with test_fused_loss's conditioned yardstick (``c``
+inherits the related weights' conditioning: near a threshold two correct fp32 computations of
+``W`` differ by more than a fixed tolerance allows).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from cdds_fast.kernels.normalize import l2_normalize
-
-# (dtype, atol, rtol, reason): outputs and gradients are rounded once to the input dtype after
-# fp32 arithmetic; F.normalize divides where the kernel multiplies by the reciprocal (1 ulp).
-TOLERANCES = [
-    (torch.float32, 1e-6, 1e-5, "fp32 arithmetic; reciprocal-multiply vs division: ~1 ulp"),
-    (torch.bfloat16, 1e-2, 1e-2, "result rounded to bf16 (2^-9 relative)"),
-    (torch.float16, 1e-3, 1e-3, "result rounded to fp16 (2^-11 relative)"),
-]
-TOL = {dt: (atol, rtol) for dt, atol, rtol, _ in TOLERANCES}
-DTYPES = [dt for dt, *_ in TOLERANCES]
+from tests.test_fused_loss import (
+    F32,
+    _within_fp32_reference_error,
+    check_conditioned,
+    inputs,
+    repair_alpha,
+)
+from tests.test_constraints import fast
 
 
-def _compare(x0: torch.Tensor, grad: torch.Tensor) -> None:
-    x = x0.clone().requires_grad_(True)
-    y = l2_normalize(x)
-    y.backward(grad)
-    ref_x = x0.double().requires_grad_(True)
-    ref = F.normalize(ref_x, dim=-1)
-    ref.backward(grad.double())
-    atol, rtol = TOL[x0.dtype]
-    assert y.dtype == x0.dtype and y.shape == x0.shape and x.grad.dtype == x0.dtype
-    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)
-    # grad_x = (g - y <g, y>) / |x| is a difference of terms of size |g| / |x| that cancel
-    # (exactly, for D = 1): rounding is relative to them, per row, not to the result
-    terms = grad.double().abs().amax(-1, keepdim=True) / (
-        x0.double().norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    err = (x.grad.double() - ref_x.grad).abs()
-    bound = atol * terms + rtol * ref_x.grad.abs()
-    assert bool((err <= bound).all()), f"grad x: max excess {(err - bound).max().item():.3g}"
+class Recorder:
+    """``f(a, b, s) = <a, u_k> + <b, v_k> + s <a, b> / 100`` for the k-th call of a loss
+    evaluation (three per evaluation, in the same order on both paths); keeps the features."""
+
+    def __init__(self, dim: int, device):
+        self.weights = [(torch.randn(dim, device=device), torch.randn(dim, device=device))
+                        for _ in range(3)]
+        self.calls = []
+
+    def __call__(self, a, b, scale):
+        self.calls.append((a.detach().clone(), b.detach().clone()))
+        u, v = self.weights[(len(self.calls) - 1) % 3]
+        return (a * u).sum() + (b * v).sum() + scale * (a * b).sum() / 100
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("shape", [(4, 256, 512), (3, 37), (1, 1), (2, 5, 4100)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_matches_f_normalize(shape, dtype):
-    """Realistic (the stacked [4, B, D] pooled features), odd D, one element, and D above the
-    block cap (the row looped in chunks)."""
-    x = torch.randn(shape).to(dtype)
-    _compare(x, torch.randn(shape).to(dtype))
+def check(tensors, params, *, cap=4096):
+    """Features and gradients of the fast path against the reference."""
+    recorder = Recorder(tensors[0].shape[-1], tensors[0].device)
+    params = repair_alpha(tensors, params)
+    check_conditioned(tensors, params, fast=fast(cap), contrastive=recorder, a_c=0.8, a_s=1.3)
+    # the evaluations check_conditioned ran, three calls each: the fast path, the fp32
+    # reference, the float64 one, then N_ORDERS - 1 perturbed fp32 references
+    evals = [recorder.calls[i:i + 3] for i in range(0, len(recorder.calls), 3)]
+    fast_calls, ref64_calls = evals[0], evals[2]
+    ref32_calls = [evals[1], *evals[3:]]
+    for k in range(3):
+        for i, part in enumerate(("rows", "columns")):
+            assert fast_calls[k][i].dtype == torch.float32
+            _within_fp32_reference_error(f"call {k}: {part}", fast_calls[k][i],
+                                         [r[k][i] for r in ref32_calls], ref64_calls[k][i], F32)
+    norms = torch.cat([torch.stack((a, b)).norm(dim=-1).flatten() for a, b in fast_calls])
+    return norms
 
 
-def test_zero_and_tiny_rows_follow_the_eps_clamp():
-    """A row with norm below eps is divided by eps and its gradient is g / eps (the clamp makes
-    the denominator a constant), as F.normalize."""
-    x = torch.randn(4, 9)
-    x[1] = 0.0
-    x[2] = 1e-14
-    _compare(x, torch.randn(4, 9))
-
-
-def test_non_contiguous_input():
-    base = torch.randn(8, 33)
-    x = base[::2, 1:]  # strided rows, offset columns
-    assert not x.is_contiguous()
-    _compare(x, torch.randn(x.shape))
-
-
-@pytest.mark.parametrize("bad,exc,match", [
-    (torch.ones(3, 4, dtype=torch.float64), TypeError, "x: expected dtype float32"),
-    (torch.ones(3, 0), ValueError, r"x: expected shape \[..., D\] with D >= 1"),
-    ([1.0, 2.0], TypeError, "x: expected a torch.Tensor"),
+@pytest.mark.parametrize("batch,patches,length,dim,cap,dtype", [
+    pytest.param(3, 5, 7, 37, 4096, torch.float32, id="D37-fp32"),
+    pytest.param(3, 5, 7, 37, 4096, torch.bfloat16, id="D37-bf16"),
+    pytest.param(3, 5, 7, 37, 16, torch.float16, id="D37-chunked-fp16"),
+    pytest.param(2, 3, 4, 1, 4096, torch.float32, id="D1"),
+    # the row kernel sums <g, y> over the pair's row in several blocks
+    pytest.param(1, 2, 3, 1100, 4096, torch.float32, id="D1100"),
 ])
-def test_bad_input(bad, exc, match):
-    with pytest.raises(exc, match=match):
-        l2_normalize(bad)
+def test_matches_reference(batch, patches, length, dim, cap, dtype, device):
+    tensors, params = inputs(batch, patches, length, dim, dtype, device)
+    norms = check(tensors, params, cap=cap)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
 
 
-def test_custom_op_opcheck():
-    torch.library.opcheck(torch.ops.cdds_fast.l2_normalize, (torch.randn(3, 7),))
+def test_zero_rows_follow_the_eps_clamp(device):
+    """A pair whose semantic components are all zero in both modalities: mu = 0 and c = W mu = 0,
+    so all four of its features are 0 / eps = 0 and their gradients g / eps (F.normalize's clamp
+    makes the denominator a constant), as in the reference."""
+    tensors, params = inputs(3, 4, 5, 9, torch.float32, device)
+    with torch.no_grad():
+        tensors = [t.detach() for t in tensors]
+        tensors[1][1] = 0.0
+        tensors[4][1] = 0.0
+        tensors = [t.requires_grad_() if t.is_floating_point() else t for t in tensors]
+    norms = check(tensors, params)
+    assert (norms == 0).sum() == 6  # pair 1 of the three calls' two features
