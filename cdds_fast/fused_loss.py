@@ -32,12 +32,10 @@ both paths (``log 0`` in ``KL(q || qbar)``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from cdds_fast.contrastive import info_nce
+from cdds_fast.kernels.contrastive import info_nce_triton
 from cdds_fast.kernels.constraints import constraint_losses
 from cdds_fast.kernels.normalize import l2_normalize
 from cdds_fast.kernels.sampling import related_sampling
@@ -48,7 +46,8 @@ from cdds_fast.reference.validation import validate_cdds_inputs
 
 
 def _default_contrastive() -> Contrastive:
-    return functools.partial(info_nce, backend="triton")
+    # the kernels' own entry point: the loss validated its inputs (logit_scale included) already
+    return info_nce_triton
 
 
 def cdds_loss_triton(
@@ -82,7 +81,7 @@ def cdds_loss_triton(
     text ``[B, L, D]``, ``text_mask`` bool ``[B, L]``, the six parameter vectors ``[D]``,
     ``logit_scale`` 0-d or a number); tensors may be fp32/bf16/fp16 (mixed), any strides.
     ``check_finite`` defaults to False here (the check costs a device synchronisation).
-    ``contrastive`` defaults to :func:`cdds_fast.contrastive.info_nce` with ``backend="triton"``.
+    ``contrastive`` defaults to :func:`cdds_fast.kernels.contrastive.info_nce_triton`.
 
     Returns:
         dict ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
