@@ -1,84 +1,106 @@
-"""Benchmark: fused InfoNCE (FusedClipLoss) vs open_clip ClipLoss vs Inf-CL, forward + backward.
+"""Benchmark: symmetric InfoNCE forward + backward, every path of ``FusedClipLoss`` against open_clip
+``ClipLoss``, ``torch.compile(ClipLoss)`` and Inf-CL.
 
 For each dtype and batch size it reports the median time of one forward + backward step (after
 warm-up, ``triton.testing.do_bench``), the peak extra device memory of that step
-(``torch.cuda.max_memory_allocated`` minus what was allocated before it), and the loss's relative
-difference to ClipLoss where both ran. Prints a markdown table.
+(``torch.cuda.max_memory_allocated`` minus what was allocated before it, gradients included), the
+achieved TFLOP/s counted as ``8 B^2 D`` for every method (the FLOPs of the loss with one logit
+recompute: the same yardstick for all, whatever each method actually spends), the fraction of
+the cost model of ``kernels/contrastive.py`` reached (model ms / measured ms, our paths only) and
+the loss's relative difference to ``ClipLoss``. Prints a markdown table.
 
     python benchmarks/bench_contrastive.py            # B in {4096, 16384, 65536}, D = 512
     python benchmarks/bench_contrastive.py --quick    # B in {1024, 4096}: a smoke run
-    python benchmarks/bench_contrastive.py --tune     # sweep the fused kernels' tile configs
+    python benchmarks/bench_contrastive.py --budgets 64 128 192 256   # blocked path, MiB sweep
+    python benchmarks/bench_contrastive.py --tune     # tile configs of the all-Triton kernels
 
-Roofline of the fused op (see kernels/contrastive.py): 10*B^2*D FLOP per forward + backward
-(2 forward, 8 backward); ClipLoss does 6*B^2*D on cuBLAS but streams several [B, B] fp32
-tensors through HBM. H200: ~790 TFLOP/s dense bf16 (fp32 "ieee" has no tensor cores:
-~67 TFLOP/s), ~4.3 TB/s.
-
-Inf-CL (``pip install inf_cl``) is optional: ``(cal_inf_loss(a, b, scale=s) +
-cal_inf_loss(b, a, scale=s)) / 2`` is its symmetric CLIP loss; it is skipped when not installed.
-Every case is guarded (OOM or any error prints in the table and the run goes on). On a machine
-without CUDA the script prints a message and exits 0.
+Methods: ``FusedClipLoss`` (the path the rule in ``kernels/launch.py`` picks), ``fused path``
+and ``blocked path`` (each forced, as the tests force them: by replacing the rule), ``blocked
+tf32`` (fp32 only, ``allow_tf32=True``), ``ClipLoss``, ``compiled ClipLoss`` and ``Inf-CL``
+(``pip install inf_cl``: ``(cal_inf_loss(a, b, scale=s) + cal_inf_loss(b, a, scale=s)) / 2``;
+skipped when not installed). The all-Triton path recomputes more (``12 B^2 D``) and is skipped
+above ``--fused-max-b``. Every case is guarded (OOM or any error prints in the table and the run
+goes on). On a machine without CUDA the script prints a message and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import fmt  # noqa: E402
 from benchmarks.common import measure as common_measure  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+#: where the features live: "cuda", or "cpu" for the test suite's smoke run (under the Triton
+#: interpreter, tiny sizes; the numbers mean nothing there)
+DEVICE = "cuda"
+
+
 def _features(b: int, d: int, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    a = torch.randn(b, d, device="cuda", generator=g)
-    t = 0.5 * a + torch.randn(b, d, device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    a = torch.randn(b, d, device=DEVICE, generator=g)
+    t = 0.5 * a + torch.randn(b, d, device=DEVICE, generator=g)
     a = F.normalize(a, dim=-1).to(dtype).requires_grad_()
     t = F.normalize(t, dim=-1).to(dtype).requires_grad_()
-    s = torch.tensor(math.log(1 / 0.07), device="cuda").exp().detach().requires_grad_()
+    s = torch.tensor(math.log(1 / 0.07), device=DEVICE).exp().detach().requires_grad_()
     return a, t, s
 
 
-#: FusedClipLoss variants: name -> (forward method, backward method, allow_tf32)
-FUSED_VARIANTS = {
-    "fused": ("fused", "chunked", False),
-    "fused-chunked-fwd": ("chunked", "chunked", False),
-    "fused-triton-bwd": ("fused", "fused", False),
-    "fused-tf32": ("fused", "chunked", True),
+def forced_path(path: str | None):
+    """Run the enclosed calls on ``path`` ("fused" / "blocked"; None: the rule's choice)."""
+    if path is None:
+        return contextlib.nullcontext()
+    from cdds_fast.kernels import launch
+
+    return mock.patch.object(launch, "info_nce_path", lambda *args, **kwargs: path)
+
+
+#: our methods: name -> (forced path or None, allow_tf32)
+OURS = {
+    "FusedClipLoss": (None, False),
+    "fused path": ("fused", False),
+    "blocked path": ("blocked", False),
+    "blocked tf32": ("blocked", True),
 }
 
 
 def _methods(args):
-    """name -> factory(dtype) returning loss(a, t, s), or None if unavailable. FusedClipLoss
-    variants are measured inside ``kernels.contrastive.methods`` (see ``FUSED_VARIANTS``)."""
+    """name -> factory(dtype, b) returning loss(a, t, s), or None where it does not apply."""
     from open_clip.loss import ClipLoss
 
     from cdds_fast.contrastive import FusedClipLoss
 
-    def fused(allow_tf32):
-        def factory(dtype):
-            if allow_tf32 and dtype != torch.float32:
+    def ours(path, allow_tf32):
+        def factory(dtype, b):
+            if (allow_tf32 and dtype != torch.float32) or (path == "fused" and
+                                                           b > args.fused_max_b):
                 return None
-            return FusedClipLoss(backend="triton", allow_tf32=allow_tf32)
+            return FusedClipLoss(backend="triton", allow_tf32=allow_tf32,
+                                 max_scratch_bytes=args.budget << 20)
         return factory
 
-    out = {name: fused(tf32) for name, (_, _, tf32) in FUSED_VARIANTS.items()}
-    out["open_clip ClipLoss"] = lambda dtype: ClipLoss()
+    out = {name: ours(*spec) for name, spec in OURS.items()}
+    out["ClipLoss"] = lambda dtype, b: ClipLoss()
+    out["compiled ClipLoss"] = lambda dtype, b: torch.compile(ClipLoss())
     try:
         from inf_cl import cal_inf_loss  # type: ignore
 
-        def inf_cl(dtype):
+        def inf_cl(dtype, b):
             return lambda a, t, s: (cal_inf_loss(a, t, scale=s) + cal_inf_loss(t, a, scale=s)) / 2
 
         out["Inf-CL"] = inf_cl
@@ -91,7 +113,8 @@ def _methods(args):
 
 def _cleanup():
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def measure(loss_fn, a, t, s, *, warmup_ms: int, rep_ms: int):
@@ -105,112 +128,143 @@ def measure(loss_fn, a, t, s, *, warmup_ms: int, rep_ms: int):
     return m.median_ms, m.peak_extra_mb, float(m.result.float())
 
 
+def _model_ms(name: str, dtype: torch.dtype, b: int, d: int, budget_mib: int) -> float | None:
+    """The cost model's ms for our methods (kernels/contrastive.cost_model), else None."""
+    if name not in OURS:
+        return None
+    from cdds_fast.kernels import contrastive as K
+
+    path, tf32 = OURS[name]
+    with forced_path(path):
+        return K.cost_model(b, d, dtype, allow_tf32=tf32, budget=budget_mib << 20)["ms"]
+
+
+def _run_case(name, factory, dtype, b, args):
+    """(ms, peak MiB, loss) or (message, None, None)."""
+    fn = factory(dtype, b)
+    if fn is None:
+        return None
+    if name == "ClipLoss" and b > args.clip_max_b:
+        return ("skipped (--clip-max-b)", None, None)
+    _cleanup()
+    try:
+        a, t, s = _features(b, args.dim, dtype)
+        with forced_path(OURS.get(name, (None,))[0]):
+            return measure(fn, a, t, s, warmup_ms=args.warmup, rep_ms=args.rep)
+    except torch.cuda.OutOfMemoryError:
+        return ("OOM", None, None)
+    except Exception as exc:  # noqa: BLE001 - report and go on: one-shot run
+        if args.verbose:
+            traceback.print_exc()
+        return (f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", None, None)
+    finally:
+        a = t = s = None  # noqa: F841
+        _cleanup()
+
+
 def run_table(args) -> list[dict]:
     """Print the markdown table and return its rows as dicts (for benchmarks/report.py)."""
-    from cdds_fast.kernels import contrastive as kernels
-
     methods = _methods(args)
     records = []
     d = args.dim
-    rows = []
-    header = ("| dtype | B | method | fwd+bwd ms (median) | peak extra MiB | TFLOP/s (10 B^2 D) "
-              "| loss rel. diff vs ClipLoss |")
-    print(header)
-    print("|" + "---|" * 7, flush=True)
+    print("| dtype | B | method | fwd+bwd ms (median) | peak extra MiB | TFLOP/s (8 B^2 D) "
+          "| model fraction | loss rel. diff vs ClipLoss |")
+    print("|" + "---|" * 8, flush=True)
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         for b in args.sizes:
             results = {}
             for name, factory in methods.items():
-                fn = factory(dtype)
-                if fn is None:
-                    continue
-                if name == "open_clip ClipLoss" and b > args.clip_max_b:
-                    results[name] = ("skipped (--clip-max-b)", None, None)
-                    continue
-                _cleanup()
-                try:
-                    a, t, s = _features(b, d, dtype)
-                    forward, backward, _ = FUSED_VARIANTS.get(name, (None, None, None))
-                    with kernels.methods(forward, backward):
-                        ms, peak, value = measure(fn, a, t, s, warmup_ms=args.warmup,
-                                                  rep_ms=args.rep)
-                    results[name] = (ms, peak, value)
-                except torch.cuda.OutOfMemoryError:
-                    results[name] = ("OOM", None, None)
-                except Exception as exc:  # noqa: BLE001 - report and go on: one-shot run
-                    msg = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-                    results[name] = (msg, None, None)
-                    if args.verbose:
-                        traceback.print_exc()
-                finally:
-                    a = t = s = None  # noqa: F841
-                    _cleanup()
-            ref = results.get("open_clip ClipLoss", (None, None, None))[2]
+                out = _run_case(name, factory, dtype, b, args)
+                if out is not None:
+                    results[name] = out
+            ref = results.get("ClipLoss", (None, None, None))[2]
             for name, (ms, peak, value) in results.items():
+                rec = {"dtype": dname, "batch": b, "method": name, "full_ms": None,
+                       "peak_mb": peak, "tflops": None, "model_fraction": None,
+                       "note": ms if isinstance(ms, str) else ""}
                 if isinstance(ms, str):
-                    line = f"| {dname} | {b} | {name} | {ms} | - | - | - |"
+                    print(f"| {dname} | {b} | {name} | {ms} | - | - | - | - |", flush=True)
                 else:
-                    tflops = 10 * b * b * d / (ms * 1e-3) / 1e12 if name.startswith("fused") \
-                        else float("nan")
-                    rel = abs(value - ref) / abs(ref) if ref not in (None, 0.0) else float("nan")
-                    tf = f"{tflops:.1f}" if not math.isnan(tflops) else "-"
-                    rd = f"{rel:.1e}" if not math.isnan(rel) else "-"
-                    line = f"| {dname} | {b} | {name} | {ms:.3f} | {peak:.1f} | {tf} | {rd} |"
-                print(line, flush=True)
-                rows.append(line)
-                records.append({"dtype": dname, "batch": b, "method": name,
-                                "full_ms": ms if not isinstance(ms, str) else None,
-                                "peak_mb": peak, "note": ms if isinstance(ms, str) else ""})
+                    model = _model_ms(name, dtype, b, d, args.budget)
+                    rec.update(full_ms=ms, tflops=8 * b * b * d / (ms * 1e-3) / 1e12,
+                               model_fraction=None if model is None else model / ms)
+                    rel = abs(value - ref) / abs(ref) if ref not in (None, 0.0) else None
+                    frac = "-" if model is None else f"{100 * model / ms:.0f}%"
+                    print(f"| {dname} | {b} | {name} | {ms:.3f} | {fmt(peak, '.1f')} | "
+                          f"{rec['tflops']:.1f} | {frac} | "
+                          f"{'-' if rel is None else f'{rel:.1e}'} |", flush=True)
+                records.append(rec)
+    return records
+
+
+def run_budgets(args) -> list[dict]:
+    """The blocked path at each ``--budgets`` value (MiB): time, memory, model fraction."""
+    from cdds_fast.contrastive import FusedClipLoss
+
+    print("| dtype | B | budget MiB | fwd+bwd ms | peak extra MiB | TFLOP/s | model fraction |")
+    print("|" + "---|" * 7, flush=True)
+    records = []
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        for b in args.sizes:
+            for budget in args.budgets:
+                loss_fn = FusedClipLoss(backend="triton", max_scratch_bytes=budget << 20)
+                saved, args.budget = args.budget, budget
+                out = _run_case("blocked path", lambda *_: loss_fn, dtype, b, args)
+                args.budget = saved
+                ms, peak, _ = out
+                if isinstance(ms, str):
+                    print(f"| {dname} | {b} | {budget} | {ms} | - | - | - |", flush=True)
+                    continue
+                model = _model_ms("blocked path", dtype, b, args.dim, budget)
+                tflops = 8 * b * b * args.dim / (ms * 1e-3) / 1e12
+                print(f"| {dname} | {b} | {budget} | {ms:.3f} | {fmt(peak, '.1f')} | {tflops:.1f} | "
+                      f"{100 * model / ms:.0f}% |", flush=True)
+                records.append({"dtype": dname, "batch": b, "budget_mib": budget, "full_ms": ms,
+                                "peak_mb": peak, "tflops": tflops, "model_fraction": model / ms})
     return records
 
 
 # ------------------------------------------------------------------------------------------------
 # --tune: time the forward and backward kernels alone for candidate tile configs
 # ------------------------------------------------------------------------------------------------
+#: Candidate tiles of the all-Triton kernels (the first of each family compiled for sm_90 without
+#: spills at D = 512; the others trade registers for fewer logit recomputes or larger dots).
 FWD_CANDIDATES = {
     "16bit": [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
-        dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     ],
     "fp32": [
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
     ],
 }
 BWD_CANDIDATES = {
     "16bit": [
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=256, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=512, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=128, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=256, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, BLOCK_DO=256, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=128, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_DO=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=512, num_warps=8, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=64, num_warps=8, num_stages=2),
     ],
     "fp32": [
-        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=256, num_warps=4, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=128, num_warps=4, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=256, num_warps=8, num_stages=2),
-        dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=512, num_warps=4, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, BLOCK_DO=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=256, num_warps=8, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=128, num_warps=4, num_stages=2),
     ],
 }
 
 
 def run_tune(args) -> None:
-    import triton.testing
+    """Time the all-Triton forward and backward kernels alone for candidate tile configs."""
+    import dataclasses
 
     from cdds_fast.kernels import contrastive as K
-    from cdds_fast.kernels.launch import info_nce_tiles
+    from cdds_fast.kernels.launch import _plan_for_path
 
     b, d = args.tune_b, args.dim
     print("| kind | dtype | B | config | ms | TFLOP/s |")
@@ -218,42 +272,33 @@ def run_tune(args) -> None:
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         fam = "fp32" if dtype == torch.float32 else "16bit"
-        a, t, s = _features(b, d, dtype)
-        a, t, s = a.detach(), t.detach(), s.detach()
-        grad = torch.ones((), device="cuda")
-        default_f = info_nce_tiles("fwd", dtype, d, False, a.device)
-        default_b = info_nce_tiles("bwd", dtype, d, False, a.device)
-        lse = None
-        for cfg in [None] + FWD_CANDIDATES[fam]:
-            name = "default " + str(default_f) if cfg is None else str(cfg)
-            try:
-                def fwd(cfg=cfg):
-                    return K.info_nce_forward(a, t, s, 0, True, _config=cfg)
-                out = fwd()
-                lse = lse or (out[1], out[2])
-                ms = triton.testing.do_bench(fwd, warmup=args.warmup, rep=args.rep,
-                                             return_mode="median")
-                print(f"| fwd | {dname} | {b} | {name} | {ms:.3f} | "
-                      f"{2 * b * b * d / ms / 1e9:.1f} |", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                print(f"| fwd | {dname} | {b} | {name} | error {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:60]} | - |", flush=True)
-        if lse is None:
-            continue
-        for cfg in [None] + BWD_CANDIDATES[fam]:
-            name = "default " + str(default_b) if cfg is None else str(cfg)
-            try:
-                def bwd(cfg=cfg):
-                    return K.info_nce_backward(grad, a, t, s, lse[0], lse[1], 0, True, False,
-                                               True, True, True, _config=cfg)
-                bwd()
-                ms = triton.testing.do_bench(bwd, warmup=args.warmup, rep=args.rep,
-                                             return_mode="median")
-                print(f"| bwd | {dname} | {b} | {name} | {ms:.3f} | "
-                      f"{8 * b * b * d / ms / 1e9:.1f} |", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                print(f"| bwd | {dname} | {b} | {name} | error {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:60]} | - |", flush=True)
+        a, t, s = (v.detach() for v in _features(b, d, dtype))
+        x, y = a[None], t[None]
+        grad = torch.ones(1, device=DEVICE)
+        default = _plan_for_path("fused", dtype, b, b, d, a.device, False, 0)
+        for kind, candidates, flop in (("fwd", FWD_CANDIDATES[fam], 4), ("bwd", BWD_CANDIDATES[fam],
+                                                                          8)):
+            for cfg in [None] + candidates:
+                plan = default if cfg is None else dataclasses.replace(
+                    default, tiles=tuple({**dict(default.tiles), **cfg}.items()))
+                name = ("default " if cfg is None else "") + str(dict(plan.tiles))
+                try:
+                    _, sr, sc = K._forward(x, y, s, symmetric=True, label_offset=0,
+                                           allow_tf32=False, plan=plan)
+
+                    def run(plan=plan, sr=sr, sc=sc, kind=kind):
+                        if kind == "fwd":
+                            return K._forward(x, y, s, symmetric=True, label_offset=0,
+                                              allow_tf32=False, plan=plan)
+                        return K._backward(grad, x, y, s, sr, sc, symmetric=True,
+                                           label_offset=0, allow_tf32=False, need_dx=True,
+                                           need_dy=True, need_dscale=True, plan=plan)
+                    ms = common_measure(run, warmup_ms=args.warmup, rep_ms=args.rep).median_ms
+                    print(f"| {kind} | {dname} | {b} | {name} | {ms:.3f} | "
+                          f"{flop * b * b * d / ms / 1e9:.1f} |", flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"| {kind} | {dname} | {b} | {name} | error {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:60]} | - |", flush=True)
         del a, t, s
         _cleanup()
 
@@ -265,32 +310,39 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of: fused fused-chunked-fwd fused-triton-bwd fused-tf32 "
-                        "'open_clip ClipLoss' Inf-CL (fused = the defaults: fused forward, "
-                        "chunked backward)")
+                   help="subset of: " + ", ".join([*OURS, "ClipLoss", "compiled ClipLoss",
+                                                   "Inf-CL"]))
+    p.add_argument("--budget", type=int, default=192, help="max_scratch_bytes, MiB")
+    p.add_argument("--budgets", type=int, nargs="+", default=None,
+                   help="sweep the blocked path over these budgets (MiB) instead of the table")
+    p.add_argument("--fused-max-b", type=int, default=16384,
+                   help="skip the forced all-Triton path above this B")
     p.add_argument("--clip-max-b", type=int, default=1 << 30,
                    help="skip ClipLoss above this B (it is guarded against OOM anyway)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     p.add_argument("--tune", action="store_true", help="sweep tile configs of the fused kernels")
-    p.add_argument("--tune-b", type=int, default=16384)
+    p.add_argument("--tune-b", type=int, default=1024)
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a smoke run of the script itself (tests), under TRITON_INTERPRET=1")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_contrastive: no CUDA device found; this benchmark times GPU kernels, "
               "nothing to do on CPU.")
         return 0
     if args.sizes is None:
         args.sizes = [1024, 4096] if args.quick else [4096, 16384, 65536]
-    import triton
+    from benchmarks.common import environment
 
-    props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, "
-          f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
-          f"triton {triton.__version__}; D = {args.dim}", flush=True)
+    print(f"{environment()}; D = {args.dim}", flush=True)
     t0 = time.time()
     if args.tune:
         run_tune(args)
+    elif args.budgets:
+        run_budgets(args)
     else:
         run_table(args)
     print(f"(total {time.time() - t0:.0f} s)")

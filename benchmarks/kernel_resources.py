@@ -205,21 +205,29 @@ def plan_units(recorder: Recorder, shape: tuple, dtype: torch.dtype) -> None:
 
 def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
                   allow_tf32: bool = False) -> None:
-    """Forward + backward of the symmetric and the rectangular (``local_loss``) InfoNCE."""
-    from cdds_fast.kernels import contrastive
+    """Forward + backward of the symmetric and the rectangular (``local_loss``) InfoNCE on both
+    paths (two problems at once, as the CDDS loss runs them), every kernel specialisation a GPU
+    would compile."""
+    from cdds_fast.kernels import contrastive as K
+    from cdds_fast.kernels.launch import _plan_for_path
 
     tag = _name(dtype) + (" tf32" if allow_tf32 else "")
-    # every kernel of both methods: (fused fwd, chunked bwd) and (chunked fwd, fused bwd)
-    for fwd, bwd in (("fused", "chunked"), ("chunked", "fused")):
-        with contrastive.methods(fwd, bwd):
-            for symmetric in (True, False):
-                recorder.plan = (f"info_nce B={batch} D={dim} {tag} "
-                                 f"{'sym' if symmetric else 'rect'} {fwd} fwd {bwd} bwd")
-                x = torch.randn(batch, dim).to(dtype).requires_grad_(True)
-                y = torch.randn(batch if symmetric else 2 * batch, dim).to(dtype)
-                scale = torch.tensor(14.3, requires_grad=True)
-                contrastive.info_nce_triton(x, y.requires_grad_(True), scale,
-                                            symmetric=symmetric, allow_tf32=allow_tf32).backward()
+    for path in ("fused", "blocked"):
+        for symmetric in (True, False):
+            recorder.plan = (f"info_nce B={batch} D={dim} {tag} "
+                             f"{'sym' if symmetric else 'rect'} {path}")
+            n = batch if symmetric else 2 * batch
+            x, y = torch.randn(2, batch, dim).to(dtype), torch.randn(2, n, dim).to(dtype)
+            scale = torch.tensor(14.3)
+            offset = 0 if symmetric else batch // 2
+            plan = _plan_for_path(path, dtype, batch, n, dim, x.device, allow_tf32,
+                                  4 * batch * n)  # budget: two blocks per side
+            loss, stats_r, stats_c = K._forward(x, y, scale, symmetric=symmetric,
+                                                label_offset=offset, allow_tf32=allow_tf32,
+                                                plan=plan)
+            K._backward(torch.ones(2), x, y, scale, stats_r, stats_c, symmetric=symmetric,
+                        label_offset=offset, allow_tf32=allow_tf32, need_dx=True, need_dy=True,
+                        need_dscale=True, plan=plan)
 
 
 #: aten ops that launch no device work (views, metadata, allocation)
@@ -274,6 +282,90 @@ def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch
                 aten += parent is None  # nested ops belong to their top-level op
             out[phase] = {"triton": sum(triton_calls.values()), "aten": aten}
     return out
+
+
+def _top_level_aten(prof) -> int:
+    """Top-level aten ops of a profile that launch device work (nested ops belong to their
+    top-level op)."""
+    aten = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::") or event.name in _NO_LAUNCH:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        aten += parent is None
+    return aten
+
+
+def count_info_nce(b: int, n: int, d: int, dtype: torch.dtype, budget: int, *, n_prob: int = 1,
+                   symmetric: bool = True, device: str = "cpu", sms: int = 132) -> dict:
+    """Launches and scratch allocations of one InfoNCE forward and backward (``P = n_prob``
+    problems of ``[b, d]`` rows against ``[n, d]`` columns) as a GPU would issue them: Triton
+    launches recorded (not run), aten launches from the profiler as in :func:`count_launches`,
+    and every ``launch.scratch`` buffer the launchers allocate (``device="meta"`` runs the
+    launchers of B = 65536 without computing anything)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from cdds_fast.kernels import contrastive as K
+    from cdds_fast.kernels.launch import gpu_launch_plan
+
+    triton_calls = Counter()
+    recorder = Recorder(90)
+    recorder.run = lambda fn, args, kwargs, grid: triton_calls.update([fn.__name__])
+    _install(recorder)
+    allocated: list[int] = []
+    real_scratch = K.scratch
+
+    def recording_scratch(shape, dtype_, device_):
+        out = real_scratch(shape, dtype_, device_)
+        allocated.append(out.numel() * out.element_size())
+        return out
+
+    K.scratch = recording_scratch
+    dev = torch.device(device)
+    x = torch.randn(n_prob, b, d, device=dev).to(dtype)
+    y = torch.randn(n_prob, n, d, device=dev).to(dtype)
+    scale = torch.tensor(14.3, device=dev)
+    grad = torch.ones(n_prob, device=dev)
+    offset = 0 if symmetric else n - b
+    out = {}
+    try:
+        with gpu_launch_plan(sms):
+            from cdds_fast.kernels.launch import info_nce_plan
+
+            plan = info_nce_plan(dtype, b, n, d, dev, budget=budget)
+            out["plan"] = [plan.path, plan.fwd_rows, plan.bwd_rows, plan.bwd_cols]
+            for phase in ("forward", "backward"):
+                triton_calls.clear()
+                allocated.clear()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    if phase == "forward":
+                        _, stats_r, stats_c = K.nce_forward(
+                            x, y, scale, symmetric=symmetric, label_offset=offset,
+                            max_scratch_bytes=budget)
+                    else:
+                        K.nce_backward(grad, x, y, scale, stats_r,
+                                       stats_c, symmetric=symmetric, label_offset=offset,
+                                       max_scratch_bytes=budget)
+                out[phase] = {"triton": sum(triton_calls.values()),
+                              "aten": _top_level_aten(prof), "scratch": list(allocated)}
+    finally:
+        K.scratch = real_scratch
+    return out
+
+
+#: InfoNCE cases ``--count-info-nce`` reports: (B, N, D, dtype, budget, P, symmetric, device)
+INFO_NCE_CASES = [
+    (256, 256, 512, "fp32", 256 * 2**20, 3, True, "cpu"),        # the CDDS step's three terms
+    (4096, 4096, 512, "bf16", 192 * 2**20, 1, True, "meta"),
+    (4096, 4096, 512, "bf16", 24 * 2**20, 1, True, "meta"),       # several blocks and chunks
+    (1500, 3000, 64, "fp32", 2**20, 2, False, "meta"),            # rectangular, short blocks
+    (65536, 65536, 512, "bf16", 192 * 2**20, 1, True, "meta"),
+    (65536, 65536, 512, "fp32", 192 * 2**20, 1, True, "meta"),
+]
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -345,7 +437,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit 0 even if some kernel spills (compile errors still fail)")
     parser.add_argument("--count-launches", action="store_true",
                         help="only count the device launches of one CDDS loss step, print JSON")
+    parser.add_argument("--count-info-nce", action="store_true",
+                        help="only count the launches and scratch of the InfoNCE cases "
+                             "(INFO_NCE_CASES), print JSON")
     args = parser.parse_args(argv)
+    if args.count_info_nce:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            raise SystemExit("kernel_resources: unset TRITON_INTERPRET")
+        cases = [[*case, count_info_nce(b, n, d, DTYPES[dt], budget, n_prob=p, symmetric=sym,
+                                        device=dev, sms=args.sms)]
+                 for case in INFO_NCE_CASES for b, n, d, dt, budget, p, sym, dev in [case]]
+        print(json.dumps(cases))
+        return 0
     if args.count_launches:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             raise SystemExit("kernel_resources: unset TRITON_INTERPRET")

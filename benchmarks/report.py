@@ -9,9 +9,10 @@ Contents:
   (full minus forward) and forward+backward medians, peak extra memory, and the fraction of the
   byte roofline (inputs read once, input gradients written once, at the copy bandwidth measured in
   the same run) that the fast path reaches.
-* Symmetric InfoNCE: FusedClipLoss vs open_clip ClipLoss vs Inf-CL (when installed) at
-  B in {4096, 16384, 65536}, D = 512, fp32 and bf16, with the fraction of the matmul roofline
-  (10 B^2 D FLOPs for fwd+bwd at the bf16/fp32 matmul rate measured in the same run).
+* Symmetric InfoNCE: every path of FusedClipLoss vs open_clip ClipLoss, torch.compile(ClipLoss)
+  and Inf-CL (when installed) at B in {4096, 16384, 65536}, D = 512, fp32 and bf16, with the
+  fraction of the matmul roofline (8 B^2 D FLOPs for fwd+bwd at the bf16/fp32 matmul rate
+  measured in the same run) and of the cost model of ``kernels/contrastive.py``.
 * PNG plots of time and memory against batch size.
 Nothing here is estimated: every number is measured by this script on the named device.
 """
@@ -60,7 +61,7 @@ def contrastive_rows(quick: bool) -> list[dict]:
     args = argparse.Namespace(
         quick=quick, sizes=[1024, 4096] if quick else [4096, 16384, 65536], dim=512,
         dtypes=["fp32", "bf16"], methods=None, clip_max_b=1 << 30, warmup=25, rep=100,
-        verbose=False,
+        verbose=False, budget=192, fused_max_b=16384,
     )
     return bench_contrastive.run_table(args)
 
@@ -148,9 +149,9 @@ def main(argv=None) -> int:
             r["byte_roofline_fraction"] = floor_ms / r["full_ms"]
     clip = [] if (args.skip_contrastive or not cuda) else contrastive_rows(args.quick)
     for r in clip:
-        if r["full_ms"] and r["method"].startswith("fused"):
+        if r["full_ms"]:  # 8 B^2 D (bench_contrastive's yardstick) at the measured GEMM rate
             rate = ceilings["matmul_bf16_TFLOPs" if r["dtype"] == "bf16" else "matmul_fp32_TFLOPs"]
-            r["matmul_roofline_fraction"] = 10 * r["batch"] ** 2 * 512 / (r["full_ms"] * 1e9) / rate
+            r["matmul_roofline_fraction"] = r["tflops"] / rate
     lines = ["# Benchmark report", "", f"Environment: `{json.dumps(env)}`", ""]
     if ceilings:
         lines += [f"Measured ceilings: `{json.dumps({k: round(v, 1) for k, v in ceilings.items()})}`", ""]
@@ -162,12 +163,18 @@ def main(argv=None) -> int:
             f"{r['shape']} {r['dtype']}: {100 * r['byte_roofline_fraction']:.0f}%" for r in fr), ""]
     if clip:
         lines += ["## Symmetric InfoNCE (D = 512)", "",
-                  "| dtype | B | method | fwd+bwd ms | peak extra MiB | matmul roofline |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| dtype | B | method | fwd+bwd ms | peak extra MiB | TFLOP/s | matmul roofline "
+                  "| cost model |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+        def pct(value):
+            return "" if value is None else f"{100 * value:.0f}%"
+
         for r in clip:
-            frac = r.get("matmul_roofline_fraction")
             lines.append(f"| {r['dtype']} | {r['batch']} | {r['method']} | {fmt(r['full_ms'])} | "
-                         f"{fmt(r['peak_mb'], '.1f')} | {'' if frac is None else f'{100 * frac:.0f}%'} |")
+                         f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['tflops'], '.1f')} | "
+                         f"{pct(r.get('matmul_roofline_fraction'))} | "
+                         f"{pct(r.get('model_fraction'))} |")
         lines.append("")
     pngs = plot(cdds, clip, out)
     lines += [f"![{p.stem}]({p.name})" for p in pngs]

@@ -18,11 +18,14 @@ Differences from ``ClipLoss`` (all deliberate):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from cdds_fast.dispatch import resolve_backend
-from cdds_fast.reference.validation import check_scale, check_tensor
+from cdds_fast.kernels.launch import INFO_NCE_SCRATCH_BYTES, check_scratch_bytes
+from cdds_fast.reference.validation import check_scale, check_tensor, check_values
 
 
 def _check(a: object, b: object, logit_scale: object, names: tuple[str, str],
@@ -51,6 +54,21 @@ def _check(a: object, b: object, logit_scale: object, names: tuple[str, str],
         )
 
 
+def _check_scale_value(logit_scale: Tensor | float) -> None:
+    """``logit_scale`` is CLIP's exponentiated scale: finite and > 0. A number is checked here; a
+    tensor by a device-side assertion, which needs no synchronisation (on CPU tensors it raises
+    at once; on CUDA a failure stops the program at the device's next synchronisation)."""
+    message = ("logit_scale: expected a finite value > 0 (the exponentiated scale, e.g. "
+               "model.logit_scale.exp()), got {}")
+    if isinstance(logit_scale, Tensor):
+        # log(s) is finite exactly when s is finite and > 0 (log 0 = -inf, log of a negative
+        # or NaN is NaN): two launches and the assertion
+        check_values(torch.isfinite(logit_scale.detach().log()),
+                     message.format("a tensor outside it"), host=False)
+    elif not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(message.format(repr(logit_scale)))
+
+
 def _common(*ts: Tensor) -> list[Tensor]:
     dtype = ts[0].dtype
     for t in ts[1:]:
@@ -65,6 +83,7 @@ def info_nce(
     *,
     backend: str = "auto",
     allow_tf32: bool = False,
+    max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
 ) -> Tensor:
     """Symmetric InfoNCE ``(CE(s A B^T, arange) + CE(s B A^T, arange)) / 2`` (spec section 6).
 
@@ -78,10 +97,14 @@ def info_nce(
             or ``"reference"``.
         allow_tf32: let fp32 features use TF32 tensor cores (faster, ~1e-3 relative); default
             off: IEEE fp32 products, within 1e-5 relative of float64.
+        max_scratch_bytes: bound on the logit blocks large batches are computed in (the
+            Triton backend's extra memory beyond O(B D); ``kernels/contrastive.py``).
     Returns:
         0-d float32 loss (float64 for float64 features). ``B = 1`` gives 0.
     """
     _check(image_features, text_features, logit_scale, ("image_features", "text_features"))
+    _check_scale_value(logit_scale)
+    check_scratch_bytes(max_scratch_bytes)
     a, b = _common(image_features, text_features)
     chosen = resolve_backend(backend, a.device, a.dtype)
     if chosen == "reference":
@@ -90,7 +113,8 @@ def info_nce(
         return reference_info_nce(a, b, logit_scale)
     from cdds_fast.kernels.contrastive import info_nce_triton
 
-    return info_nce_triton(a, b, logit_scale, symmetric=True, allow_tf32=allow_tf32)
+    return info_nce_triton(a, b, logit_scale, symmetric=True, allow_tf32=allow_tf32,
+                           max_scratch_bytes=max_scratch_bytes)
 
 
 def info_nce_gathered(
@@ -104,6 +128,7 @@ def info_nce_gathered(
     rank: int,
     backend: str = "auto",
     allow_tf32: bool = False,
+    max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
 ) -> Tensor:
     """InfoNCE over gathered features with open_clip's ``local_loss`` semantics (spec section 8).
 
@@ -123,10 +148,13 @@ def info_nce_gathered(
     """
     if not local_loss:
         _check(all_a, all_b, logit_scale, ("all_a", "all_b"))
-        return info_nce(all_a, all_b, logit_scale, backend=backend, allow_tf32=allow_tf32)
+        return info_nce(all_a, all_b, logit_scale, backend=backend, allow_tf32=allow_tf32,
+                        max_scratch_bytes=max_scratch_bytes)
     _check(local_a, local_b, logit_scale, ("local_a", "local_b"))
     _check(all_a, all_b, logit_scale, ("all_a", "all_b"))
     _check(local_a, all_a, logit_scale, ("local_a", "all_a"), same_shape=False)
+    _check_scale_value(logit_scale)
+    check_scratch_bytes(max_scratch_bytes)
     n_local, n_all = local_a.shape[0], all_a.shape[0]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or \
             (rank + 1) * n_local > n_all:
@@ -145,9 +173,9 @@ def info_nce_gathered(
 
     offset = n_local * rank
     loss_a = info_nce_triton(la, gb, logit_scale, label_offset=offset, symmetric=False,
-                             allow_tf32=allow_tf32)
+                             allow_tf32=allow_tf32, max_scratch_bytes=max_scratch_bytes)
     loss_b = info_nce_triton(lb, ga, logit_scale, label_offset=offset, symmetric=False,
-                             allow_tf32=allow_tf32)
+                             allow_tf32=allow_tf32, max_scratch_bytes=max_scratch_bytes)
     return (loss_a + loss_b) / 2
 
 
@@ -160,7 +188,11 @@ class FusedClipLoss(nn.Module):
             gradient flow across ranks is exactly open_clip's). ``cache_labels`` is accepted for
             compatibility (no label tensor exists here).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
-        allow_tf32: fp32 features on TF32 tensor cores (opt-in).
+        allow_tf32: fp32 features on TF32 tensor cores (opt-in; the global
+            ``torch.backends.cuda.matmul`` TF32 setting does not apply, so IEEE fp32 stays the
+            default whatever the rest of the program uses).
+        max_scratch_bytes: bound on the blocks of logits large batches are computed in (default
+            256 MiB): the extra memory beyond the gradients and O(B D) accumulators.
     """
 
     def __init__(
@@ -173,8 +205,11 @@ class FusedClipLoss(nn.Module):
         use_horovod: bool = False,
         backend: str = "auto",
         allow_tf32: bool = False,
+        max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
     ) -> None:
         super().__init__()
+        check_scratch_bytes(max_scratch_bytes)
+        self.max_scratch_bytes = max_scratch_bytes
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -216,11 +251,11 @@ class FusedClipLoss(nn.Module):
             loss = info_nce_gathered(
                 image_features, text_features, all_image, all_text, logit_scale,
                 local_loss=self.local_loss, rank=self.rank, backend=self.backend,
-                allow_tf32=self.allow_tf32,
+                allow_tf32=self.allow_tf32, max_scratch_bytes=self.max_scratch_bytes,
             )
         else:
             loss = info_nce(image_features, text_features, logit_scale, backend=self.backend,
-                            allow_tf32=self.allow_tf32)
+                            allow_tf32=self.allow_tf32, max_scratch_bytes=self.max_scratch_bytes)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:

@@ -86,7 +86,7 @@ from cdds_fast.kernels.constraints import (
     finalize_terms,
     terms_grad,
 )
-from cdds_fast.kernels.contrastive import info_nce_backward, info_nce_forward
+from cdds_fast.kernels.contrastive import nce_backward, nce_forward
 from cdds_fast.kernels.launch import ROW_BLOCK_CAP, scratch
 from cdds_fast.kernels.sampling import (
     ASH,
@@ -105,39 +105,6 @@ _MASK_MESSAGE = "text_mask: expected at least one valid token per row, got a row
 #: The InfoNCE problems of a step: rows x = (image, image, text), columns y = (text, image_x,
 #: text_x) of the pooled features (``feat`` [2, 3, B, D] = (x, y)).
 N_NCE = 3
-
-
-# ------------------------------------------------------------------------------------------------
-# The three InfoNCE problems of a step
-# ------------------------------------------------------------------------------------------------
-# Batched InfoNCE with a problem axis, the interface kernels/contrastive.py provides for exactly
-# these three small problems: nce_forward(x [P, M, D], y [P, N, D], scale) -> (loss [P],
-# stats_r [P, 3, M], stats_c [P, 3, N]) and nce_backward(grad [P], x, y, scale, stats_r, stats_c)
-# -> (dx, dy, dscale = sum_p grad[p] dL_p / ds). Until it lands, these stand-ins loop over the
-# problems with the single-problem launchers (same results, more launches).
-
-
-def _nce_forward(x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    losses, rows, cols = [], [], []
-    for p in range(x.shape[0]):
-        loss, stats_r, stats_c = info_nce_forward(x[p], y[p], scale, 0, True)
-        losses.append(loss)
-        rows.append(stats_r)
-        cols.append(torch.cat((stats_c, stats_r[2:])))
-    return torch.stack(losses), torch.stack(rows), torch.stack(cols)
-
-
-def _nce_backward(grad: Tensor, x: Tensor, y: Tensor, scale: Tensor, stats_r: Tensor,
-                  stats_c: Tensor, *, need_dscale: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    dxs, dys, dss = [], [], []
-    for p in range(x.shape[0]):
-        dx, dy, ds = info_nce_backward(grad[p], x[p], y[p], scale, stats_r[p], stats_c[p, :2], 0,
-                                       True, False, True, True, need_dscale)
-        dxs.append(dx)
-        dys.append(dy)
-        dss.append(ds)
-    dscale = torch.stack(dss).sum() if need_dscale else None
-    return torch.stack(dxs), torch.stack(dys), dscale
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +173,7 @@ def _cdds_loss_op(
     sampling_forward(col, row, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho,
                      fused=dict(pair=pair, w_s=(w_s_image, w_s_text), feat=feat))
     if scale is not None:
-        nce_loss, nce_r, nce_c = _nce_forward(feat[0], feat[1], scale)
+        nce_loss, nce_r, nce_c = nce_forward(feat[0], feat[1], scale)
     else:
         nce_loss, nce_r, nce_c = None, feat.new_empty((0,)), feat.new_empty((0,))
     terms, glob, ok = finalize_terms(col, pair, nce_loss, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
@@ -244,8 +211,8 @@ def _cdds_loss_backward_op(
     coef = terms_grad((g_clip, g_sem, g_mod, g_f, g_x), glob, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
     dscale = None
     if scale is not None:
-        dx, dy, dscale = _nce_backward(coef[:N_NCE], feat[0], feat[1], scale, nce_r, nce_c,
-                                       need_dscale=need_dscale)
+        dx, dy, dscale = nce_backward(coef[:N_NCE], feat[0], feat[1], scale, nce_r, nce_c,
+                                      need_dscale=need_dscale)
         if g_feat is not None:  # the pooled features were used outside the loss too
             dx, dy = dx + g_feat[0], dy + g_feat[1]
     elif g_feat is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -204,69 +205,145 @@ def split_tokens(n_tokens: int, block_n: int, batch: int, device: torch.device) 
     return per_program, -(-n_tokens // per_program)
 
 
-def info_nce_tiles(kind: str, dtype: torch.dtype, d: int, allow_tf32: bool,
-                   device: torch.device) -> dict:
-    """Tile sizes of the fused InfoNCE kernels (``kernels/contrastive.py``).
+# --- InfoNCE (kernels/contrastive.py): one rule picks the path, the tiles and the blocks ----------
 
-    Args:
-        kind: ``"fwd"``, ``"bwd"`` or ``"stats"`` (the forward kernel reading given fp32 logits:
-            an element-wise pass, ``BLOCK_K`` unused).
-        dtype: feature dtype; d: feature dimension; allow_tf32: fp32 on TF32 tensor cores.
-    Returns:
-        dict with ``BLOCK_M, BLOCK_N, BLOCK_K`` (reduction chunk over D), ``BLOCK_DO`` (output
-        feature chunk of the backward), ``num_warps, num_stages``. ``BLOCK_K >= D`` means the whole
-        feature row is one block (loaded once per row block). All blocks are >= 16 (``tl.dot``).
+#: Default bound on the blocked path's logit scratch (one block of fp32 logits plus its ``G``),
+#: the ``max_scratch_bytes`` of ``FusedClipLoss`` / ``info_nce``. With the fp32 ``dY``
+#: accumulator and the gradients themselves, bf16 at B = 65536, D = 512 then peaks at ~460 MiB
+#: above its inputs (``kernels/contrastive.py``, "Cost model"); larger blocks would save little
+#: traffic (the accumulators are re-read once per block row / column).
+INFO_NCE_SCRATCH_BYTES = 192 * 2**20
+#: Smallest block side of the blocked path: a budget that cannot hold a 128 x 128 block is refused.
+INFO_NCE_MIN_BLOCK = 128
+#: Largest problem (``2 M N D`` FLOP of logits) the all-Triton path takes, per operand precision.
+#: Below these the work takes microseconds and the call is bound by launches: the all-Triton path
+#: runs a forward in 2 launches and a backward in 2, however many problems, against at least 4
+#: and 9 for the blocked path (``kernels/contrastive.launch_counts``) at ~4-5 us each; its tiles
+#: recompute the logits once more per direction (``12 M N D`` FLOP in all, against ``8 M N D``),
+#: which costs nothing at this size. Above them cuBLAS's GEMMs win: the tensor-core ``tl.dot``
+#: tiles of the all-Triton path reached 15-20 % of the H200's bf16 peak
+#: (``benchmarks/RESULTS.md``), and IEEE fp32 ``tl.dot`` is a CUDA-core FMA loop, hence its 4x
+#: lower bound. The bounds (B = 1024 and B = 512 at D = 512) are where that launch model and
+#: those FLOP rates cross; ``benchmarks/bench_contrastive.py`` times both paths to move them.
+FUSED_MAX_FLOP = {"tensor": 2 * 1024 * 1024 * 512, "ieee": 2 * 512 * 512 * 512}
+
+
+def check_scratch_bytes(value: object) -> None:
+    """``max_scratch_bytes``: an int large enough for one smallest block of the blocked path
+    (fp32 logits plus a ``G`` of up to 4 bytes per element)."""
+    least = INFO_NCE_MIN_BLOCK * INFO_NCE_MIN_BLOCK * 8
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"max_scratch_bytes: expected an int >= {least} (one "
+                         f"{INFO_NCE_MIN_BLOCK} x {INFO_NCE_MIN_BLOCK} block of logits), "
+                         f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class InfoNCEPlan:
+    """How one InfoNCE call runs (see ``kernels/contrastive.py``).
+
+    ``path``: ``"fused"`` (all-Triton tiles, logits never leave registers) or ``"blocked"``
+    (cuBLAS GEMMs over bounded blocks of logits, Triton epilogues). ``tiles``: launch settings of
+    the all-Triton kernels (``BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps, num_stages``) or of
+    the blocked path's epilogue kernels (``BLOCK_M, BLOCK_N, num_warps``). ``fwd_rows``: rows per
+    forward chunk (each a ``[fwd_rows, N]`` fp32 logit buffer); ``bwd_rows, bwd_cols``: the
+    backward's ``[bwd_rows, bwd_cols]`` block (fp32 logits plus ``G`` in the feature dtype).
     """
+
+    path: str
+    tiles: tuple = ()
+    fwd_rows: int = 0
+    bwd_rows: int = 0
+    bwd_cols: int = 0
+
+    def tile(self, name: str) -> int:
+        return dict(self.tiles)[name]
+
+
+def info_nce_path(dtype: torch.dtype, m: int, n: int, d: int, allow_tf32: bool) -> str:
+    """``"fused"`` when ``2 m n d`` is at most :data:`FUSED_MAX_FLOP` of the operand precision
+    (IEEE fp32 unless ``allow_tf32``; tensor cores for 16-bit dtypes and TF32), else
+    ``"blocked"``. The same rule on every device, so CPU tests take the paths a GPU takes."""
+    precision = "ieee" if (dtype == torch.float32 and not allow_tf32) else "tensor"
+    return "fused" if 2 * m * n * d <= FUSED_MAX_FLOP[precision] else "blocked"
+
+
+def info_nce_blocks(m: int, n: int, dtype: torch.dtype, budget: int) -> tuple[int, int, int]:
+    """``(fwd_rows, bwd_rows, bwd_cols)`` of the blocked path within ``budget`` bytes of scratch.
+
+    Forward: ``[fwd_rows, n]`` fp32 logits, rows in multiples of 16 where more than 16 fit
+    (at least one row, even where ``n`` alone exceeds the budget). Backward: a block of fp32
+    logits and ``G`` in the feature dtype (``G`` overwrites the logits in place for fp32), as
+    square as the budget allows, sides in multiples of :data:`INFO_NCE_MIN_BLOCK`: the fp32
+    ``dY`` accumulator is re-read and re-written once per row block and ``dX``'s once per column
+    block, so square blocks minimise that traffic for a given budget.
+    """
+    fwd_elems = budget // 4
+    fit = fwd_elems // n
+    fwd_rows = m if m * n <= fwd_elems else max(1, fit // 16 * 16 if fit >= 16 else fit)
+    per_elem = 4 if dtype == torch.float32 else 4 + torch.finfo(dtype).bits // 8
+    elems = budget // per_elem
+    if m * n <= elems:
+        return min(fwd_rows, m), m, n
+    q = INFO_NCE_MIN_BLOCK
+    side = max(q, int(elems ** 0.5) // q * q)
+    rows, cols = min(side, m), min(side, n)
+    if cols == n:       # few columns: give the rest of the budget to rows
+        rows = min(m, max(q, elems // n // q * q))
+    elif rows == m:     # few rows: give it to columns
+        cols = min(n, max(q, elems // m // q * q))
+    return min(fwd_rows, m), rows, cols
+
+
+def info_nce_plan(dtype: torch.dtype, m: int, n: int, d: int, device: torch.device, *,
+                  allow_tf32: bool = False, budget: int = INFO_NCE_SCRATCH_BYTES) -> InfoNCEPlan:
+    """The plan of one InfoNCE call on ``[M, D]`` rows and ``[N, D]`` columns: the path from
+    :func:`info_nce_path`, then its tiles (GPU or interpreter) and, for the blocked path, its
+    blocks from :func:`info_nce_blocks`."""
+    path = info_nce_path(dtype, m, n, d, allow_tf32)
+    return _plan_for_path(path, dtype, m, n, d, device, allow_tf32, budget)
+
+
+def _plan_for_path(path: str, dtype: torch.dtype, m: int, n: int, d: int, device: torch.device,
+                   allow_tf32: bool, budget: int) -> InfoNCEPlan:
+    """:func:`info_nce_plan` for a given path (tests and benchmarks run both paths on one
+    problem through it)."""
+    if path == "fused":
+        return InfoNCEPlan("fused", tuple(_fused_tiles(dtype, d, allow_tf32, device).items()))
+    fwd_rows, rows, cols = info_nce_blocks(m, n, dtype, budget)
+    return InfoNCEPlan("blocked", tuple(_epilogue_tiles(device).items()), fwd_rows, rows, cols)
+
+
+def _fused_tiles(dtype: torch.dtype, d: int, allow_tf32: bool, device: torch.device) -> dict:
+    """Tiles of the all-Triton InfoNCE kernels. ``BLOCK_K``: reduction chunk over ``D``
+    (``>= D``: the row block is loaded once); ``BLOCK_DO``: output feature chunk of the backward
+    (each chunk recomputes the logits, so it is as wide as the registers allow). All >= 16
+    (``tl.dot``)."""
     dpow = max(16, next_power_of_2(d))
     if not sized_for_gpu(device):
-        # The interpreter runs programs one by one on numpy tiles and pays per element loaded:
-        # few, large tiles (whole feature rows when D <= 512) are fastest there.
+        # the interpreter pays per loop step, not per element: few, large tiles
         bk = min(dpow, 512)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=bk, num_warps=4, num_stages=1)
-    # Measured on an H200 (triton 3.6, B = 16384, D = 512, bf16; benchmarks/bench_contrastive.py
-    # --tune): forward 64x128x64 / 4 warps 1.32 ms (208 TFLOP/s) vs 2.07 ms for 128x128x64 / 8
-    # warps; backward 64x64x64 with BLOCK_DO = 512 (one output chunk, no recompute) 7.7 ms vs
-    # 11.9 ms with BLOCK_DO = 256. fp32 "ieee" forward 128x128x16 / 8 warps 15.2 ms vs 21.6 ms.
-    # The fp32 "ieee" backward (CUDA-core FMA dots) is the weak spot: 186 ms with the config
-    # below, no better one measured yet.
-    tensor_cores = dtype in (torch.float16, torch.bfloat16) or allow_tf32
-    if kind == "stats":
-        # ptxas (sm_90, triton 3.6): 99 registers when N is a multiple of 16, 248 without spills
-        # otherwise (unaligned rows: scalar loads); 64 x 128 spilled 440 B in the unaligned case
-        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=16, BLOCK_DO=16, num_warps=8, num_stages=2)
-    if kind == "fwd":
-        if tensor_cores:
-            if dtype != torch.float32:
-                bk = dpow if dpow <= 64 else 64
-                return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=bk, num_warps=4,
-                            num_stages=3)
-            bk = dpow if dpow <= 32 else 32
-            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=bk, num_warps=8,
-                        num_stages=3)
-        bk = dpow if dpow <= 16 else 16
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=bk, num_warps=8, num_stages=2)
-    # backward: the fp32 accumulator is [BLOCK_M, BLOCK_DO]
-    if tensor_cores:
-        if dpow <= 128:
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=dpow, BLOCK_DO=dpow, num_warps=4,
-                        num_stages=2)
-        bk = 64 if dtype != torch.float32 else 32
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, BLOCK_DO=min(dpow, 512), num_warps=8,
+    # ptxas for sm_90 at D = 512 (benchmarks/kernel_resources.py): 16-bit / TF32 forward 48
+    # registers, backward 126; IEEE fp32 52 / 127; no spills. Wider output chunks (fewer logit
+    # recomputes) or 64-row blocks spilled or reached 255 registers; not timed on a GPU yet.
+    if dtype != torch.float32 or allow_tf32:
+        bk = min(dpow, 32)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 256), num_warps=8,
                     num_stages=2)
-    if dpow <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=dpow, BLOCK_DO=dpow, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=min(dpow, 256), num_warps=4,
+    bk = min(dpow, 32)
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 512), num_warps=8,
                 num_stages=2)
 
 
-def logit_tiles(rows: int, cols: int, device: torch.device) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)`` of an element-wise kernel over a ``[rows, cols]`` fp32
-    buffer (the chunked InfoNCE backward's ``G`` kernel): 4096-element tiles, 16 per thread, on a
-    GPU (rows of 256 contiguous fp32 = 1 KiB per row segment); the interpreter takes a whole chunk
-    row block at once."""
+def _epilogue_tiles(device: torch.device) -> dict:
+    """Tiles of the blocked path's element-wise kernels over fp32 logit blocks: 32 x 128 tiles
+    (16 fp32 per thread at 8 warps; ptxas for sm_90: forward epilogue <= 247 registers, the
+    ``G`` kernel <= 124, no spills; 64 x 128 spilled) on a GPU; the interpreter takes large
+    ones."""
     if not sized_for_gpu(device):
-        return block_for(rows, cap=128, floor=1), block_for(cols, cap=2048, floor=1), 4
-    return block_for(rows, cap=16, floor=1), block_for(cols, cap=256), 8
+        return dict(BLOCK_M=128, BLOCK_N=1024, num_warps=4)
+    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8)
 
 
 # --- scratch buffers ---------------------------------------------------------------------------

@@ -55,11 +55,12 @@ def check_values(ok: Tensor, message: str, *, host: bool) -> None:
     ``RuntimeError(message)`` at once). While ``torch.compile`` traces, the check is always the
     device-side one: a host read would break the graph.
     """
+    ok = ok if ok.dim() == 0 else ok.all()
     if host and not torch.compiler.is_compiling():
-        if not bool(ok.all()):
+        if not bool(ok):
             raise ValueError(message)
         return
-    torch._assert_async(ok.all(), message)
+    torch._assert_async(ok, message)
 
 
 def check_same_device(tensors: Mapping[str, Tensor | None]) -> None:

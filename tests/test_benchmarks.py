@@ -33,3 +33,24 @@ def test_gpu_scripts_exit_cleanly_without_cuda(script):
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "CUDA" in res.stdout or "cuda" in res.stdout
+
+
+def test_bench_contrastive_smoke_on_cpu():
+    """bench_contrastive's table, budget sweep and tile sweep run end to end (CPU, interpreter,
+    tiny sizes: the numbers mean nothing; the GPU run must not be the first run of the code)."""
+    env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "TRITON_INTERPRET": "1"}
+    script = str(ROOT / "benchmarks" / "bench_contrastive.py")
+    common = ["--device", "cpu", "--dim", "24", "--warmup", "1", "--rep", "1", "--verbose"]
+    runs = [
+        ["--sizes", "40", "--dtypes", "bf16", "--methods", "FusedClipLoss", "fused path",
+         "blocked path", "ClipLoss"],
+        ["--sizes", "300", "--dtypes", "fp32", "--budgets", "1", "2"],
+        ["--dtypes", "fp32", "--tune", "--tune-b", "48"],
+    ]
+    for extra in runs:
+        res = subprocess.run([sys.executable, script, *common, *extra], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        table = [line for line in res.stdout.splitlines() if line.startswith("| ")]
+        assert len(table) >= 3 and not any("error" in line for line in table), res.stdout

@@ -13,6 +13,8 @@ holds in one block; lower than D reaches the chunked-row path with its row-LSE k
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -36,9 +38,9 @@ def fast(block_d_cap: int = ROW_BLOCK_CAP):
     return terms
 
 
-def check(tensors, params, *, cap=ROW_BLOCK_CAP):
+def check(tensors, params, *, cap=ROW_BLOCK_CAP, floors=None):
     out, grads = check_conditioned(tensors, repair_alpha(tensors, params), fast=fast(cap),
-                                   **WEIGHTS)
+                                   floors=floors, **WEIGHTS)
     mask = tensors[6]
     for name, g in (("text_tokens", grads["text_tokens"]),
                     ("text_semantic", grads["text_semantic"]),
@@ -171,5 +173,9 @@ def test_uniform_softmax_and_constant_columns(device):
         tensors[2] = tensors[2][..., :1].expand(-1, -1, dim).contiguous()
         tensors[5] = tensors[5][..., :1].expand(-1, -1, dim).contiguous()
         tensors = [t.requires_grad_() if t.is_floating_point() else t for t in tensors]
-    out, _ = check(tensors, params)
-    assert abs(float(out["modality_loss"].detach())) < 1e-6
+    # the kernels' L_m = sum q log q / Ntok - sum qbar log qbar: two terms of size a_m log D that
+    # cancel exactly here, so fp32 gives it an absolute accuracy ~eps a_m log D (the reference
+    # sums the per-token KL, exactly 0 for uniform q)
+    scale = WEIGHTS["a_m"] * math.log(dim)
+    out, _ = check(tensors, params, floors={"modality_loss": scale})
+    assert abs(float(out["modality_loss"].detach())) < 16 * torch.finfo(torch.float32).eps * scale

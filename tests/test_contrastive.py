@@ -8,7 +8,9 @@ fresh random features every run; shapes, dtypes and scales are in each test id.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import glob
+import json
 import os
 
 import numpy as np
@@ -21,6 +23,7 @@ from open_clip.loss import ClipLoss
 
 from cdds_fast.contrastive import FusedClipLoss, info_nce, info_nce_gathered
 from cdds_fast.kernels import contrastive as K
+from cdds_fast.kernels import launch
 from cdds_fast.reference import contrastive as R
 from tests.conftest import DEVICE
 
@@ -163,12 +166,14 @@ def test_matches_clip_loss(b, d, dtype, scale, device):
     check_against_clip_loss(b, d, dtype, scale, device)
 
 
+@pytest.mark.parametrize("path", ["fused", "blocked"])
 @pytest.mark.parametrize("b,d", [(5, 17), (300, 96)])
 @pytest.mark.parametrize("scale", [14.3, 100.0])
-def test_fp32_within_1e5_of_float64(b, d, scale, device):
+def test_fp32_within_1e5_of_float64(b, d, scale, path, force_path, device):
     """The documented accuracy claim: for L2-normalised fp32 features the loss is within 1e-5
     relative of float64 (plus 1e-7 absolute: a loss near 0, which s = 100 can produce, is known
     only to the rounding of its ~100-sized logits; fp32 ClipLoss is no better there)."""
+    force_path(path)
     for _ in range(3):
         a, t = features(b, d, torch.float32, device)
         loss = info_nce(a, t, torch.tensor(scale, device=device), backend="triton")
@@ -178,132 +183,158 @@ def test_fp32_within_1e5_of_float64(b, d, scale, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernel code paths: small tiles force the K loop over D, several row groups / column splits in
-# the forward and split column ranges in the backward (the GPU paths), on CPU as well.
+# Both paths (fused: all-Triton tiles; blocked: cuBLAS GEMMs over blocks of logits + Triton
+# epilogues), reached through private plans: several problems at once, K loops over D, output
+# feature chunks, many chunks and blocks with short last ones, one chunk and one block.
 # ------------------------------------------------------------------------------------------------
 SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16, num_warps=4, num_stages=1)
+EPILOGUE_TILES = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4)
 
 
-_PATHS = [(g, s, dt) for g, s in [((3, 2), 3)] for dt in DTYPES] + [
-    ((5, 4), 2, torch.float32),  # more splits than column blocks (empty splits are neutral);
-    # more groups than row blocks are clamped by the launcher (each group initialises its part)
-    ((1, 1), 1, torch.float32),  # one program does everything
-]
+def make_plan(path, dtype, m, n, d, *, tiles=None, blocks=None):
+    """The launcher's own plan for ``path``, with tiles and blocks overridden (tests only)."""
+    plan = launch._plan_for_path(path, dtype, m, n, d, DEVICE, False,
+                                 launch.INFO_NCE_SCRATCH_BYTES)
+    if tiles:
+        plan = dataclasses.replace(plan, tiles=tuple({**dict(plan.tiles), **tiles}.items()))
+    if blocks:
+        plan = dataclasses.replace(plan, fwd_rows=blocks[0], bwd_rows=blocks[1],
+                                   bwd_cols=blocks[2])
+    return plan
 
 
-def _paths_problem(symmetric, dtype, device):
+PLANS = {
+    "fused-small-tiles": ("fused", SMALL_TILES, None),    # K loop over D, 3 output chunks
+    "fused": ("fused", None, None),                       # whole feature rows in one block
+    "blocked-16": ("blocked", EPILOGUE_TILES, (16, 16, 16)),  # 3 chunks / 3 x 3 (4) blocks
+    "blocked-odd": ("blocked", EPILOGUE_TILES, (7, 5, 13)),   # short last chunk and blocks
+    "blocked-one": ("blocked", None, None),               # one chunk, one block
+}
+
+
+@pytest.fixture
+def force_path(monkeypatch):
+    """Make the public entry points take the given path (the rule in kernels/launch.py)."""
+    def force(path):
+        monkeypatch.setattr(launch, "info_nce_path", lambda *args, **kwargs: path)
+    return force
+
+
+def _paths_problem(symmetric, dtype, device, n_prob=2):
     m, n, d = (37, 37, 40) if symmetric else (19, 53, 40)
     offset = 0 if symmetric else 23
-    x0, y0 = torch.randn(m, d, device=device), torch.randn(n, d, device=device)
-    return F.normalize(x0, dim=-1).to(dtype), F.normalize(y0, dim=-1).to(dtype), offset
+    x0 = F.normalize(torch.randn(n_prob, m, d, device=device), dim=-1)
+    y0 = F.normalize(torch.randn(n_prob, n, d, device=device), dim=-1)
+    return x0.to(dtype), y0.to(dtype), offset
 
 
-def _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device):
-    """Loss, statistics and all three gradients (upstream gradient 1.5, scale 20) against the
-    float64 cross-entropies on the same values."""
-    m, dtype = x0.shape[0], x0.dtype
+def _run_plan(x0, y0, offset, symmetric, plan, scale, grad):
+    s = torch.tensor(scale, device=x0.device)
+    loss, stats_r, stats_c = K._forward(x0, y0, s, symmetric=symmetric, label_offset=offset,
+                                        allow_tf32=False, plan=plan)
+    dx, dy, ds = K._backward(grad, x0, y0, s, stats_r, stats_c, symmetric=symmetric,
+                             label_offset=offset, allow_tf32=False, need_dx=True, need_dy=True,
+                             need_dscale=True, plan=plan)
+    return loss, stats_r, stats_c, dx, dy, ds
+
+
+def _reference(x0, y0, offset, symmetric, scale):
+    """float64 cross-entropies on the same values: (loss, logits, dx, dy, dscale) per call."""
+    m = x0.shape[0]
     x, y = leaves(x0, y0, dtype=F64)
-    s = torch.tensor(20.0, device=device, dtype=F64, requires_grad=True)
+    s = torch.tensor(scale, device=x0.device, dtype=F64, requires_grad=True)
     logits = s * x @ y.T
-    labels = torch.arange(m, device=device) + offset
+    labels = torch.arange(m, device=x0.device) + offset
+    ref = F.cross_entropy(logits, labels)
     if symmetric:
-        ref = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    else:
-        ref = F.cross_entropy(logits, labels)
-    (ref * 1.5).backward()
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol, rtol=rtol)
+        ref = (ref + F.cross_entropy(logits.T, labels)) / 2
+    ref.backward()
+    return ref.detach(), logits.detach(), x.grad, y.grad, s.grad
 
-    # statistics: base-2 max and 1/sum; lse = ln2 * (max - log2(1/sum))
-    def lse(stats):
+
+def _check_problems(x0, y0, offset, symmetric, out, scale, grad, *, loss_atol=None):
+    """Every problem's loss, statistics and gradients (each problem weighted by its upstream
+    gradient; dL/ds summed over problems) against the float64 reference."""
+    loss, stats_r, stats_c, dx, dy, ds = out
+    dtype = x0.dtype
+    atol, rtol = TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.shape == (x0.shape[0],)
+    assert dx.dtype == dtype and dy.dtype == dtype and ds.dim() == 0
+
+    def lse(stats):  # base-2 max and 1/sum -> natural log-sum-exp
         return (stats[0].to(F64) - torch.log2(stats[1].to(F64))) * 0.6931471805599453
 
-    torch.testing.assert_close(lse(stats_r), torch.logsumexp(logits.detach(), 1), atol=1e-4,
-                               rtol=1e-4)
-    if symmetric:
-        torch.testing.assert_close(lse(stats_c), torch.logsumexp(logits.detach(), 0), atol=1e-4,
+    ds_ref = 0.0
+    for p in range(x0.shape[0]):
+        ref, logits, gx, gy, gs = _reference(x0[p], y0[p], offset, symmetric, scale)
+        m = x0.shape[1]
+        torch.testing.assert_close(loss[p].to(F64), ref, atol=loss_atol or atol, rtol=rtol)
+        torch.testing.assert_close(lse(stats_r[p]), torch.logsumexp(logits, 1), atol=1e-4,
                                    rtol=1e-4)
-    assert dx.dtype == dtype and dy.dtype == dtype
-    assert_grad_close(dx, x.grad, atol, rtol, "dx", term_scale(20.0, y0, m))
-    assert_grad_close(dy, y.grad, atol, rtol, "dy", term_scale(20.0, x0, m))
-    torch.testing.assert_close(ds.to(F64), s.grad, atol=atol * max(1, abs(s.grad.item())),
-                               rtol=rtol)
-
-
-@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
-@pytest.mark.parametrize("grid,splits,dtype", _PATHS,
-                         ids=[f"G{g[0]}xC{g[1]}-bwdsplit{s}-{str(d).split('.')[-1]}"
-                              for g, s, d in _PATHS])
-def test_kernel_paths(symmetric, grid, splits, dtype, device):
-    """The all-Triton ("fused") backward with small tiles and split column ranges."""
-    x0, y0, offset = _paths_problem(symmetric, dtype, device)
-    scale = torch.tensor(20.0, device=device)
-    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, offset, symmetric,
-                                                _config=SMALL_TILES, _grid=grid)
-    dx, dy, ds = K.info_nce_backward(torch.tensor(1.5, device=device), x0, y0, scale, stats_r,
-                                     stats_c, offset, symmetric, False, True, True, True,
-                                     _config=SMALL_TILES, _splits=splits, _method="fused")
-    _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device)
+        if symmetric:
+            torch.testing.assert_close(lse(stats_c[p]), torch.logsumexp(logits, 0), atol=1e-4,
+                                       rtol=1e-4)
+        g = grad[p].item()
+        assert_grad_close(dx[p], g * gx, atol, rtol, f"dx[{p}]", abs(g) * term_scale(scale, y0[p], m))
+        assert_grad_close(dy[p], g * gy, atol, rtol, f"dy[{p}]", abs(g) * term_scale(scale, x0[p], m))
+        ds_ref += g * gs.item()
+    assert abs(ds.item() - ds_ref) <= atol * max(1.0, abs(ds_ref)) + rtol * abs(ds_ref), (
+        ds.item(), ds_ref)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("rows", [16, 7, None], ids=["chunks16", "chunks7", "one-chunk"])
-def test_chunked_backward(symmetric, dtype, rows, device):
-    """The chunked backward (GEMM logits + Triton G + GEMM): several chunks with a short last
-    one (37 rows = 16 + 16 + 5 or 5 x 7 + 2), and the default chunking (one chunk here)."""
+@pytest.mark.parametrize("name", list(PLANS))
+def test_paths(name, dtype, symmetric, device):
+    """Two problems at once (upstream gradients 1.5 and -0.7, scale 20): losses, statistics
+    and all gradients against float64, on each path and block/tile layout."""
     x0, y0, offset = _paths_problem(symmetric, dtype, device)
-    scale = torch.tensor(20.0, device=device)
-    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, offset, symmetric)
-    dx, dy, ds = K.info_nce_backward(torch.tensor(1.5, device=device), x0, y0, scale, stats_r,
-                                     stats_c, offset, symmetric, False, True, True, True,
-                                     _method="chunked", _rows=rows)
-    _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device)
+    path, tiles, blocks = PLANS[name]
+    plan = make_plan(path, dtype, x0.shape[1], y0.shape[1], x0.shape[2], tiles=tiles,
+                     blocks=blocks)
+    grad = torch.tensor([1.5, -0.7], device=device)
+    out = _run_plan(x0, y0, offset, symmetric, plan, 20.0, grad)
+    _check_problems(x0, y0, offset, symmetric, out, 20.0, grad)
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("rows", [16, 5, None], ids=["chunks16", "chunks5", "one-chunk"])
-def test_chunked_forward(symmetric, dtype, rows, device):
-    """The chunked forward (GEMM logits read by the forward kernel): row statistics written at
-    each chunk's offset, column partials merged across chunks in place, labels offset by the
-    chunk start; then the chunked backward on its statistics."""
-    x0, y0, offset = _paths_problem(symmetric, dtype, device)
-    scale = torch.tensor(20.0, device=device)
-    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, offset, symmetric,
-                                                _method="chunked", _rows=rows)
-    dx, dy, ds = K.info_nce_backward(torch.tensor(1.5, device=device), x0, y0, scale, stats_r,
-                                     stats_c, offset, symmetric, False, True, True, True,
-                                     _method="chunked", _rows=rows)
-    _check_paths(x0, y0, offset, symmetric, loss, stats_r, stats_c, dx, dy, ds, device)
-
-
-def test_methods_agree(device):
-    """Both backward methods compute the same function (to the rounding of G in bf16), and so do
-    both forward methods (to fp32 summation order)."""
+def test_paths_agree(device):
+    """The two paths compute the same function: losses and statistics to fp32 summation order,
+    gradients to the rounding of G in bf16."""
     x0, y0, _ = _paths_problem(True, torch.bfloat16, device)
-    scale = torch.tensor(14.3, device=device)
-    _, stats_r, stats_c = K.info_nce_forward(x0, y0, scale, 0, True)
-    grad = torch.tensor(1.0, device=device)
-    outs = [K.info_nce_backward(grad, x0, y0, scale, stats_r, stats_c, 0, True, False, True, True,
-                                True, _method=method) for method in ("fused", "chunked")]
-    for fused, chunked in zip(*outs):
-        torch.testing.assert_close(chunked.float(), fused.float(), atol=2e-2, rtol=2e-2)
-    with pytest.raises(ValueError, match="backward method: expected 'chunked' or 'fused'"):
-        K.info_nce_backward(grad, x0, y0, scale, stats_r, stats_c, 0, True, False, True, True,
-                            True, _method="tiles")
-    # and both forward methods give the same loss and statistics
-    chunked = K.info_nce_forward(x0, y0, scale, 0, True, _method="chunked", _rows=16)
-    fused = K.info_nce_forward(x0, y0, scale, 0, True, _method="fused")
-    for a, b in zip(chunked, fused):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="forward method: expected 'chunked' or 'fused'"):
-        K.info_nce_forward(x0, y0, scale, 0, True, _method="tiles")
+    grad = torch.tensor([1.0, 2.0], device=device)
+    outs = [_run_plan(x0, y0, 0, True, make_plan(path, torch.bfloat16, 37, 37, 40), 14.3, grad)
+            for path in ("fused", "blocked")]
+    for fused, blocked in list(zip(*outs))[:3]:
+        torch.testing.assert_close(blocked, fused, atol=1e-5, rtol=1e-5)
+    for fused, blocked in list(zip(*outs))[3:]:
+        torch.testing.assert_close(blocked.float(), fused.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_backward_inside_autocast_keeps_fp32(device):
-    """open_clip-style code may call backward inside its autocast region: the chunked backward's
+@pytest.mark.parametrize("path", ["fused", "blocked"])
+def test_only_some_gradients(path, device):
+    """need_dx / need_dy / need_dscale alone give the same values as all three together."""
+    x0, y0, offset = _paths_problem(False, torch.float32, device, n_prob=1)
+    plan = make_plan(path, torch.float32, 19, 53, 40, tiles=None,
+                     blocks=(7, 5, 13) if path == "blocked" else None)
+    s = torch.tensor(9.0, device=device)
+    grad = torch.tensor([1.3], device=device)
+    _, stats_r, stats_c = K._forward(x0, y0, s, symmetric=False, label_offset=offset,
+                                     allow_tf32=False, plan=plan)
+    kw = dict(symmetric=False, label_offset=offset, allow_tf32=False, plan=plan)
+    full = K._backward(grad, x0, y0, s, stats_r, stats_c, need_dx=True, need_dy=True,
+                       need_dscale=True, **kw)
+    for i, flags in enumerate([(True, False, False), (False, True, False), (False, False, True)]):
+        part = K._backward(grad, x0, y0, s, stats_r, stats_c, need_dx=flags[0],
+                           need_dy=flags[1], need_dscale=flags[2], **kw)
+        assert [t is None for t in part] == [not f for f in flags]
+        torch.testing.assert_close(part[i], full[i], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["fused", "blocked"])
+def test_backward_inside_autocast_keeps_fp32(path, force_path, device):
+    """open_clip-style code may call backward inside its autocast region: the blocked path's
     fp32 GEMMs must not be downcast (the fp32 contract is 1e-5)."""
+    force_path(path)
     a0, t0 = features(37, 40, torch.float32, device)
     grads = []
     for amp in (False, True):
@@ -320,66 +351,125 @@ def test_backward_inside_autocast_keeps_fp32(device):
 @settings(max_examples=60, deadline=None)
 @given(
     m=st.integers(1, 70), extra=st.integers(0, 40), d=st.integers(1, 40),
-    dtype=st.sampled_from(DTYPES), scale=st.floats(1.0, 100.0),
-    symmetric=st.booleans(), forward=st.sampled_from(["fused", "chunked"]),
-    backward=st.sampled_from(["fused", "chunked"]), rows=st.integers(1, 80),
+    dtype=st.sampled_from(DTYPES), scale=st.floats(1.0, 100.0), symmetric=st.booleans(),
+    n_prob=st.integers(1, 3), path=st.sampled_from(["fused", "blocked"]),
+    fwd_rows=st.integers(1, 80), bwd_rows=st.integers(1, 80), bwd_cols=st.integers(1, 80),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_fuzz_methods_match_float64(m, extra, d, dtype, scale, symmetric, forward, backward, rows,
-                                    seed):
-    """Random sizes, scales, label offsets, forward/backward methods and chunk sizes: loss and
-    all three gradients against the float64 cross-entropies (seeded by hypothesis)."""
+def test_fuzz_paths_match_float64(m, extra, d, dtype, scale, symmetric, n_prob, path, fwd_rows,
+                                  bwd_rows, bwd_cols, seed):
+    """Random sizes, scales, label offsets, problem counts, paths and block sizes: losses and
+    all gradients against the float64 cross-entropies (seeded by hypothesis)."""
     torch.manual_seed(seed)
     n = m if symmetric else m + extra
     offset = 0 if symmetric else extra // 2
-    x0 = F.normalize(torch.randn(m, d, device=DEVICE), dim=-1).to(dtype)
-    y0 = F.normalize(torch.randn(n, d, device=DEVICE), dim=-1).to(dtype)
-    scale_t = torch.tensor(scale, device=DEVICE)
-    loss, stats_r, stats_c = K.info_nce_forward(x0, y0, scale_t, offset, symmetric,
-                                                _method=forward, _rows=rows)
-    dx, dy, ds = K.info_nce_backward(torch.tensor(1.0, device=DEVICE), x0, y0, scale_t, stats_r,
-                                     stats_c, offset, symmetric, False, True, True, True,
-                                     _method=backward, _rows=rows)
-    x, y = leaves(x0, y0, dtype=F64)
-    s64 = torch.tensor(scale, device=DEVICE, dtype=F64, requires_grad=True)
-    logits = s64 * x @ y.T
-    labels = torch.arange(m, device=DEVICE) + offset
-    ref = F.cross_entropy(logits, labels)
-    if symmetric:
-        ref = (ref + F.cross_entropy(logits.T, labels)) / 2
-    ref.backward()
-    atol, rtol = TOL[dtype]
+    x0 = F.normalize(torch.randn(n_prob, m, d, device=DEVICE), dim=-1).to(dtype)
+    y0 = F.normalize(torch.randn(n_prob, n, d, device=DEVICE), dim=-1).to(dtype)
+    plan = make_plan(path, dtype, m, n, d, blocks=(fwd_rows, bwd_rows, bwd_cols))
+    grad = torch.rand(n_prob, device=DEVICE) + 0.5
+    out = _run_plan(x0, y0, offset, symmetric, plan, scale, grad)
     # the loss is a log-sum-exp minus a logit of size ~s: fp32 knows it to ~eps * s absolutely
-    torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol * max(1.0, scale / 14.3),
-                               rtol=rtol)
-    assert_grad_close(dx, x.grad, atol, rtol, "dx", term_scale(scale, y0, m))
-    assert_grad_close(dy, y.grad, atol, rtol, "dy", term_scale(scale, x0, m))
-    torch.testing.assert_close(ds.to(F64), s64.grad, atol=atol * max(1, abs(s64.grad.item())),
-                               rtol=rtol)
+    _check_problems(x0, y0, offset, symmetric, out, scale, grad,
+                    loss_atol=TOL[dtype][0] * max(1.0, scale / 14.3))
 
 
-def test_methods_context_covers_backward_and_restores(monkeypatch, device):
-    """kernels.contrastive.methods() holds for the backward that runs inside it, and restores."""
-    monkeypatch.setattr(K, "FORWARD_METHOD", "fused")
-    monkeypatch.setattr(K, "BACKWARD_METHOD", "chunked")
-    seen = []
-    real = K._bwd_launch
-    monkeypatch.setattr(K, "_bwd_launch", lambda *a, **k: seen.append("fused") or real(*a, **k))
-    a, t = leaves(*features(5, 8, torch.float32, device))
-    with K.methods(backward="fused"):
-        assert (K.FORWARD_METHOD, K.BACKWARD_METHOD) == ("fused", "fused")
-        info_nce(a, t, 3.0, backend="triton").backward()
-    assert seen and (K.FORWARD_METHOD, K.BACKWARD_METHOD) == ("fused", "chunked")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("b", [1, 3, pytest.param(4097, id="4097")])
+@pytest.mark.parametrize("path", ["rule", "fused", "blocked"])
+def test_batch_sizes(path, b, dtype, force_path, request, device):
+    """FusedClipLoss at B in {1, 3, 4097} against ClipLoss in float64, on the path the rule picks
+    and on each path forced (the all-Triton path at B = 4097 takes minutes under the CPU
+    interpreter: slow, i.e. run on CUDA)."""
+    if path == "fused" and b == 4097 and not HAS_CUDA and not request.config.getoption(
+            "--runslow"):
+        pytest.skip("slow (all-Triton B = 4097 under the interpreter): run on CUDA")
+    if path != "rule":
+        force_path(path)
+    check_against_clip_loss(b, 64, dtype, 14.3, device)
 
 
-@pytest.mark.parametrize("rows,n,dtype,expected", [
-    (16384, 16384, torch.float32, 192),   # 24 MiB budget: 192 rows of fp32 logits + fp32 G
-    (65536, 65536, torch.bfloat16, 192),  # the budget would give 64 rows: the minimum wins
-    (1024, 1024, torch.bfloat16, 1024),   # everything in one chunk
-    (3, 3, torch.float16, 3),
+# ------------------------------------------------------------------------------------------------
+# The rule, the blocks, and the model of the module docstring
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,allow_tf32,m,d,expected", [
+    (torch.float32, False, 256, 512, "fused"),     # the CDDS loss's terms at B = 256
+    (torch.float32, False, 512, 512, "fused"),     # IEEE fp32 bound: B = 512 at D = 512
+    (torch.float32, False, 513, 512, "blocked"),
+    (torch.float32, True, 1024, 512, "fused"),     # TF32: the tensor-core bound
+    (torch.bfloat16, False, 1024, 512, "fused"),
+    (torch.bfloat16, False, 1025, 512, "blocked"),
+    (torch.float16, False, 4096, 32, "fused"),     # small D: more rows fit the same FLOPs
+    (torch.bfloat16, False, 4096, 512, "blocked"),
 ])
-def test_chunk_rows(rows, n, dtype, expected):
-    assert K.chunk_rows(rows, n, dtype) == expected
+def test_path_rule(dtype, allow_tf32, m, d, expected):
+    assert launch.info_nce_path(dtype, m, m, d, allow_tf32) == expected
+    plan = launch.info_nce_plan(dtype, m, m, d, torch.device("cpu"), allow_tf32=allow_tf32)
+    assert plan.path == expected
+
+
+@pytest.mark.parametrize("m,n,dtype,budget", [
+    (65536, 65536, torch.bfloat16, 192 * 2**20), (65536, 65536, torch.float32, 192 * 2**20),
+    (16384, 16384, torch.float16, 192 * 2**20), (4096, 4096, torch.bfloat16, 192 * 2**20),
+    (300, 70000, torch.bfloat16, 2**20 * 8), (70000, 300, torch.float32, 2**20 * 8),
+    (5, 7, torch.float32, 2**20),
+])
+def test_blocks_fit_the_budget(m, n, dtype, budget):
+    """Blocks within the budget, within the problem, in multiples of 128 unless whole."""
+    fwd_rows, rows, cols = launch.info_nce_blocks(m, n, dtype, budget)
+    per = 4 if dtype == torch.float32 else 4 + torch.finfo(dtype).bits // 8
+    assert 4 * fwd_rows * n <= budget and 1 <= fwd_rows <= m
+    assert per * rows * cols <= budget and 1 <= rows <= m and 1 <= cols <= n
+    for side, whole in ((rows, m), (cols, n)):
+        assert side == whole or side % launch.INFO_NCE_MIN_BLOCK == 0
+    # square where neither side is whole: the accumulator traffic of a budget is least there
+    if rows < m and cols < n:
+        assert rows == cols
+
+
+def test_blocks_at_b65536():
+    """The default budget at B = 65536, D = 512: the numbers the module docstring quotes."""
+    assert launch.info_nce_blocks(65536, 65536, torch.bfloat16, 192 * 2**20) == (768, 5760, 5760)
+    assert launch.info_nce_blocks(65536, 65536, torch.float32, 192 * 2**20) == (768, 7040, 7040)
+
+
+def test_cost_table_is_the_docstring_table():
+    """The module docstring's table is what cost_model computes now."""
+    assert K.cost_table() in K.__doc__
+
+
+def test_launches_and_scratch_match_the_model():
+    """Launches (Triton + aten, counted by benchmarks/kernel_resources.py as a GPU would issue
+    them) and the scratch buffers the launchers allocate, against launch_counts / scratch_bytes,
+    including B = 65536, D = 512 (run on meta tensors: nothing is computed)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--count-info-nce"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for b, n, d, dname, budget, n_prob, symmetric, dev, counts in cases:
+        dtype = dtypes[dname]
+        plan = launch.info_nce_plan(dtype, b, n, d, torch.device("cuda"), budget=budget)
+        assert counts["plan"] == [plan.path, plan.fwd_rows, plan.bwd_rows, plan.bwd_cols]
+        fwd, bwd = K.launch_counts(plan, n_prob, b, n)
+        where = (b, n, d, dname, budget)
+        assert counts["forward"]["triton"] + counts["forward"]["aten"] == fwd, (where, counts)
+        assert counts["backward"]["triton"] + counts["backward"]["aten"] == bwd, (where, counts)
+        fwd_scratch, bwd_scratch = K.scratch_bytes(plan, b, n, d, dtype)
+        assert max(counts["forward"]["scratch"]) <= max(fwd_scratch, 1 << 20), where
+        if plan.path == "blocked":
+            assert fwd_scratch in counts["forward"]["scratch"] and fwd_scratch <= budget
+            logits = 4 * plan.bwd_rows * plan.bwd_cols
+            assert logits in counts["backward"]["scratch"] and bwd_scratch <= budget
+        if (b, dname) == (65536, "bf16"):
+            # everything the backward allocates, gradients included: the issue's 0.5 GB
+            assert sum(counts["backward"]["scratch"]) <= 500 * 2**20, counts["backward"]
+        if b == 65536:
+            assert max(counts["forward"]["scratch"]) == fwd_scratch <= budget
 
 
 _TF32_FLAGS = """
@@ -402,7 +492,7 @@ print(before, during, {read}, undo is None)
     ("m.fp32_precision = 'tf32'", "m.fp32_precision", "tf32 ieee tf32 False"),  # new API user
 ])
 def test_fp32_gemms_are_ieee_whatever_the_global_tf32_flag(setup, read, expected):
-    """The chunked backward's fp32 GEMMs turn TF32 off for their duration (allow_tf32=False),
+    """The blocked path's fp32 GEMMs turn TF32 off for their duration (allow_tf32=False),
     through whichever flag API the program uses (PyTorch refuses a mix), and restore it."""
     import subprocess
     import sys
@@ -465,8 +555,10 @@ def test_gathered_reference_is_clip_loss_math(device):
 # ------------------------------------------------------------------------------------------------
 # Properties: B = 1, non-contiguous inputs, stability, module API, dispatch, compile
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["fused", "blocked"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_batch_of_one_is_zero(dtype, device):
+def test_batch_of_one_is_zero(dtype, path, force_path, device):
+    force_path(path)
     a, t = leaves(*features(1, 33, dtype, device))
     s = torch.tensor(100.0, device=device, requires_grad=True)
     loss = info_nce(a, t, s, backend="triton")
@@ -476,7 +568,9 @@ def test_batch_of_one_is_zero(dtype, device):
     assert s.grad.item() == 0.0
 
 
-def test_non_contiguous_inputs(device):
+@pytest.mark.parametrize("path", ["fused", "blocked"])
+def test_non_contiguous_inputs(path, force_path, device):
+    force_path(path)
     b, d = 40, 24
     a_base = torch.randn(d, b, device=device, requires_grad=True)      # a = a_base.T: column-major
     t_base = torch.randn(b, 2 * d, device=device, requires_grad=True)  # t: every other column
@@ -496,8 +590,9 @@ def test_non_contiguous_inputs(device):
     assert t_base.grad[:, 1::2].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("path", ["fused", "blocked"])
 @pytest.mark.parametrize("case", ["aligned", "anti", "unnormalised"])
-def test_stable_at_large_logits(case, device):
+def test_stable_at_large_logits(case, path, force_path, device):
     """s = 100 with perfectly (anti-)aligned pairs, and un-normalised features (|logit| ~ 900):
     finite, and equal to the float64 reference."""
     b, d = 70, 32
@@ -510,6 +605,7 @@ def test_stable_at_large_logits(case, device):
         a, t = 3 * a, 3 * F.normalize(torch.randn(b, d, device=device), dim=-1)
     a_l, t_l = leaves(a, t)
     s = torch.tensor(100.0, device=device, requires_grad=True)
+    force_path(path)
     loss = info_nce(a_l, t_l, s, backend="triton")
     loss.backward()
     a64, t64 = leaves(a, t, dtype=F64)
@@ -563,7 +659,9 @@ def test_mixed_dtypes_are_promoted(device):
     torch.testing.assert_close(loss.to(F64), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_allow_tf32_opt_in(device):
+@pytest.mark.parametrize("path", ["fused", "blocked"])
+def test_allow_tf32_opt_in(path, force_path, device):
+    force_path(path)
     a, t = features(64, 48, torch.float32, device)
     loss = info_nce(a, t, 14.3, backend="triton", allow_tf32=True)
     ref = ClipLoss()(a.to(F64), t.to(F64), 14.3)
@@ -571,25 +669,16 @@ def test_allow_tf32_opt_in(device):
     torch.testing.assert_close(loss.to(F64), ref, atol=5e-3, rtol=5e-3)
 
 
-def test_autograd_function_matches_custom_op(device):
-    a0, t0 = features(20, 12, torch.float32, device)
-    s0 = torch.tensor(9.0, device=device)
-    a, t, s = leaves(a0, t0, s0)
-    K.InfoNCEFunction.apply(*K.prepare(a, t, s), 0, True, False).backward()
-    a2, t2, s2 = leaves(a0, t0, s0)
-    info_nce(a2, t2, s2, backend="triton").backward()
-    for g, h in ((a.grad, a2.grad), (t.grad, t2.grad), (s.grad, s2.grad)):
-        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-6)
-
-
 def test_custom_op_opcheck(device):
     """Schema, fake (meta) implementation and autograd registration of the custom op."""
     x, y = features(5, 7, torch.float32, device)
     s = torch.tensor(3.0, device=device)
     x, y, s = leaves(x, y, s)
-    torch.library.opcheck(K._info_nce_fwd_op, (x, y, s, 0, True, False))
-    xl = leaves(torch.randn(3, 7, device=device))[0]
-    torch.library.opcheck(K._info_nce_fwd_op, (xl, y, s, 2, False, False))
+    budget = launch.INFO_NCE_SCRATCH_BYTES
+    torch.library.opcheck(K._info_nce_fwd_op, (x[None], y[None], s, 0, True, False, budget))
+    xl = leaves(torch.randn(2, 3, 7, device=device))[0]
+    yl = torch.stack([y, y]).detach().requires_grad_()
+    torch.library.opcheck(K._info_nce_fwd_op, (xl, yl, s, 2, False, False, budget))
 
 
 @pytest.mark.parametrize(
@@ -649,6 +738,22 @@ def _bad_cases():
         ("launcher-label-offset", lambda: K.info_nce_triton(f(4), f(6), 1.0, label_offset=3,
                                                             symmetric=False),
          ValueError, "label_offset"),
+        ("scale-zero", lambda: info_nce(f(), f(), 0.0), ValueError, "logit_scale: expected a "
+         "finite value > 0"),
+        ("scale-negative", lambda: FusedClipLoss()(f(), f(), -1.0), ValueError, "logit_scale"),
+        ("scale-nan", lambda: info_nce(f(), f(), float("nan")), ValueError, "logit_scale"),
+        ("scale-inf-gathered", lambda: info_nce_gathered(f(4), f(4), f(8), f(8), float("inf"),
+                                                         local_loss=True, rank=1),
+         ValueError, "logit_scale"),
+        # a tensor scale is checked on the device (no synchronisation): on CPU it raises at once
+        ("scale-negative-tensor", lambda: info_nce(f(), f(), torch.tensor(-2.0)), RuntimeError,
+         "logit_scale: expected a finite value > 0"),
+        ("scale-nan-tensor", lambda: FusedClipLoss(backend="reference")(
+            f(), f(), torch.tensor(float("nan"))), RuntimeError, "logit_scale"),
+        ("budget-too-small", lambda: FusedClipLoss(max_scratch_bytes=4096), ValueError,
+         "max_scratch_bytes: expected an int >= 131072"),
+        ("budget-not-int", lambda: info_nce(f(), f(), 1.0, max_scratch_bytes=2.5e8), ValueError,
+         "max_scratch_bytes"),
     ]
 
 

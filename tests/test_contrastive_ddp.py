@@ -1,6 +1,6 @@
 """Two processes (gloo, CPU): FusedClipLoss(world_size=2) gives ClipLoss's loss and gradients.
 
-One spawn runs all four combinations of ``local_loss`` x ``gather_with_grad``; each rank saves
+One spawn per InfoNCE path runs all four combinations of ``local_loss`` x ``gather_with_grad``; each rank saves
 its results and the parent compares them, so failures print as ordinary assertion errors. gloo
 works on CPU tensors, so the children always run the kernels through the Triton interpreter
 (TRITON_INTERPRET=1 is put in their environment, also on a CUDA machine); the distributed
@@ -24,10 +24,14 @@ COMBOS = [(local_loss, gather_with_grad) for local_loss in (False, True)
           for gather_with_grad in (False, True)]
 
 
-def _worker(rank: int, init_file: str, data_path: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, data_path: str, out_dir: str, path: str) -> None:
     from open_clip.loss import ClipLoss
 
     from cdds_fast.contrastive import FusedClipLoss
+    from cdds_fast.kernels import launch
+
+    # B = 5 per rank takes the all-Triton path by the rule; the blocked one is forced here
+    launch.info_nce_path = lambda *args, **kwargs: path
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
@@ -56,7 +60,8 @@ def _worker(rank: int, init_file: str, data_path: str, out_dir: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_fused_clip_loss_matches_clip_loss_on_two_ranks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["fused", "blocked"])
+def test_fused_clip_loss_matches_clip_loss_on_two_ranks(path, tmp_path, monkeypatch):
     # children: one BLAS/OpenMP thread each (two processes on a small CPU box; see
     # test_contrastive._one_blas_thread for why this matters for the interpreter)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
@@ -67,8 +72,8 @@ def test_fused_clip_loss_matches_clip_loss_on_two_ranks(tmp_path, monkeypatch):
     txt = F.normalize(0.5 * img + torch.randn(WORLD * B, D), dim=-1)
     data_path = str(tmp_path / "features.pt")
     torch.save((img, txt), data_path)
-    mp.spawn(_worker, args=(str(tmp_path / "init"), data_path, str(tmp_path)), nprocs=WORLD,
-             join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), data_path, str(tmp_path), path),
+             nprocs=WORLD, join=True)
 
     for rank in range(WORLD):
         results = torch.load(tmp_path / f"rank{rank}.pt")

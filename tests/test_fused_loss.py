@@ -210,7 +210,7 @@ def _within_fp32_reference_error(name, fast, r32s, r64, tol, scale=None):
     assert err <= bound, f"{name}: |fast - f64| = {err:.3e} > {bound:.3e} (fp32 ref {err_ref:.3e})"
 
 
-def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, **kw):
+def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, floors=None, **kw):
     """Compare all five terms and all 13 gradients with the reference (``fast(*tensors,
     **params, **kw)`` against ``reference_cdds_loss`` with the same keywords).
 
@@ -219,7 +219,8 @@ def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, **kw):
     reference with the fp32 reference's own error as the yardstick (see module docstring;
     ``N_ORDERS`` perturbed evaluations): both round every gradient to its leaf's dtype once, from
     fp32 values that differ by reduction order, so a 16-bit gradient's error is its rounding
-    (``TOLS``) plus what the fp32 reference's own error explains.
+    (``TOLS``) plus what the fp32 reference's own error explains. ``floors`` adds natural scales
+    (see below) for terms whose value can vanish while their parts do not.
     """
     out, grads = run(fast, tensors, params, **kw)
     ref, ref_grads = run(reference_cdds_loss, tensors, params, **kw)
@@ -236,7 +237,7 @@ def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, **kw):
     # batch has L_s ~ 1e-5), and d L / d logit_scale is a sum of probability x cosine terms of
     # size <= 1. These are their natural scales when the value itself is smaller.
     floors = {"contrastive_loss": float(params["logit_scale"]),
-              "semantic_loss": float(params["logit_scale"]), "logit_scale": 1.0}
+              "semantic_loss": float(params["logit_scale"]), "logit_scale": 1.0, **(floors or {})}
     for k in LOSS_KEYS:
         assert out[k].dtype == torch.float32 and out[k].dim() == 0, k
         if conditioned:

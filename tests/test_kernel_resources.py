@@ -25,7 +25,7 @@ KERNELS = {
     "_row_lse_kernel", "_constraints_fwd_kernel", "_constraints_finalize_kernel",
     "_terms_grad_kernel", "_constraints_bwd_kernel",
     "_info_nce_fwd_kernel", "_info_nce_bwd_kernel",
-    "_info_nce_grad_logits_kernel", "_info_nce_finalize_kernel",
+    "_info_nce_block_fwd_kernel", "_info_nce_block_bwd_kernel", "_info_nce_finalize_kernel",
 }
 
 
@@ -50,11 +50,10 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     specs = json.loads(out.read_text())
     assert {s["kernel"] for s in specs} == KERNELS
     assert all(s["error"] is None and s["regs"] > 0 for s in specs)
-    # every kernel keeps its tiles in registers, except the GEMM-like fused InfoNCE tiles
+    # every kernel keeps its tiles in registers, except the GEMM-like all-Triton InfoNCE tiles
     # (tl.dot with fp32 accumulators; benchmarks/RESULTS.md lists their spills)
     def gemm_like(s):
-        return s["kernel"] == "_info_nce_bwd_kernel" or (
-            s["kernel"] == "_info_nce_fwd_kernel" and not s["constexprs"]["LOGITS_GIVEN"])
+        return s["kernel"] in ("_info_nce_fwd_kernel", "_info_nce_bwd_kernel")
 
     spilling = [(s["kernel"], s["constexprs"], s["stack"]) for s in specs
                 if s["stack"] and not gemm_like(s)]
@@ -79,16 +78,6 @@ def test_launch_plan_refuses_the_interpreter():
 LAUNCH_BUDGET = {"forward": 12, "backward": 16}
 
 
-def _batched_info_nce() -> bool:
-    """Whether kernels/contrastive.py has the batched InfoNCE (problem axis) the loss is written
-    against; until then fused_loss.py loops over the three problems (9 + 40 more launches)."""
-    from cdds_fast.kernels import contrastive
-
-    return hasattr(contrastive, "nce_forward") and hasattr(contrastive, "nce_backward")
-
-
-@pytest.mark.xfail(not _batched_info_nce(), strict=True,
-                   reason="the InfoNCE problems still run one by one (fused_loss._nce_forward)")
 def test_launch_budget_of_one_cdds_step():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
