@@ -242,12 +242,45 @@ _NO_LAUNCH = {
 }
 
 
+#: Modules whose launchers allocate their buffers through ``launch.scratch`` in a CDDS step.
+_CDDS_SCRATCH_MODULES = ("cdds_fast.kernels.constraints", "cdds_fast.kernels.sampling",
+                         "cdds_fast.kernels.contrastive", "cdds_fast.fused_loss")
+
+
+@contextlib.contextmanager
+def _recording_scratch(modules: tuple[str, ...], into: list) -> Iterator[None]:
+    """Every ``scratch`` buffer the launchers of ``modules`` allocate, appended to ``into`` as
+    ``[shape, dtype name, bytes]``."""
+    import importlib
+
+    mods = [importlib.import_module(m) for m in modules]
+    real = [m.scratch for m in mods]
+
+    def recording(real_scratch):
+        def scratch(shape, dtype, device):
+            out = real_scratch(shape, dtype, device)
+            into.append([list(out.shape), str(dtype).removeprefix("torch."),
+                         out.numel() * out.element_size()])
+            return out
+        return scratch
+
+    for m, r in zip(mods, real):
+        m.scratch = recording(r)
+    try:
+        yield
+    finally:
+        for m, r in zip(mods, real):
+            m.scratch = r
+
+
 def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch.bfloat16,
                    sms: int = 132) -> dict:
     """Device launches of one fast-path CDDS loss forward and backward at ``shape``, as a GPU
     would issue them: Triton launches (recorded, not run) and top-level aten ops that launch
     work (``aten::to`` is left out: on a GPU most are no-ops, and the CPU stand-in for the
     fp32-output GEMM adds some). Eager launch overhead (~5 us each) is what bounds a small batch.
+    Also every buffer the launchers allocate per phase (``scratch``: shape, dtype, bytes; the
+    backward's include the input gradients), for the memory model of ``cdds_fast/fused_loss.py``.
     """
     from collections import Counter
 
@@ -266,21 +299,16 @@ def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch
     with gpu_launch_plan(sms), _assertions_pass():
         for phase in ("forward", "backward"):
             triton_calls.clear()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            allocated: list = []
+            with profile(activities=[ProfilerActivity.CPU]) as prof, \
+                    _recording_scratch(_CDDS_SCRATCH_MODULES, allocated):
                 if phase == "forward":
                     terms = cdds_loss_triton(*tensors, mask, **params)
                     total = sum(terms.values())
                 else:
                     total.backward()
-            aten = 0
-            for event in prof.events():
-                if not event.name.startswith("aten::") or event.name in _NO_LAUNCH:
-                    continue
-                parent = event.cpu_parent
-                while parent is not None and not parent.name.startswith("aten::"):
-                    parent = parent.cpu_parent
-                aten += parent is None  # nested ops belong to their top-level op
-            out[phase] = {"triton": sum(triton_calls.values()), "aten": aten}
+            out[phase] = {"triton": sum(triton_calls.values()), "aten": _top_level_aten(prof),
+                          "scratch": allocated}
     return out
 
 

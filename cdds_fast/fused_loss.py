@@ -28,9 +28,10 @@ the statistics' and the constraints' terms in one fp32 sum).
 
 Launches at (B, P, L, D) = (256, 50, 77, 512) bf16, counted by
 ``benchmarks/kernel_resources.py --count-launches`` (tests/test_kernel_resources.py): forward
-4 Triton + 1 aten (the assertion below) + the batched InfoNCE forward (2) + the caller's sum of the
-five terms (5 aten adds) = 12; backward 6 Triton + the batched InfoNCE backward (2) + autograd's
-``ones_like`` = 9. With ``D > 4096`` the forward adds one row-LSE launch.
+3 Triton + the batched InfoNCE forward (one kernel + one sum) + the assertion below + the caller's
+sum of the five terms (5 aten adds) = 11; backward autograd's ``ones_like`` + 5 Triton + the
+batched InfoNCE backward (one kernel + the ``dscale`` sum) = 8. With ``D > 2048`` on a GPU
+(``kernels/constraints.py``) the forward adds one row-LSE launch.
 
 Checks (which run when)
 -----------------------
@@ -46,25 +47,31 @@ Checks (which run when)
   read tensor values, i.e. synchronise with the device.
 float64 inputs are routed to the reference (docs/method.md, decision 4).
 
-Traffic and memory model (bf16, (B, P, L, D) = (256, 50, 77, 512); a model, not a measurement)
----------------------------------------------------------------------------------------------
-Token tensors, ``E = B (P + L) D = 16.6 M`` elements per kind (``X, X^s, X^m``) of which ``V``
-are valid tokens' (masked text tokens are never read; all valid: ``V = E``):
-* forward: ``3 V e`` read once from HBM (``X^s`` a second time from L2): 100 MB at ``V = E``;
+Traffic and memory model (a model, not a measurement; :func:`hbm_traffic`, :func:`memory_model`)
+-------------------------------------------------------------------------------------------------
+At (B, P, L, D) = (256, 50, 77, 512) bf16; ``E = B (P + L) D = 16.6 M`` elements per token kind
+(``X, X^s, X^m``), ``V`` of them valid (masked text tokens are never read):
+* forward: ``3 V e`` read once (``X^s`` a second time from L2): 100 MB at ``V = E``;
 * backward: ``3 V e`` read (``X^m`` twice, the second time from L1) + ``3 E e`` written (the
-  gradients, zeros at masked tokens): 200 MB at ``V = E``.
-``O(B D)`` state (fp32, one ``[2, B, D]`` plane = 1 MB): the token pass writes 9 planes, the
-sampling forward 13, the pooled features are 3 (``[2, 3, B, D]``); the backward writes the
-InfoNCE gradients (3), the sampling scratch (6), the statistics' gradients (2) and per-pair
-vector-gradient rows (3): 39 MB written, each read back by a later kernel of the same step.
-Counting each plane as one HBM write (its reads hit the 50 MB L2 of an H100/H200) the step moves
-**339 MB at ``V = E``** (all 77 text tokens valid) and **about 280 MB** with the benchmarks' text
-lengths (uniform in [5, 77], 53 % valid: ``V = 11.9 M``), against the 300 MB the token tensors
-alone take at ``V = E``; if none of the ``O(B D)`` reads hit L2, add 39 MB. Sampling
-instructions per element of the virtual ``[2, B, D, D]``: ~114 (``kernels/sampling.py``).
-Extra memory beyond inputs and gradients: the ``O(B D)`` state above plus the per-token
-log-sum-exp (``4 B (P + L)`` = 0.13 MB) and the InfoNCE statistics: ``ExtraMemory`` below,
-checked on CPU by ``tests/test_fused_loss.py`` against the scratch the launchers allocate.
+  gradients, zeros at masked tokens): 200 MB at ``V = E``;
+* fp32 ``[2, B, D]``-sized state (1.05 MB a plane): the token pass writes 9 planes, the
+  sampling forward 13 (logit coefficients and per-row statistics), the pooled features 3, the
+  backward the InfoNCE gradients (3), the sampling scratch (6), the statistics' gradients (2) and
+  per-pair vector-gradient rows (3): 41 MB, each written once and read back by a later kernel of
+  the same step (from L2 where it is still resident: counted as one HBM write).
+Total: **341 MB with every text token valid** (the token tensors alone: 300 MB), **284 MB with the
+benchmarks' text lengths** (uniform in [5, 77]: 53 % of the text tokens valid). The ``[B, D]``
+state is what a further cut would have to remove (recomputing sweep 2 of the sampling in its
+backward saves 7 planes but costs ~20 % more of its instructions). Sampling instructions per
+element of the virtual ``[2, B, D, D]``: ~114 (``kernels/sampling.py``); at this shape the
+sampling is the compute-bound part (~0.46 ms ALU by the instruction count), the rest bandwidth
+bound (~0.07 ms at 4.8 TB/s).
+Extra memory above the inputs: the saved state (26.4 MB) plus the larger of the sampling
+backward's buffers (14.7 MB) and the token gradients with the statistics' gradients (99.9 +
+2.1 MB): **128 MB** peak, gradients included (plus < 64 KB of scalars and partials); the
+``[B, D, D]`` and ``[B, N, D]`` fp32 tensors of the reference never exist. At (1024, 50, 77, 512):
+513 MB peak, 1.36 GB moved (every text token valid); at (256, 50, 77, 1024): 257 MB, 681 MB.
+``tests/test_kernel_resources.py`` checks the buffers the launchers allocate against the model.
 
 Behaviour at the edges equals the reference's, including where the reference is NaN: if modality
 components are so large that a softmax column ``qbar_d`` underflows to exactly 0, ``L_m`` is NaN on
@@ -112,40 +119,54 @@ N_NCE = 3
 # ------------------------------------------------------------------------------------------------
 
 
-class ExtraMemory(NamedTuple):
-    """Bytes of the state the fast path keeps beyond inputs and gradients, by buffer."""
+#: Per-call scalars and partials the model leaves out: the five terms, ``glob``, the backward's
+#: coefficients, the InfoNCE finalize and ``dscale`` partials, the six ``[D]`` vector gradients
+#: (a few KB at realistic shapes; tests/test_kernel_resources.py bounds them by this).
+SMALL_BYTES = 64 * 2**10
 
-    col: int
-    row: int
-    pair: int
-    lse: int
-    feat: int
-    nce: int
-    sampling_scratch: int
-    stats_grads: int
-    vector_rows: int
-    nce_grads: int
 
-    @property
-    def saved(self) -> int:
-        """Saved from forward to backward."""
-        return self.col + self.row + self.pair + self.lse + self.feat + self.nce
+class MemoryModel(NamedTuple):
+    """Bytes of the fast path's buffers at one shape (fp32 state; gradients in the input dtype).
+
+    ``saved``: forward -> backward state (the token pass's ``col``, ``pair``, ``lse``, the pooled
+    features, the sampling's ``row``, the InfoNCE statistics). ``sampling_stage``: the backward's
+    buffers alive during the sampling backward (InfoNCE gradients, sampling scratch, the
+    statistics' gradients, per-pair vector-gradient rows). ``final_stage``: alive with the token
+    gradients during the last kernel (the statistics' gradients). ``gradients``: the six token
+    gradients."""
+
+    saved: int
+    sampling_stage: int
+    final_stage: int
+    gradients: int
 
     @property
     def peak(self) -> int:
-        """Everything alive at the backward's peak (saved state + backward scratch)."""
-        return sum(self)
+        """Peak extra memory of a forward + backward above its inputs, gradients included."""
+        return self.saved + max(self.sampling_stage, self.final_stage + self.gradients)
 
 
-def extra_memory(batch: int, patches: int, length: int, dim: int) -> ExtraMemory:
-    """The model: fp32 bytes of every buffer the launchers allocate besides the gradients."""
+def memory_model(batch: int, patches: int, length: int, dim: int,
+                 elem_bytes: int = 2) -> MemoryModel:
+    """The buffers ``cdds_loss_triton`` allocates at ``(B, P, L, D)`` with token tensors of
+    ``elem_bytes`` bytes (see :class:`MemoryModel`; plus at most :data:`SMALL_BYTES`)."""
     plane = 4 * 2 * batch * dim  # one fp32 [2, B, D] plane
-    return ExtraMemory(
-        col=N_COL * plane, row=N_ROW * plane, pair=4 * N_PAIR * 2 * batch,
-        lse=4 * batch * (patches + length), feat=3 * plane,
-        nce=4 * 2 * N_NCE * 3 * batch, sampling_scratch=N_SCRATCH * plane, stats_grads=2 * plane,
-        vector_rows=N_PART * plane, nce_grads=3 * plane,
-    )
+    saved = ((N_COL + N_ROW + N_NCE) * plane + 4 * N_PAIR * 2 * batch
+             + 4 * batch * (patches + length) + 2 * 4 * N_NCE * 3 * batch)
+    sampling = (N_NCE + N_SCRATCH + 2 + N_PART) * plane
+    gradients = 3 * elem_bytes * batch * (patches + length) * dim
+    return MemoryModel(saved, sampling, 2 * plane, gradients)
+
+
+def hbm_traffic(batch: int, patches: int, length: int, dim: int, elem_bytes: int = 2,
+                text_valid: float = 1.0) -> tuple[int, int]:
+    """``(token bytes, state bytes)`` one step moves: ``X, X^s, X^m`` read forward and backward
+    (valid tokens only: a fraction ``text_valid`` of the text's), the three gradients written
+    (every token), and every fp32 state buffer written once (its reads hit L2)."""
+    valid = batch * dim * (patches + text_valid * length)
+    tokens = int(3 * elem_bytes * (2 * valid + batch * dim * (patches + length)))
+    model = memory_model(batch, patches, length, dim, elem_bytes)
+    return tokens, model.saved + model.sampling_stage
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,6 +249,7 @@ def _cdds_loss_backward_op(
         fused=dict(coef=coef, pair=pair, w_s=(w_s_image, w_s_text), feat=feat, dx=dx, dy=dy),
         g_alpha=g_alpha, g_w=g_w,
     )
+    del dx, dy
     grads = constraints_backward(
         (v, v_s, v_m), (t, t_s, t_m), mask, (w_s_image, w_m_image), (w_s_text, w_m_text), col,
         row, pair, lse, glob, coef, g_mu, g_sd, (CSH.value, ASH.value), block_d_cap=block_d_cap,

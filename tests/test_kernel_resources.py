@@ -74,18 +74,47 @@ def test_launch_plan_refuses_the_interpreter():
 #: the batched InfoNCE forward (2), the finalize kernel, the text-mask assertion and the caller's
 #: sum of the five terms (5 adds): 11; backward = autograd's ones_like, the terms' gradient
 #: kernel, the batched InfoNCE backward (2), the sampling row, column and vector kernels and the
-#: token pass: 9. Eager launch overhead (~5 us each) bounds the step at small batches.
+#: token pass: 8. Eager launch overhead (~5 us each) bounds the step at small batches.
 LAUNCH_BUDGET = {"forward": 12, "backward": 16}
+STEP_SHAPE = (256, 50, 77, 512)
 
 
-def test_launch_budget_of_one_cdds_step():
+@pytest.fixture(scope="module")
+def step_counts():
+    """``kernel_resources.py --count-launches``: launches and allocated buffers per phase."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--count-launches"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_launch_budget_of_one_cdds_step(step_counts):
     for phase, budget in LAUNCH_BUDGET.items():
-        launches = counts[phase]["triton"] + counts[phase]["aten"]
-        assert counts[phase]["triton"] > 0 and launches <= budget, (phase, counts[phase])
+        launches = step_counts[phase]["triton"] + step_counts[phase]["aten"]
+        assert step_counts[phase]["triton"] > 0 and launches <= budget, (phase,
+                                                                            step_counts[phase])
+
+
+def test_allocated_buffers_match_the_memory_model(step_counts):
+    """Every buffer the launchers allocate in a step at the issue's shape (bf16), against
+    fused_loss.memory_model: the forward's are the saved state, the backward's the sampling
+    stage's buffers plus the token gradients (in bf16), each up to SMALL_BYTES of per-call
+    scalars and partials; and the model's totals are within the issue's bounds."""
+    from cdds_fast.fused_loss import SMALL_BYTES, hbm_traffic, memory_model
+
+    model = memory_model(*STEP_SHAPE, elem_bytes=2)
+    forward = sum(b for *_, b in step_counts["forward"]["scratch"])
+    backward = sum(b for *_, b in step_counts["backward"]["scratch"])
+    assert model.saved <= forward <= model.saved + SMALL_BYTES, (forward, model)
+    grads = [r for r in step_counts["backward"]["scratch"] if r[1] == "bfloat16"]
+    assert sum(b for *_, b in grads) == model.gradients and len(grads) == 6
+    expected = model.sampling_stage + model.gradients
+    assert expected <= backward <= expected + SMALL_BYTES, (backward, model)
+    assert model.peak <= 150e6
+    # the benchmarks' text lengths (uniform in [5, 77]); with every text token valid the model
+    # gives 341 MB (fused_loss.py, "Traffic and memory model")
+    tokens, state = hbm_traffic(*STEP_SHAPE, elem_bytes=2, text_valid=41 / 77)
+    assert tokens + state <= 320e6
