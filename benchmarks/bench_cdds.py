@@ -5,7 +5,9 @@
 
 Times are medians of CUDA-event timings after warm-up (``benchmarks/common.py``); memory is the
 peak allocated above the inputs during one forward+backward (gradients of the inputs included).
-"backward" is full minus forward.
+"backward" is full minus forward. The fast path's rows also give its model
+(``cdds_fast/fused_loss.py``): the bytes one step moves with the measured text lengths and its
+peak extra memory, and the bandwidth those bytes imply at the measured time.
 """
 
 from __future__ import annotations
@@ -90,26 +92,43 @@ def run(shapes, dtypes, names=None, *, skip_compile_for=()):
                     fwd = measure(step_fn(fn, tensors, mask, params, backward=False))
                 except torch.cuda.OutOfMemoryError:
                     full = fwd = Measurement(float("nan"), None)
-                rows.append({
+                row = {
                     "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
                     "impl": name, "forward_ms": fwd.median_ms,
                     "backward_ms": full.median_ms - fwd.median_ms, "full_ms": full.median_ms,
                     "peak_mb": full.peak_extra_mb,
-                })
+                }
+                if name.startswith("fast"):
+                    row.update(_model(shape, dtype, mask, full.median_ms))
+                rows.append(row)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
 
 
+def _model(shape, dtype, mask, full_ms) -> dict:
+    """The fast path's traffic and memory model at this problem (its text lengths)."""
+    from cdds_fast.fused_loss import hbm_traffic, memory_model
+
+    elem = torch.finfo(dtype).bits // 8
+    tokens, state = hbm_traffic(*shape, elem_bytes=elem, text_valid=float(mask.float().mean()))
+    moved = tokens + state
+    return {"model_mb": moved / 1e6, "model_peak_mb": memory_model(*shape, elem).peak / 2**20,
+            "model_gbps": moved / full_ms / 1e6}
+
+
 def to_markdown(rows) -> str:
-    lines = ["| B x P x L x D | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | peak extra MB | speed-up vs eager |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| B x P x L x D | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | peak extra MB | speed-up vs eager | model: MB moved, GB/s, peak MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     eager = {(r["shape"], r["dtype"]): r["full_ms"] for r in rows if r["impl"] == "eager reference"}
     for r in rows:
         base = eager.get((r["shape"], r["dtype"]))
         speed = f"{base / r['full_ms']:.1f}x" if base and r["full_ms"] == r["full_ms"] else "n/a"
+        model = (f"{r['model_mb']:.0f}, {r['model_gbps']:.0f}, {r['model_peak_mb']:.0f}"
+                 if "model_mb" in r else "")
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['impl']} | {fmt(r['forward_ms'])} | "
-            f"{fmt(r['backward_ms'])} | {fmt(r['full_ms'])} | {fmt(r['peak_mb'], '.1f')} | {speed} |"
+            f"{fmt(r['backward_ms'])} | {fmt(r['full_ms'])} | {fmt(r['peak_mb'], '.1f')} | {speed} | "
+            f"{model} |"
         )
     return "\n".join(lines)
 

@@ -4,9 +4,11 @@
     python benchmarks/bench_step.py --quick    # tiny model, CPU smoke run
 
 Rows: ClipLoss step, CDDS step with the fast loss, CDDS step with the reference loss, and the CDDS
-step split into backbone (towers), decoupler blocks and loss ops, each with its TFLOP/s from an
-analytic count of the transformer blocks' matmul FLOPs (fwd + bwd = 3x fwd); then the cost of each
-``z`` in {1, 2, 4}. Split timings are separate fwd+bwd runs of each part on the same inputs.
+step split into backbone (towers), the CDDS head alone (both decouplers on the towers' tokens,
+eager and ``torch.compile``'d) and the loss ops, each with its achieved TFLOP/s from an analytic
+count of the transformer blocks' matmul FLOPs (fwd + bwd = 3x fwd); then the cost of each ``z`` in
+{1, 2, 4} (step and eager head). Split timings are separate fwd+bwd runs of each part on the same
+inputs.
 """
 
 from __future__ import annotations
@@ -109,11 +111,37 @@ def main(argv=None) -> int:
 
         return run
 
+    # the head alone on the towers' tokens: forward + backward of both decouplers
+    with torch.no_grad(), autocast:
+        v_tokens = model.image_tokens(images)
+        t_tokens, t_mask = model.text_tokens(texts)
+    head_inputs = (v_tokens.detach().requires_grad_(True), t_tokens.detach().requires_grad_(True),
+                   t_mask)
+    components = ("image_semantic", "image_modality", "text_semantic", "text_modality")
+
+    def head_step(head):
+        def run():
+            zero()
+            for t in head_inputs[:2]:
+                t.grad = None
+            with autocast:
+                out = head(*head_inputs)
+                loss = sum(out[k].float().square().mean() for k in components)
+            loss.backward()
+
+        return run
+
+    # fullgraph: a graph break inside a block would fail here, not just run slower
+    compiled_head = torch.compile(model.head, fullgraph=True,
+                                  backend="inductor" if cuda else "aot_eager")
+
     fast = "triton" if cuda else "reference"
     rows = [("ClipLoss (plain CLIP)", timed(clip_step)),
             ("CDDS, fast loss", timed(cdds_step(fast))),
             ("CDDS, reference loss", timed(cdds_step("reference"))),
             ("  towers only (fwd+bwd)", timed(towers_step)),
+            ("  CDDS head only, eager", timed(head_step(model.head))),
+            ("  CDDS head only, torch.compile", timed(head_step(compiled_head))),
             ("  CDDS loss ops only, fast", timed(loss_only(fast))),
             ("  CDDS loss ops only, reference", timed(loss_only("reference")))]
     rows_by = dict(rows)
@@ -134,20 +162,30 @@ def main(argv=None) -> int:
     print(f"model {args.model}, batch {args.batch}, bf16 autocast={cuda}, z={z}")
     print("| part | ms | peak extra MB | TFLOP/s (blocks, fwd+bwd) |")
     print("| --- | --- | --- | --- |")
+    def tflops(flops: float, ms: float) -> str:
+        return f"{3 * flops / ms / 1e9:.1f}"
+
     for name, m in rows:
         tf = ""
         if name.strip().startswith("towers"):
-            tf = f"{3 * backbone / m.median_ms / 1e9:.0f}"
+            tf = tflops(backbone, m.median_ms)
+        elif name.strip().startswith("CDDS head"):
+            tf = tflops(decoupler, m.median_ms)
         print(f"| {name} | {fmt(m.median_ms, '.2f')} | {fmt(m.peak_extra_mb, '.0f')} | {tf} |")
     print(f"| decoupler blocks (CDDS fast step - towers - loss ops) | {decoupler_ms:.2f} | | "
-          f"{3 * decoupler / decoupler_ms / 1e9:.0f} |")
+          f"{tflops(decoupler, decoupler_ms)} |")
     share = rows_by["  CDDS loss ops only, fast"].median_ms / rows_by["CDDS, fast loss"].median_ms
     print(f"CDDS loss ops share of the fast CDDS step: {100 * share:.1f}%")
-    print("| z | CDDS fast step ms |")
-    print("| --- | --- |")
+    print("| z | CDDS fast step ms | head only ms (eager) | head TFLOP/s |")
+    print("| --- | --- | --- | --- |")
     for zz in (1, 2, 4):
         model.head.image_decoupler.z = model.head.text_decoupler.z = zz
-        print(f"| {zz} | {fmt(timed(cdds_step(fast)).median_ms, '.2f')} |")
+        blocks_z = len(model.head.image_decoupler.encoder) + 2 * zz * len(
+            model.head.image_decoupler.semantic_decoder)
+        flops_z = decoupler / n_blocks * blocks_z
+        head_ms = timed(head_step(model.head)).median_ms
+        print(f"| {zz} | {fmt(timed(cdds_step(fast)).median_ms, '.2f')} | {head_ms:.2f} | "
+              f"{tflops(flops_z, head_ms)} |")
     return 0
 
 

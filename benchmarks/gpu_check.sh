@@ -7,8 +7,9 @@
 #
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
 #
-# Stage limits (seconds) can be overridden: PARITY_S, NCE_S, CDDS_S, STEP_S; STAGES picks stages
-# (default "parity nce cdds step"), e.g. to finish in a second call what a first one cut short.
+# Stage limits (seconds) can be overridden: STEPCHECK_S, PARITY_S, NCE_S, CDDS_S, STEP_S; STAGES
+# picks stages (default "stepcheck parity nce cdds step"), e.g. to finish in a second call what a
+# first one cut short.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
@@ -37,17 +38,24 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git log -1 --format='commit %H %s'; } | tee "$OUT/env.txt"
 
-STAGES=${STAGES:-parity nce cdds step}
+STAGES=${STAGES:-stepcheck parity nce cdds step}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
+# 0. the CUDA-only checks of one CDDS step: no host synchronisation (sync debug mode "error"),
+#    a CUDA-graph capture of forward + backward replays equal to eager, fullgraph compile of a
+#    step through CDDSLoss and of the head; also part of the parity stage (with the inductor
+#    variants), first here so a slow parity stage cannot crowd them out
+want stepcheck && stage stepcheck "${STEPCHECK_S:-60}" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_fused_loss.py tests/test_head_compile.py \
+  -k "does_not_synchronise or cuda_graph or fullgraph or without_graph_break"
 # 1. correctness first: every kernel's parity tests natively (CUDA present: slow tests run too)
 want parity && stage parity "${PARITY_S:-160}" python3 -m pytest -q -p no:cacheprovider -x \
   --durations=10 tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py tests/test_normalize.py \
-  tests/test_constraints.py tests/test_fused_loss.py
+  tests/test_constraints.py tests/test_fused_loss.py tests/test_head_compile.py
 # 2. InfoNCE matrix: every forward/backward method, ClipLoss, Inf-CL; B 4096/16384/65536, D 512
 want nce && stage nce "${NCE_S:-110}" python3 benchmarks/report.py --skip-cdds \
   --out "$OUT/report_nce"
 # 3. CDDS loss matrix: fast / eager / torch.compile (compiled for bf16 only, to fit the budget)
-want cdds && stage cdds "${CDDS_S:-180}" python3 benchmarks/report.py --skip-contrastive \
+want cdds && stage cdds "${CDDS_S:-160}" python3 benchmarks/report.py --skip-contrastive \
   --compile-dtypes bfloat16 --out "$OUT/report_cdds"
 # 4. end-to-end ViT-B/32 step, batch 256, bf16 autocast, with the z sweep
 want step && stage step "${STEP_S:-70}" python3 benchmarks/bench_step.py

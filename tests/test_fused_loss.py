@@ -525,9 +525,10 @@ def test_functional_dispatch(device):
 
 
 def test_torch_compile_training_step(device):
-    """A torch.compile'd step through cdds_loss_triton: the kernels are torch.library custom ops
-    (opaque nodes with fake impls and registered autograd), so tracing and AOT autograd work.
-    aot_eager keeps the CPU run short; CUDA runs inductor in the slow test below."""
+    """A torch.compile'd step through cdds_loss_triton: the loss is one torch.library custom op
+    each way (an opaque node with a fake impl and registered autograd), so tracing and AOT
+    autograd work, with no graph break. aot_eager keeps the CPU run short; CUDA runs inductor in
+    the slow test below."""
     _compile_step(device, "aot_eager")
 
 
@@ -543,7 +544,7 @@ def _compile_step(device, backend):
         return sum(cdds_loss_triton(*args, **kw).values())
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend=backend)
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
     leaves = [*tensors[:6], *params.values()]
     loss_c = compiled(*tensors, **params)
     grads_c = torch.autograd.grad(loss_c, leaves)
@@ -552,6 +553,100 @@ def _compile_step(device, backend):
     torch.testing.assert_close(loss_c, loss_e)
     for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e):
         torch.testing.assert_close(gc, ge, msg=n)
+
+
+def _cdds_loss_inputs(tensors, params):
+    """``CDDSLoss``'s keyword inputs from ``inputs()``'s tensors and parameters."""
+    names = ("image_tokens", "image_semantic", "image_modality", "text_tokens", "text_semantic",
+             "text_modality", "text_mask")
+    return {**dict(zip(names, tensors)), **params}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fullgraph_compile_through_cdds_loss(backend, device):
+    """``torch.compile(step, fullgraph=True)`` of a step's loss through ``CDDSLoss``, as a user
+    writes it (the backward AOT-compiled with it): no graph break on either backend's default path (no host reads of tensor values: the
+    fast path's text-mask check is a device-side assertion, the reference's default host checks
+    turn into device-side ones while tracing), and the eager loss and gradients."""
+    from cdds_fast import CDDSLoss
+
+    tensors, params = inputs(3, 5, 6, 16, torch.float32, device, smooth=True)
+    loss_fn = CDDSLoss(backend=backend)
+    leaves = [*tensors[:6], *params.values()]
+
+    def step(kw):
+        return loss_fn(**kw)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    kw = _cdds_loss_inputs(tensors, params)
+    loss_c = compiled(kw)
+    grads_c = torch.autograd.grad(loss_c, leaves)  # the AOT-compiled backward
+    loss_e = step(kw)
+    grads_e = torch.autograd.grad(loss_e, leaves)
+    torch.testing.assert_close(loss_c, loss_e)
+    for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, msg=n)
+    if backend == "reference":  # the check traced as a device-side assertion still fires
+        empty = tensors[6].clone()
+        empty[0] = False
+        with pytest.raises(RuntimeError, match="text_mask: expected at least one valid token"):
+            compiled({**kw, "text_mask": empty})
+
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA's synchronisation debug mode")
+def test_step_does_not_synchronise(device):
+    """A fast-path step (forward and backward through ``CDDSLoss``) under
+    ``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation raises."""
+    from cdds_fast import CDDSLoss
+
+    tensors, params = inputs(16, 50, 77, 512, torch.bfloat16, device)
+    loss_fn = CDDSLoss(backend="triton")
+    kw = _cdds_loss_inputs(tensors, params)
+    leaves = [*tensors[:6], *params.values()]
+    torch.autograd.grad(loss_fn(**kw), leaves)  # compiles the kernels, warms the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = torch.autograd.grad(loss_fn(**kw), leaves)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs")
+def test_cuda_graph_replay_equals_eager(device):
+    """Forward and backward captured once in a ``torch.cuda.CUDAGraph`` and replayed on new input
+    values (copied into the captured tensors) give the eager loss and gradients on those values,
+    to the bit (every kernel is deterministic: no atomics)."""
+    tensors, params = inputs(16, 50, 77, 512, torch.bfloat16, device, smooth=True)
+    leaves = [*tensors[:6], *params.values()]
+
+    def step():
+        total = sum(cdds_loss_triton(*tensors, **params).values())
+        return (total, *torch.autograd.grad(total, leaves))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    fresh, fresh_params = inputs(16, 50, 77, 512, torch.bfloat16, device, smooth=True,
+                                 mask=tensors[6])
+    with torch.no_grad():
+        for leaf, new in zip(leaves, [*fresh[:6], *fresh_params.values()]):
+            leaf.copy_(new)
+    graph.replay()
+    eager = step()
+    for name, got, want in zip(("loss", *LEAF_NAMES), captured, eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
 
 
 def test_no_relation_matrix_or_fp32_token_tensor_is_materialised(device):
