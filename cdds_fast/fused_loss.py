@@ -10,10 +10,11 @@ every launch:
 
 1. ``kernels/constraints.py``: one pass over ``X, X^s, X^m``: the column statistics ``mu, s`` of
    ``X^s`` (section 2), every token sum the constraint losses need (section 5; ``L_x``'s
-   ``c, a``-dependent parts are rewritten through ``r_f`` sums), the per-token log-sum-exp of
-   ``X^m`` and the pooled ``pool(X^s) = mu / |mu|`` (the masked mean *is* ``mu``);
+   ``c, a``-dependent parts are rewritten through ``r_f`` sums) and the per-token log-sum-exp
+   of ``X^m``;
 2. ``kernels/sampling.py``: related weights and sampling coefficients ``c, a`` of both
-   directions (sections 3-4), the pair's ``L_x`` sum, and ``pool(X^x) = c / |c|`` (section 4:
+   directions (sections 3-4), the pair's ``L_x`` sum, and the pooled features
+   ``pool(X^s) = mu / |mu|`` (the masked mean *is* ``mu``) and ``pool(X^x) = c / |c|`` (section 4:
    the masked mean of ``X^x`` is ``c``);
 3. the three InfoNCE problems (image, text), (image, image_x), (text, text_x) batched
    (``kernels/contrastive.py``);
@@ -185,12 +186,13 @@ def _cdds_loss_op(
     """``(5 weighted terms, feat, col, row, pair, lse, glob, nce_r, nce_c)``; with ``scale=None``
     the InfoNCE problems are left to the caller (the first two terms are 0 and ``feat`` holds
     the pooled features they need)."""
-    col, pair, lse, feat = constraints_forward(
+    col, pair, lse = constraints_forward(
         (v, v_s, v_m), (t, t_s, t_m), mask, (w_s_image, w_m_image), (w_s_text, w_m_text),
         block_d_cap=block_d_cap,
     )
     _, _, batch, dim = col.shape
     row = scratch((N_ROW, 2, batch, dim), torch.float32, v.device)
+    feat = scratch((2, N_NCE, batch, dim), torch.float32, v.device)
     sampling_forward(col, row, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho,
                      fused=dict(pair=pair, w_s=(w_s_image, w_s_text), feat=feat))
     if scale is not None:

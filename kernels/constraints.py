@@ -27,8 +27,7 @@ rewritten through ``r_f``: with ``X^s = mu + s zeta``,
 The forward pass (``_constraints_fwd_kernel``, one program per (pair, modality), both modalities
 in one launch) therefore needs no ``c, a``: it reads ``X, X^s, X^m`` once and writes per
 ``(b, column)`` the statistics ``mu, s, mu_res`` and ``F1, FZ, FM, M1, ZM, sum q`` (``col``), per
-pair ``n_b, sum r_f^2, sum q log q`` and the L2 norm of ``mu`` (``pair``), the per-token
-log-sum-exp of ``X^m`` and the normalised pooled features ``pool(X^s) = mu / |mu|`` (section 5).
+pair ``n_b, sum r_f^2, sum q log q`` (``pair``) and the per-token log-sum-exp of ``X^m``.
 It loops over the pair's tokens twice (corrected two-pass: ``kernels/stats.finish_column_stats``):
 first ``X^s`` alone for a provisional mean, then all three tensors; the second read of ``X^s``
 comes from L2 (a pair's slab is 79 KB at L = 77, D = 512 bf16). Every sum is in fp32 and taken
@@ -107,6 +106,15 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _sqrt(x):
+    """``sqrt(x)`` for positive normal ``x``: the hardware root refined by one Newton step (fmas),
+    within an ulp of the correctly rounded root. ``tl.sqrt_rn`` gives that ulp too, but ptxas
+    expands it with a slow-path subroutine whose call saves live registers to local memory."""
+    s = tl.sqrt(x)
+    return tl.fma(tl.fma(-s, s, x), 0.5 / s, s)
+
+
+@triton.jit
 def _row_lse_pair(XM, M, LSE, b, blk, N, D, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -143,7 +151,7 @@ def _row_lse_kernel(XMV, XMT, M, LSE, B, P, L, D, BLOCK_N: tl.constexpr, BLOCK_D
 
 @triton.jit
 def _constraints_fwd_pair(
-    X, XS, XM, M, WS, WM, COL, PAIR, LSE, FEAT_A, FEAT_B, b, mod, N, B, D,
+    X, XS, XM, M, WS, WM, COL, PAIR, LSE, b, mod, N, B, D,
     HAS_MASK: tl.constexpr, LSE_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -157,7 +165,6 @@ def _constraints_fwd_pair(
     count = tl.sum(cnt, axis=0)
     sum_rf2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     sum_qlogq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    mu_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
@@ -210,7 +217,8 @@ def _constraints_fwd_pair(
             s_q += tl.sum(q, axis=0)
             sum_rf2 += tl.sum(r_f * r_f, axis=1)
             sum_qlogq += tl.sum(tl.where(ld, q * log_q, 0.0), axis=1)
-        mu, mu_res, shift, s = finish_column_stats(mean1, s_e, s_ee, count, _STD_EPS)
+        mu, mu_res, shift, var = finish_column_stats(mean1, s_e, s_ee, count)
+        s = _sqrt(var + _STD_EPS)
         # zeta = (e - shift) / s exactly (shift = mu + mu_res - mean1)
         inv_s = 1.0 / s
         out = COL + stat0 + cols
@@ -223,42 +231,27 @@ def _constraints_fwd_pair(
         tl.store(out + M1 * plane, s_m, mask=col_ok)
         tl.store(out + ZM * plane, (s_em - shift * s_m) * inv_s, mask=col_ok)
         tl.store(out + Q * plane, s_q, mask=col_ok)
-        mu_sq += tl.where(col_ok, mu * mu, 0.0)
     pair_plane = 2 * B
     o = PAIR + mod * B + b
     tl.store(o + COUNT * pair_plane, count)
     tl.store(o + F2 * pair_plane, tl.sum(sum_rf2, axis=0))
     tl.store(o + QLQ * pair_plane, tl.sum(sum_qlogq, axis=0))
-    norm = tl.sqrt(tl.sum(mu_sq, axis=0))
-    tl.store(o + NORM_MU * pair_plane, norm)
-    # pool(X^s) = mu / max(|mu|, eps), read back after every thread's mu store
-    inv = 1.0 / tl.maximum(norm, NORM_EPS)
-    tl.debug_barrier()
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        feat = tl.load(COL + MU * plane + stat0 + cols, mask=col_ok, other=0.0) * inv
-        tl.store(FEAT_A + b * D + cols, feat, mask=col_ok)
-        tl.store(FEAT_B + b * D + cols, feat, mask=col_ok)
 
 
 @triton.jit
 def _constraints_fwd_kernel(
-    XV, XSV, XMV, XT, XST, XMT, M, WSV, WMV, WST, WMT, COL, PAIR, LSE, FEAT,
+    XV, XSV, XMV, XT, XST, XMT, M, WSV, WMV, WST, WMT, COL, PAIR, LSE,
     B, P, L, D,
     LSE_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (pair, modality). ``FEAT`` [2, 3, B, D]: the InfoNCE rows ``x`` and columns ``y`` of
-    the three problems (image, text), (image, image_x), (text, text_x); this pass writes the
-    ``pool(X^s)`` entries: image into x[0], x[1], text into y[0], x[2]."""
+    """Grid (pair, modality)."""
     b = tl.program_id(0).to(tl.int64)
-    bd = B * D
     if tl.program_id(1) == 0:
-        _constraints_fwd_pair(XV, XSV, XMV, M, WSV, WMV, COL, PAIR, LSE, FEAT, FEAT + bd, b, 0,
-                              P, B, D, False, LSE_GIVEN, BLOCK_N, BLOCK_D)
+        _constraints_fwd_pair(XV, XSV, XMV, M, WSV, WMV, COL, PAIR, LSE, b, 0, P, B, D, False,
+                              LSE_GIVEN, BLOCK_N, BLOCK_D)
     else:
-        _constraints_fwd_pair(XT, XST, XMT, M, WST, WMT, COL, PAIR, LSE + B * P, FEAT + 3 * bd,
-                              FEAT + 2 * bd, b, 1, L, B, D, True, LSE_GIVEN, BLOCK_N, BLOCK_D)
+        _constraints_fwd_pair(XT, XST, XMT, M, WST, WMT, COL, PAIR, LSE + B * P, b, 1, L, B, D,
+                              True, LSE_GIVEN, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -438,9 +431,10 @@ def _constraints_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-#: Widest row the forward pass holds in one block on a GPU: its eight column accumulators and
-#: ~ten tiles of a [1, 4096] block spilled 264-504 bytes for sm_90; wider rows take the row-LSE
-#: pass and ``HEAVY_TILE_ELEMS_GPU``-wide chunks (benchmarks/kernel_resources.py).
+#: Widest row the forward pass holds in one block on a GPU: with its eight column accumulators a
+#: [1, 4096] block (16 warps, at most 128 registers a thread) spilled 56-80 bytes in fp32 for
+#: sm_90 (triton 3.6 and 3.8); wider rows take the row-LSE pass and ``HEAVY_TILE_ELEMS_GPU``-wide
+#: chunks (benchmarks/kernel_resources.py).
 _GPU_ROW_BLOCK_CAP = 2048
 
 
@@ -482,9 +476,8 @@ def constraints_forward(
             contiguous, fp32/bf16/fp16); mask: bool ``[B, L]``; w_image, w_text: ``(w_s, w_m)``.
         block_d_cap: widest row held in one block (tests lower it to reach the chunked-row path).
     Returns:
-        ``col`` [N_COL, 2, B, D], ``pair`` [N_PAIR, 2, B] (``LX`` and ``NORM_C`` left for the
-        sampling forward), ``lse`` [B * (P + L)] fp32, ``feat`` [2, 3, B, D] fp32 with the
-        ``pool(X^s)`` rows filled (see ``_constraints_fwd_kernel``).
+        ``col`` [N_COL, 2, B, D], ``pair`` [N_PAIR, 2, B] (``LX``, ``NORM_MU`` and ``NORM_C``
+        left for the sampling forward) and ``lse`` [B * (P + L)], all fp32.
     """
     batch, p, d = image[0].shape
     length = text[0].shape[1]
@@ -492,7 +485,6 @@ def constraints_forward(
     col = scratch((N_COL, 2, batch, d), torch.float32, dev)
     pair = scratch((N_PAIR, 2, batch), torch.float32, dev)
     lse = scratch((batch * (p + length),), torch.float32, dev)
-    feat = scratch((2, 3, batch, d), torch.float32, dev)
     block_n, block_d, warps = _fwd_tile(max(p, length), d, block_d_cap)
     m_arg = _mask_arg(mask, image[0])
     lse_given = block_d < d
@@ -502,10 +494,10 @@ def constraints_forward(
             num_warps=warps,
         )
     _constraints_fwd_kernel[(batch, 2)](
-        *image, *text, m_arg, *w_image, *w_text, col, pair, lse, feat, batch, p, length, d,
+        *image, *text, m_arg, *w_image, *w_text, col, pair, lse, batch, p, length, d,
         LSE_GIVEN=lse_given, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
     )
-    return col, pair, lse, feat
+    return col, pair, lse
 
 
 def finalize_terms(col: Tensor, pair: Tensor, nce: Tensor | None, *, a_c: float, a_s: float,

@@ -77,7 +77,8 @@ also holding ``F1 = sum r_f``, ``FZ = sum r_f zeta``, ``FM``, ``M1``, ``ZM`` per
 ``u = c - mu`` and ``v = a - s`` of the source modality (``X^x = c + a zeta``):
 * the forward program adds ``sum_i [2 w_s (u F1 + v FZ) + w_s^2 (u^2 n_b + v^2 Z2)]`` (the part of
   ``sum r_x^2`` beyond ``sum r_f^2``, ``Z2 = n_b var / s^2``) to the pair's ``L_x`` sum and writes
-  the pooled ``pool(X^x) = c / |c|`` row into the InfoNCE features;
+  the pooled features ``pool(X^s) = mu / |mu|`` and ``pool(X^x) = c / |c|`` of its source
+  modality into the InfoNCE rows and columns;
 * the row program forms its rows' ``gc, ga`` itself: the constraint part
   ``gc = k_x w_s (F1 + w_s u n_b)``, ``ga = k_x w_s (FZ + w_s v Z2)`` plus the pooled feature's
   gradient through the normalisation, ``(g - y <g, y>) / |c|`` (``F.normalize``'s backward; the
@@ -380,6 +381,7 @@ def _related_sampling_fwd_kernel(
 
     lx_acc = tl.zeros([BLOCK_I], tl.float32)
     c_sq = tl.zeros([BLOCK_I], tl.float32)
+    mu_sq = tl.zeros([BLOCK_I], tl.float32)
     if FUSED:
         n_b = tl.load(PAIR + COUNT * 2 * B + dr * B + b)
     for i0 in range(0, D, BLOCK_I):
@@ -414,22 +416,32 @@ def _related_sampling_fwd_kernel(
             lx_acc += tl.where(rmask, lx, 0.0)
             c = c_sh + o_mu
             c_sq += tl.where(rmask, c * c, 0.0)
+            mu_sq += mu_i * mu_i  # 0 on padded rows
         else:
             tl.store(C + o, c_sh + o_mu, mask=rmask)
             tl.store(A + o, a_sh + o_sd, mask=rmask)
     if FUSED:
         o_pair = PAIR + dr * B + b
         tl.store(o_pair + LX * 2 * B, tl.sum(lx_acc, 0))
-        norm = tl.sqrt(tl.sum(c_sq, 0))
-        tl.store(o_pair + NORM_C * 2 * B, norm)
-        # pool(X^x) = c / max(|c|, eps) into the InfoNCE columns y[1 + dr] (FEAT [2, 3, B, D])
-        inv = 1.0 / tl.maximum(norm, NORM_EPS)
+        norm_c = tl.sqrt(tl.sum(c_sq, 0))
+        norm_mu = tl.sqrt(tl.sum(mu_sq, 0))
+        tl.store(o_pair + NORM_C * 2 * B, norm_c)
+        tl.store(o_pair + NORM_MU * 2 * B, norm_mu)
+        # The pooled features of the source modality into the InfoNCE rows x and columns y of
+        # FEAT [2, 3, B, D] (problems (image, text), (image, image_x), (text, text_x)):
+        # pool(X^s) = mu / max(|mu|, eps) into x[0], x[1] (image) or y[0], x[2] (text),
+        # pool(X^x) = c / max(|c|, eps) into y[1 + dr]; c read back after every thread's store.
+        inv_c = 1.0 / tl.maximum(norm_c, NORM_EPS)
+        inv_mu = 1.0 / tl.maximum(norm_mu, NORM_EPS)
         tl.debug_barrier()
         for i0 in range(0, D, BLOCK_I):
             rows = i0 + tl.arange(0, BLOCK_I)
             rmask = rows < D
             c = tl.load(ROW + CSH * plane + src + rows, mask=rmask, other=0.0) + o_mu
-            tl.store(FEAT + ((4 + dr) * B + b) * D + rows, c * inv, mask=rmask)
+            tl.store(FEAT + ((4 + dr) * B + b) * D + rows, c * inv_c, mask=rmask)
+            mu = tl.load(COL + MU * plane + src + rows, mask=rmask, other=0.0) * inv_mu
+            tl.store(FEAT + (3 * dr * B + b) * D + rows, mu, mask=rmask)
+            tl.store(FEAT + ((1 + dr) * B + b) * D + rows, mu, mask=rmask)
 
 
 @triton.jit
@@ -753,8 +765,9 @@ def sampling_forward(
     ([>= 2, 2, B, D]: ``MU``, ``SD``, and with ``fused`` the token-pass sums).
 
     Without ``fused`` returns ``(c, a)`` [2, B, D] fp32 (index 0 = image->text). With
-    ``fused = dict(pair=, w_s=(image, text), feat=)`` (the loss) writes the ``L_x`` and ``|c|``
-    entries of ``pair`` and the ``pool(X^x)`` rows of ``feat`` instead, and returns None."""
+    ``fused = dict(pair=, w_s=(image, text), feat=)`` (the loss) writes the ``L_x``, ``|mu|`` and
+    ``|c|`` entries of ``pair`` and the pooled features ``feat`` [2, 3, B, D] instead, and
+    returns None."""
     _, _, bsz, d = col.shape
     dev = col.device
     bi, bj, warps = _tiles(d, "fwd")

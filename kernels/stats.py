@@ -47,22 +47,22 @@ _GPU_COLS_PER_PROGRAM = 64
 
 
 @triton.jit
-def finish_column_stats(mean1, sum_dev, sum_dev2, count, EPS: tl.constexpr):
+def finish_column_stats(mean1, sum_dev, sum_dev2, count):
     """End of the corrected two-pass (Chan, Golub & LeVeque 1983) for one block of columns:
     ``mean1`` is the first pass's mean, ``sum_dev`` / ``sum_dev2`` the second pass's sums of the
     deviations ``x - mean1`` and of their squares over ``count`` tokens. The first mean's own
     rounding error (``shift``) is measured and removed, so a constant column gets a variance of
     exactly 0 (the plain two-pass leaves ~ulp(mean) / s).
 
-    Returns ``(mu, mu_res, shift, s)``: the fp32 mean, what it could not hold (Fast2Sum,
+    Returns ``(mu, mu_res, shift, var)``: the fp32 mean, what it could not hold (Fast2Sum,
     ``|mean1| >= |shift|``: the deviations ``(x - mu) - mu_res`` are as accurate as autograd
     through the reference's two-pass), ``shift = mu + mu_res - mean1`` (so ``x - mean1 - shift``
-    is the exact deviation) and ``s = sqrt(var + EPS)``."""
+    is the exact deviation) and the population variance; ``s = tl.sqrt_rn(var + EPS)`` is the
+    caller's (correctly rounded, as the reference's ``torch.sqrt``)."""
     shift = sum_dev / count
     mu = mean1 + shift
     mu_res = shift - (mu - mean1)
-    var = tl.maximum(sum_dev2 / count - shift * shift, 0.0)
-    return mu, mu_res, shift, tl.sqrt_rn(var + EPS)
+    return mu, mu_res, shift, tl.maximum(sum_dev2 / count - shift * shift, 0.0)
 
 
 @triton.jit
@@ -109,7 +109,8 @@ def _stats_fwd_kernel(
         dev = tl.where(ld, x.to(tl.float32) - mu[None, :], 0.0)
         acc1 += tl.sum(dev, axis=0)
         acc2 += tl.sum(dev * dev, axis=0)
-    mu_new, mu_res, _, s = finish_column_stats(mu, acc1, acc2, count, EPS)
+    mu_new, mu_res, _, var = finish_column_stats(mu, acc1, acc2, count)
+    s = tl.sqrt_rn(var + EPS)
     out = pid_b * D + cols
     tl.store(MU + out, mu_new, mask=col_ok)
     tl.store(S + out, s, mask=col_ok)
