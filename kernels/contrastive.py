@@ -306,8 +306,12 @@ def _info_nce_bwd_kernel(
     n_rows = tl.where(direction == 0, M, N)
     n_cols = tl.where(direction == 0, N, M)
     shift = label_offset * (1 - 2 * direction)  # label column = row + shift
-    has_own = (direction == 0) | SYMMETRIC
-    has_other = (direction == 1) | SYMMETRIC
+    if SYMMETRIC:  # both softmax terms in both directions (bool tensors either way)
+        has_own = direction >= 0
+        has_other = direction >= 0
+    else:
+        has_own = direction == 0
+        has_other = direction == 1
     if pid_m * BLOCK_M >= n_rows:
         return
     scale = tl.load(SCALE).to(tl.float32)
@@ -322,9 +326,12 @@ def _info_nce_bwd_kernel(
     labels = rows + shift
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
-    own_max = tl.load(OWN + rows64, mask=row_ok & has_own, other=0.0)
-    own_inv = tl.load(OWN + n_rows + rows64, mask=row_ok & has_own, other=0.0)
-    own_lab = tl.load(OWN + 2 * n_rows + rows64, mask=row_ok & has_own, other=0.0)
+    # rows with own statistics: a bound, not `row_ok & has_own` (a block-and-scalar mask that
+    # triton 3.9's interpreter rejects)
+    own_ok = rows < n_rows * has_own.to(tl.int32)
+    own_max = tl.load(OWN + rows64, mask=own_ok, other=0.0)
+    own_inv = tl.load(OWN + n_rows + rows64, mask=own_ok, other=0.0)
+    own_lab = tl.load(OWN + 2 * n_rows + rows64, mask=own_ok, other=0.0)
     a_single = tl.zeros((BLOCK_M, BLOCK_K), dtype=A.dtype.element_ty)
     if SINGLE_K:
         a_single = tl.load(A + rows64[:, None] * D + offs_k[None, :],
@@ -441,10 +448,12 @@ def _info_nce_block_fwd_kernel(
                 t_c = tl.where(row_ok[:, None], t, float("-inf"))
                 c_max = tl.max(t_c, axis=0)
                 c_sum = tl.sum(tl.exp2(t_c - c_max[None, :]), axis=0)
+                # a group's first row block of a problem writes instead of merging (as a bound:
+                # `col_ok & ~fresh` is a block-and-scalar mask triton 3.9's interpreter rejects)
                 fresh = (rb == pid_g) & (col_init != 0)
-                old_max = tl.load(col_max_row + cols64, mask=col_ok & ~fresh,
-                                  other=float("-inf"))
-                old_sum = tl.load(col_sum_row + cols64, mask=col_ok & ~fresh, other=0.0)
+                merge_ok = cols < N * (1 - fresh.to(tl.int32))
+                old_max = tl.load(col_max_row + cols64, mask=merge_ok, other=float("-inf"))
+                old_sum = tl.load(col_sum_row + cols64, mask=merge_ok, other=0.0)
                 new_max = tl.maximum(old_max, c_max)
                 new_sum = old_sum * tl.exp2(old_max - new_max) + c_sum * tl.exp2(c_max - new_max)
                 tl.store(col_max_row + cols64, new_max, mask=col_ok)
