@@ -157,7 +157,7 @@ def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
             model_name, pretrained, *args, **kwargs
         )
         if not cfg.cdds_off:
-            model = CDDSModel(model, **_head_kwargs(cfg), output_dict=kwargs.get("output_dict"))
+            model = CDDSModel(model, **_head_kwargs(cfg))  # forward returns the loss's dict
         return model, preprocess_train, preprocess_val
 
     def create_loss(args: argparse.Namespace) -> torch.nn.Module:
