@@ -71,8 +71,9 @@ class DualPathDecoupler(nn.Module):
         sigma: float = 0.1,
     ) -> None:
         super().__init__()
-        check_head_settings(dim=dim, n_enc=n_enc, n_dec=n_dec, heads=heads, mlp_ratio=mlp_ratio,
-                            z=z, sigma=sigma)
+        check_number("dim", dim, low=1, integer=True)
+        check_head_settings(n_enc=n_enc, n_dec=n_dec, heads=heads, mlp_ratio=mlp_ratio, z=z,
+                            sigma=sigma)
         self.dim = dim
         self.z, self.sigma = z, sigma
         self.encoder = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(n_enc))

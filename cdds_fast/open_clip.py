@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ from cdds_fast.reference.validation import check_placement, check_tensor
 __all__ = [
     "CDDSModel",
     "CDDS_CONFIG_FILENAME",
+    "eval_transform",
     "load_cdds_checkpoint",
+    "register_sidecar_model",
     "strip_state_dict_prefixes",
     "text_valid_mask",
 ]
@@ -487,8 +490,9 @@ class CDDSModel(nn.Module):
             path: an open_clip training checkpoint (``{"state_dict": ...}``, with or without
                 DDP's ``module.`` prefixes) or a bare state dict of a :class:`CDDSModel`.
             model_name: open_clip model name. Default: read from the ``cdds_config.json`` the
-                launcher writes next to the checkpoints (which also re-registers custom model
-                config files it used).
+                launcher writes next to the checkpoints, which also holds the model's config
+                (registered with open_clip here, so a custom config needs no file of its own and
+                a moved run folder still loads).
             pretrained: open_clip pretrained tag to build the towers from (the checkpoint
                 overwrites the weights anyway; default None: random init, no download).
             device, precision: as open_clip's ``create_model``.
@@ -502,9 +506,7 @@ class CDDSModel(nn.Module):
 
         path = Path(path)
         sidecar = read_cdds_config(path)
-        for cfg_path in sidecar.get("model_configs", []):
-            if Path(cfg_path).exists():
-                open_clip.add_model_config(cfg_path)
+        register_sidecar_model(sidecar)
         if model_name is None:
             model_name = sidecar.get("model")
         if model_name is None:
@@ -513,13 +515,25 @@ class CDDSModel(nn.Module):
                 f"next to {path}), got None"
             )
         state = strip_state_dict_prefixes(_load_state(path))
-        kwargs = {k: v for k, v in sidecar.get("cdds", {}).items() if k in _HEAD_KEYS}
+        kwargs = {k: v for k, v in (sidecar.get("cdds") or {}).items() if k in _HEAD_KEYS}
         kwargs.update(_infer_depths(state))
         kwargs.update(cdds_kwargs)
         clip = open_clip.create_model(model_name, pretrained, precision=precision, device=device)
         model = cls(clip, **kwargs, output_dict=True)
         model.load_state_dict(state, strict=strict)
         return model.eval()
+
+
+def eval_transform(model: nn.Module) -> Any:
+    """open_clip's evaluation preprocessing for ``model``'s image tower (resize, centre crop,
+    normalisation from its ``preprocess_cfg``): the ``preprocess`` that
+    ``open_clip.create_model_and_transforms`` returns, for a model built another way (such as
+    :meth:`CDDSModel.from_checkpoint`). PIL image in, ``[3, H, W]`` float tensor out."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)),
+                              is_train=False)
 
 
 def strip_state_dict_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -548,6 +562,19 @@ def read_cdds_config(path: Path) -> dict[str, Any]:
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return {}
+
+
+def register_sidecar_model(sidecar: dict[str, Any]) -> None:
+    """Register the model config stored in a ``cdds_config.json`` under its model name, unless
+    open_clip already has that name with the same config."""
+    import open_clip
+
+    name, config = sidecar.get("model"), sidecar.get("model_config")
+    if not name or not config or open_clip.get_model_config(name) == config:
+        return
+    with tempfile.TemporaryDirectory(prefix="cdds_model_config_") as folder:
+        (Path(folder) / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder)  # reads the file now
 
 
 def _infer_depths(state: dict[str, Tensor]) -> dict[str, int]:
