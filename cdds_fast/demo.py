@@ -168,6 +168,25 @@ def _check_positive(name: str, value: int) -> int:
     return value
 
 
+def _checked_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The CDDS head's settings, once every setting flag of the run is in its range."""
+    head_cfg = dict(n_enc=args.n_enc, n_dec=args.n_dec, heads=args.heads, z=args.z,
+                    sigma=args.sigma)  # fmt: skip
+    refused = refuse_settings(LOSS_CFG, head_cfg, {k: f"--{k.replace('_', '-')}" for k in head_cfg})
+    if refused:
+        raise ValueError(refused)
+    if MODEL_CONFIG["embed_dim"] % args.heads:
+        raise ValueError(f"--heads: expected a divisor of the demo model's embed dim "
+                         f"{MODEL_CONFIG['embed_dim']}, got {args.heads}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if not args.lr > 0 or args.wd < 0 or args.warmup < 0:
+        raise ValueError(
+            f"expected --lr > 0, --wd >= 0, --warmup >= 0, got {args.lr}, {args.wd}, {args.warmup}"
+        )
+    return head_cfg
+
+
 def _render(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """A split as ``uint8 [N, 3, H, W]`` images and ``long [N, 5, L]`` caption tokens."""
     import numpy as np
@@ -518,20 +537,7 @@ def run_demo(args: argparse.Namespace, t_start: float | None = None) -> dict[str
     batch_size = pick("batch_size", DEFAULTS["batch_size"])
     n_train = pick("train_images", DEFAULTS["train_images"])
     n_test = pick("test_images", DEFAULTS["test_images"])
-    head_cfg = dict(n_enc=args.n_enc, n_dec=args.n_dec, heads=args.heads, z=args.z,
-                    sigma=args.sigma)  # fmt: skip
-    refused = refuse_settings(LOSS_CFG, head_cfg, {k: f"--{k.replace('_', '-')}" for k in head_cfg})
-    if refused:
-        raise ValueError(refused)
-    if MODEL_CONFIG["embed_dim"] % args.heads:
-        raise ValueError(f"--heads: expected a divisor of the demo model's embed dim "
-                         f"{MODEL_CONFIG['embed_dim']}, got {args.heads}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if not args.lr > 0 or args.wd < 0 or args.warmup < 0:
-        raise ValueError(
-            f"expected --lr > 0, --wd >= 0, --warmup >= 0, got {args.lr}, {args.wd}, {args.warmup}"
-        )
+    head_cfg = _checked_settings(args)
     warmup = int(round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
     device = _resolve_device(args.device)
     backend = _resolve_backend(args.backend, device)

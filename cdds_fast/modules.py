@@ -117,7 +117,7 @@ class DualPathDecoupler(nn.Module):
     def _check_inputs(self, tokens: Tensor, mask: Tensor | None, name: str = "tokens",
                      mask_name: str = "mask") -> None:
         """Raise the project's named errors for inputs :meth:`forward` cannot take."""
-        check_tokens(name, tokens, dim=self.dim, like=self.encoder[0].qkv.weight)
+        check_tokens(name, tokens, dim=self.dim, like=next(self.parameters()))
         if mask is not None:
             check_key_mask(mask_name, mask, name, tokens)
 

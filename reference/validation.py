@@ -246,7 +246,8 @@ def validate_cdds_inputs(
     a_f: float,
     finite: bool,
 ) -> None:
-    """All of spec section 9's checks for :func:`cdds_loss`; raises on the first violation."""
+    """All of docs/method.md section 7's checks for :func:`cdds_loss`; raises on the first
+    violation."""
     check_tensor("image_tokens", image_tokens, ndim=3)
     check_tensor("text_tokens", text_tokens, ndim=3)
     batch, patches, dim = image_tokens.shape
