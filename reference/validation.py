@@ -36,6 +36,10 @@ def check_tensor(name: str, t: object, *, ndim: int | None = None) -> Tensor:
     return t
 
 
+_SCALE_MESSAGE = ("{name}: expected a finite value > 0 (the exponentiated scale, e.g. "
+                  "model.logit_scale.exp()), got {got}")
+
+
 def check_scale(name: str, scale: object) -> None:
     """``logit_scale``: a 0-d floating tensor, or a finite number > 0.
 
@@ -54,10 +58,7 @@ def check_scale(name: str, scale: object) -> None:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(
-            f"{name}: expected a finite number > 0 (the exponentiated scale, e.g. "
-            f"model.logit_scale.exp()), got {scale!r}"
-        )
+        raise ValueError(_SCALE_MESSAGE.format(name=name, got=repr(scale)))
 
 
 def check_scale_values(name: str, scale: Tensor | float, *, host: bool) -> None:
@@ -67,12 +68,10 @@ def check_scale_values(name: str, scale: Tensor | float, *, host: bool) -> None:
     default fast path asserts on the device instead of waiting for it.
     """
     if isinstance(scale, Tensor):
-        check_values(
-            (scale > 0) & (scale < math.inf),
-            f"{name}: expected a finite value > 0 (the exponentiated scale, e.g. "
-            f"model.logit_scale.exp())",
-            host=host,
-        )
+        # log(s) is finite exactly when s is finite and > 0 (log 0 = -inf; the log of a negative
+        # or NaN is NaN): the fewest launches for the device-side form
+        check_values(torch.isfinite(scale.detach().log()),
+                     _SCALE_MESSAGE.format(name=name, got="a tensor outside it"), host=host)
 
 
 def check_values(ok: Tensor, message: str, *, host: bool) -> None:

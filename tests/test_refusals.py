@@ -6,6 +6,7 @@ any compute."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -83,7 +84,8 @@ def test_boundary_settings_are_accepted():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_number_logit_scale_must_be_finite_and_positive(scale, backend):
     kwargs = _loss_kwargs(logit_scale=scale)
-    with pytest.raises(ValueError, match="logit_scale: expected a finite number > 0 .*exponentiated"):
+    with pytest.raises(ValueError, match=r"logit_scale: expected a finite value > 0 \(the "
+                                         r"exponentiated scale.*\), got " + re.escape(repr(scale))):
         CDDSLoss(backend=backend)(**kwargs)
 
 
