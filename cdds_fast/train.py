@@ -223,6 +223,23 @@ def _refuse_flags(rest: list[str], cfg: argparse.Namespace) -> str | None:
     return None
 
 
+def _refuse_heads(rest: list[str], cfg: argparse.Namespace, open_clip: Any) -> str | None:
+    """``--cdds-heads`` must divide the model's embedding dim (the head's width). The dim is in
+    the model config, known before open_clip builds the model; a hub or local-dir model carries
+    its own config and is checked when the head is built."""
+    if cfg.cdds_off:
+        return None
+    model_flag = argparse.ArgumentParser(add_help=False)
+    model_flag.add_argument("--model", default="RN50")  # open_clip_train's default
+    name = model_flag.parse_known_args(rest)[0].model
+    config = None if ":" in name else open_clip.get_model_config(name)
+    dim = (config or {}).get("embed_dim")
+    if dim and dim % cfg.cdds_heads:
+        return (f"--cdds-heads: expected a divisor of the embedding dim {dim} of --model {name}, "
+                f"got {cfg.cdds_heads}")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cdds-fast train``.
 
@@ -257,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cdds-fast train: --cdds-model-config {path}: no such file or folder", file=sys.stderr)
             return 2
         open_clip.add_model_config(path)
+    problem = _refuse_heads(rest, cfg, open_clip)
+    if problem:
+        print(f"cdds-fast train: {problem}", file=sys.stderr)
+        return 2
 
     handlers_before = list(logging.root.handlers)
     levels_before = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}

@@ -66,6 +66,18 @@ def test_train_refuses_nonsense_settings_before_open_clip_starts(flags, message,
     assert err == f"cdds-fast train: {message}"
 
 
+def test_train_refuses_heads_that_do_not_divide_the_model_dim(capsys, monkeypatch):
+    """The head's width is the model's embedding dim (512 for ViT-B-32), known from its config
+    before open_clip builds anything."""
+    import open_clip_train.main as oc_main
+
+    monkeypatch.setattr(oc_main, "main", lambda *a: pytest.fail("open_clip_train started"))
+    assert train_main(["--model", "ViT-B-32", "--cdds-heads", "7"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cdds-fast train: --cdds-heads: expected a divisor of the embedding dim 512 of --model "
+        "ViT-B-32, got 7")
+
+
 def test_train_without_the_train_extra_names_it_in_one_line(tmp_path):
     """Without open_clip's training dependencies (braceexpand here), one line naming the extra
     and exit status 2, not a traceback."""
