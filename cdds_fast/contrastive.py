@@ -8,7 +8,7 @@ O(B) and the loss scales to batch sizes whose logits would not fit on the GPU.
 
 Differences from ``ClipLoss`` (all deliberate):
 
-* the loss is float32 for every input dtype (spec section 6: "all means in fp32"); ``ClipLoss``
+* the loss is float32 for every input dtype (docs/method.md decision 4: everything is computed in float32); ``ClipLoss``
   returns bf16/fp16 for 16-bit features. Gradients are in the dtype of each input.
 * ``logit_bias`` must be None (a bias belongs to SigLIP's loss, ``open_clip.loss.SigLipLoss``).
 * features of different dtypes are promoted to a common dtype first (``torch.promote_types``).
@@ -68,7 +68,7 @@ def info_nce(
     allow_tf32: bool = False,
     max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
 ) -> Tensor:
-    """Symmetric InfoNCE ``(CE(s A B^T, arange) + CE(s B A^T, arange)) / 2`` (spec section 6).
+    """Symmetric InfoNCE ``(CE(s A B^T, arange) + CE(s B A^T, arange)) / 2`` (docs/method.md section 5).
 
     Exactly open_clip ``ClipLoss``'s single-process value, in O(B) memory on the Triton path.
 
@@ -113,7 +113,7 @@ def info_nce_gathered(
     allow_tf32: bool = False,
     max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
 ) -> Tensor:
-    """InfoNCE over gathered features with open_clip's ``local_loss`` semantics (spec section 8).
+    """InfoNCE over gathered features with open_clip's ``local_loss`` semantics (docs/method.md section 6).
 
     Mirrors :func:`cdds_fast.reference.contrastive.info_nce_gathered`:
 

@@ -1,6 +1,6 @@
 r"""Symmetric InfoNCE (open_clip ``ClipLoss`` math) in O(B) memory, at GEMM speed.
 
-What is computed (``docs/method.md`` section 6)
+What is computed (``docs/method.md`` section 5)
 ===============================================
 Rows ``X [M, D]``, columns ``Y [N, D]``, scale ``s`` (CLIP's *exponentiated* ``logit_scale``),
 logits ``S = s X Y^T`` (never stored whole), label of row ``i`` is column ``i + o``.
