@@ -96,7 +96,9 @@ def _methods(args):
 
     out = {name: ours(*spec) for name, spec in OURS.items()}
     out["ClipLoss"] = lambda dtype, b: ClipLoss()
-    out["compiled ClipLoss"] = lambda dtype, b: torch.compile(ClipLoss())
+    compile_dtypes = {DTYPES[name] for name in args.compile_dtypes}
+    out["compiled ClipLoss"] = lambda dtype, b: (torch.compile(ClipLoss())
+                                                 if dtype in compile_dtypes else None)
     try:
         from inf_cl import cal_inf_loss  # type: ignore
 
@@ -317,6 +319,9 @@ def main(argv=None) -> int:
                    help="sweep the blocked path over these budgets (MiB) instead of the table")
     p.add_argument("--fused-max-b", type=int, default=16384,
                    help="skip the forced all-Triton path above this B")
+    p.add_argument("--compile-dtypes", nargs="*", default=["bf16"], choices=list(DTYPES),
+                   help="dtypes to time torch.compile(ClipLoss) at (each B and dtype compiles "
+                        "anew, ~20 s)")
     p.add_argument("--clip-max-b", type=int, default=1 << 30,
                    help="skip ClipLoss above this B (it is guarded against OOM anyway)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")

@@ -7,9 +7,9 @@
 #
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
 #
-# Stage limits (seconds) can be overridden: STEPCHECK_S, PARITY_S, NCE_S, CDDS_S, STEP_S; STAGES
-# picks stages (default "stepcheck parity nce cdds step"), e.g. to finish in a second call what a
-# first one cut short.
+# Stage limits (seconds) can be overridden: PARITY_S, NCE_S, BUDGETS_S, CDDS_S, STEP_S; STAGES
+# picks stages (default "parity nce budgets cdds step"), e.g. to finish in a second call what a
+# first one cut short. The limits sum to 560 s: 30 s are left for installing and start-up.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
@@ -38,25 +38,27 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   git log -1 --format='commit %H %s'; } | tee "$OUT/env.txt"
 
-STAGES=${STAGES:-stepcheck parity nce cdds step}
+STAGES=${STAGES:-parity nce budgets cdds step}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
-# 0. the CUDA-only checks of one CDDS step: no host synchronisation (sync debug mode "error"),
-#    a CUDA-graph capture of forward + backward replays equal to eager, fullgraph compile of a
-#    step through CDDSLoss and of the head; also part of the parity stage (with the inductor
-#    variants), first here so a slow parity stage cannot crowd them out
-want stepcheck && stage stepcheck "${STEPCHECK_S:-60}" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_fused_loss.py tests/test_head_compile.py \
-  -k "does_not_synchronise or cuda_graph or fullgraph or without_graph_break"
-# 1. correctness first: every kernel's parity tests natively (CUDA present: slow tests run too)
-want parity && stage parity "${PARITY_S:-160}" python3 -m pytest -q -p no:cacheprovider -x \
-  --durations=10 tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py tests/test_normalize.py \
-  tests/test_constraints.py tests/test_fused_loss.py tests/test_head_compile.py
-# 2. InfoNCE matrix: every forward/backward method, ClipLoss, Inf-CL; B 4096/16384/65536, D 512
-want nce && stage nce "${NCE_S:-110}" python3 benchmarks/report.py --skip-cdds \
+# 1. correctness first: every kernel's parity tests natively (CUDA present: slow tests run too;
+#    all failures reported, not only the first). test_fused_loss.py also holds the CUDA-only
+#    checks of a CDDS step: no host synchronisation (sync debug mode "error"), a CUDA-graph
+#    capture of forward + backward replaying equal to eager, fullgraph compile with inductor;
+#    test_head_compile.py compiles the head (fullgraph, inductor)
+want parity && stage parity "${PARITY_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+  --maxfail=25 --durations=10 tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py \
+  tests/test_normalize.py tests/test_constraints.py tests/test_fused_loss.py \
+  tests/test_head_compile.py
+# 2. InfoNCE matrix: every path (rule, fused, blocked, blocked TF32), ClipLoss, compiled ClipLoss
+#    (bf16), Inf-CL; B 4096/16384/65536, D 512, fp32 and bf16; TFLOP/s and cost-model fraction
+want nce && stage nce "${NCE_S:-170}" python3 benchmarks/report.py --skip-cdds \
   --out "$OUT/report_nce"
-# 3. CDDS loss matrix: fast / eager / torch.compile (compiled for bf16 only, to fit the budget)
-want cdds && stage cdds "${CDDS_S:-160}" python3 benchmarks/report.py --skip-contrastive \
+# 3. the blocked path's scratch budget (MiB): time and peak memory, bf16
+want budgets && stage budgets "${BUDGETS_S:-50}" python3 benchmarks/bench_contrastive.py \
+  --sizes 16384 65536 --dtypes bf16 --budgets 64 128 192 256
+# 4. CDDS loss matrix: fast / eager / torch.compile (compiled for bf16 only, to fit the budget)
+want cdds && stage cdds "${CDDS_S:-120}" python3 benchmarks/report.py --skip-contrastive \
   --compile-dtypes bfloat16 --out "$OUT/report_cdds"
-# 4. end-to-end ViT-B/32 step, batch 256, bf16 autocast, with the z sweep
+# 5. end-to-end ViT-B/32 step, batch 256, bf16 autocast, with the z sweep
 want step && stage step "${STEP_S:-70}" python3 benchmarks/bench_step.py
 cat "$SUMMARY"

@@ -275,8 +275,9 @@ def _recording_scratch(modules: tuple[str, ...], into: list) -> Iterator[None]:
 
 def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch.bfloat16,
                    sms: int = 132) -> dict:
-    """Device launches of one fast-path CDDS loss forward and backward at ``shape``, as a GPU
-    would issue them: Triton launches (recorded, not run) and top-level aten ops that launch
+    """Device launches of one fast-path CDDS loss forward and backward at ``shape``
+    (``functional.cdds_loss(backend="triton")``, the call ``CDDSLoss`` makes), as a GPU would
+    issue them: Triton launches (recorded, not run) and top-level aten ops that launch
     work (``aten::to`` is left out: on a GPU most are no-ops, and the CPU stand-in for the
     fp32-output GEMM adds some). Eager launch overhead (~5 us each) is what bounds a small batch.
     Also every buffer the launchers allocate per phase (``scratch``: shape, dtype, bytes; the
@@ -287,7 +288,7 @@ def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.bench_cdds import make_problem
-    from cdds_fast.fused_loss import cdds_loss_triton
+    from cdds_fast.functional import cdds_loss
     from cdds_fast.kernels.launch import gpu_launch_plan
 
     triton_calls = Counter()
@@ -302,8 +303,8 @@ def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch
             allocated: list = []
             with profile(activities=[ProfilerActivity.CPU]) as prof, \
                     _recording_scratch(_CDDS_SCRATCH_MODULES, allocated):
-                if phase == "forward":
-                    terms = cdds_loss_triton(*tensors, mask, **params)
+                if phase == "forward":  # through the public entry point, with its checks
+                    terms = cdds_loss(*tensors, mask, **params, backend="triton")
                     total = sum(terms.values())
                 else:
                     total.backward()

@@ -61,7 +61,7 @@ def contrastive_rows(quick: bool) -> list[dict]:
     args = argparse.Namespace(
         quick=quick, sizes=[1024, 4096] if quick else [4096, 16384, 65536], dim=512,
         dtypes=["fp32", "bf16"], methods=None, clip_max_b=1 << 30, warmup=25, rep=100,
-        verbose=False, budget=192, fused_max_b=16384,
+        verbose=False, budget=192, fused_max_b=16384, compile_dtypes=["bf16"],
     )
     return bench_contrastive.run_table(args)
 

@@ -8,7 +8,7 @@ O(B) and the loss scales to batch sizes whose logits would not fit on the GPU.
 
 Differences from ``ClipLoss`` (all deliberate):
 
-* the loss is float32 for every input dtype (spec section 6: "all means in fp32"); ``ClipLoss``
+* the loss is float32 for every input dtype (docs/method.md decision 4: everything is computed in float32); ``ClipLoss``
   returns bf16/fp16 for 16-bit features. Gradients are in the dtype of each input.
 * ``logit_bias`` must be None (a bias belongs to SigLIP's loss, ``open_clip.loss.SigLipLoss``).
 * features of different dtypes are promoted to a common dtype first (``torch.promote_types``).
@@ -18,14 +18,12 @@ Differences from ``ClipLoss`` (all deliberate):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.kernels.launch import INFO_NCE_SCRATCH_BYTES, check_scratch_bytes
-from cdds_fast.reference.validation import check_scale, check_tensor, check_values
+from cdds_fast.reference.validation import check_scale, check_scale_values, check_tensor
 
 
 def _check(a: object, b: object, logit_scale: object, names: tuple[str, str],
@@ -54,21 +52,6 @@ def _check(a: object, b: object, logit_scale: object, names: tuple[str, str],
         )
 
 
-def _check_scale_value(logit_scale: Tensor | float) -> None:
-    """``logit_scale`` is CLIP's exponentiated scale: finite and > 0. A number is checked here; a
-    tensor by a device-side assertion, which needs no synchronisation (on CPU tensors it raises
-    at once; on CUDA a failure stops the program at the device's next synchronisation)."""
-    message = ("logit_scale: expected a finite value > 0 (the exponentiated scale, e.g. "
-               "model.logit_scale.exp()), got {}")
-    if isinstance(logit_scale, Tensor):
-        # log(s) is finite exactly when s is finite and > 0 (log 0 = -inf, log of a negative
-        # or NaN is NaN): two launches and the assertion
-        check_values(torch.isfinite(logit_scale.detach().log()),
-                     message.format("a tensor outside it"), host=False)
-    elif not (math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(message.format(repr(logit_scale)))
-
-
 def _common(*ts: Tensor) -> list[Tensor]:
     dtype = ts[0].dtype
     for t in ts[1:]:
@@ -85,7 +68,7 @@ def info_nce(
     allow_tf32: bool = False,
     max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
 ) -> Tensor:
-    """Symmetric InfoNCE ``(CE(s A B^T, arange) + CE(s B A^T, arange)) / 2`` (spec section 6).
+    """Symmetric InfoNCE ``(CE(s A B^T, arange) + CE(s B A^T, arange)) / 2`` (docs/method.md section 5).
 
     Exactly open_clip ``ClipLoss``'s single-process value, in O(B) memory on the Triton path.
 
@@ -103,7 +86,7 @@ def info_nce(
         0-d float32 loss (float64 for float64 features). ``B = 1`` gives 0.
     """
     _check(image_features, text_features, logit_scale, ("image_features", "text_features"))
-    _check_scale_value(logit_scale)
+    check_scale_values("logit_scale", logit_scale, host=False)
     check_scratch_bytes(max_scratch_bytes)
     a, b = _common(image_features, text_features)
     chosen = resolve_backend(backend, a.device, a.dtype)
@@ -130,7 +113,7 @@ def info_nce_gathered(
     allow_tf32: bool = False,
     max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
 ) -> Tensor:
-    """InfoNCE over gathered features with open_clip's ``local_loss`` semantics (spec section 8).
+    """InfoNCE over gathered features with open_clip's ``local_loss`` semantics (docs/method.md section 6).
 
     Mirrors :func:`cdds_fast.reference.contrastive.info_nce_gathered`:
 
@@ -153,7 +136,7 @@ def info_nce_gathered(
     _check(local_a, local_b, logit_scale, ("local_a", "local_b"))
     _check(all_a, all_b, logit_scale, ("all_a", "all_b"))
     _check(local_a, all_a, logit_scale, ("local_a", "all_a"), same_shape=False)
-    _check_scale_value(logit_scale)
+    check_scale_values("logit_scale", logit_scale, host=False)
     check_scratch_bytes(max_scratch_bytes)
     n_local, n_all = local_a.shape[0], all_a.shape[0]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or \

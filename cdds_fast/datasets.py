@@ -375,6 +375,8 @@ class CsvRetrieval(CaptionedImages):
         tokenizer: see :class:`CaptionedImages`.
         image_root: folder that relative image paths are relative to. ``None``: as open_clip
             does, relative paths are opened relative to the current working directory.
+        check_files: check at construction that the first image file exists (a CSV whose paths
+            are relative to another folder then fails early, naming ``image_root``).
     """
 
     def __init__(
@@ -387,6 +389,7 @@ class CsvRetrieval(CaptionedImages):
         *,
         tokenizer: Callable | None = None,
         image_root: str | os.PathLike | None = None,
+        check_files: bool = True,
     ):
         super().__init__(transform=transform, tokenizer=tokenizer)
         if not isinstance(sep, str) or len(sep) != 1:
@@ -418,6 +421,13 @@ class CsvRetrieval(CaptionedImages):
             raise ValueError(f"{self.csv_path}: no rows")
         self.image_paths: list[str] = paths
         self._captions: list[list[str]] = caps
+        if check_files and not self.image_path(0).is_file():
+            base = self.image_root if self.image_root is not None else Path.cwd()
+            raise FileNotFoundError(
+                f"{self.csv_path}: image file {paths[0]!r} (first row) not found at "
+                f"{self.image_path(0)}; relative paths are read relative to {base}: pass the "
+                f"folder they are relative to as image_root (cdds-fast eval --image-root DIR)"
+            )
 
     @property
     def num_images(self) -> int:

@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 
+from cdds_fast.cli import missing_extra, refuse_settings
 from cdds_fast.open_clip import quiet_random_init
 
 __all__ = ["DEMO_MODEL", "MODEL_CONFIG", "build_parser", "main", "run_demo"]
@@ -61,6 +62,8 @@ MODEL_CONFIG: dict[str, Any] = {
 DEFAULTS = {"steps": 300, "batch_size": 128, "train_images": 2000, "test_images": 500}
 #: ``--quick``: a smoke run for tests (seconds), same model, tiny data.
 QUICK = {"steps": 6, "batch_size": 16, "train_images": 96, "test_images": 40}
+#: The CDDS run's loss settings: the library's defaults.
+LOSS_CFG = {"a_c": 1.0, "a_s": 1.0, "a_m": 0.1, "a_f": 0.5, "tau_kl": 1.0, "rho": 0.01}
 
 _TERMS = ("contrastive_loss", "semantic_loss", "modality_loss", "completeness_loss",
           "x_completeness_loss")  # fmt: skip
@@ -163,6 +166,25 @@ def _check_positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
     return value
+
+
+def _checked_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The CDDS head's settings, once every setting flag of the run is in its range."""
+    head_cfg = dict(n_enc=args.n_enc, n_dec=args.n_dec, heads=args.heads, z=args.z,
+                    sigma=args.sigma)  # fmt: skip
+    refused = refuse_settings(LOSS_CFG, head_cfg, {k: f"--{k.replace('_', '-')}" for k in head_cfg})
+    if refused:
+        raise ValueError(refused)
+    if MODEL_CONFIG["embed_dim"] % args.heads:
+        raise ValueError(f"--heads: expected a divisor of the demo model's embed dim "
+                         f"{MODEL_CONFIG['embed_dim']}, got {args.heads}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if not args.lr > 0 or args.wd < 0 or args.warmup < 0:
+        raise ValueError(
+            f"expected --lr > 0, --wd >= 0, --warmup >= 0, got {args.lr}, {args.wd}, {args.warmup}"
+        )
+    return head_cfg
 
 
 def _render(ds, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,14 +537,7 @@ def run_demo(args: argparse.Namespace, t_start: float | None = None) -> dict[str
     batch_size = pick("batch_size", DEFAULTS["batch_size"])
     n_train = pick("train_images", DEFAULTS["train_images"])
     n_test = pick("test_images", DEFAULTS["test_images"])
-    for name in ("z", "n_enc", "n_dec", "heads"):
-        _check_positive(name, getattr(args, name))
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if not args.lr > 0 or args.wd < 0 or args.warmup < 0:
-        raise ValueError(
-            f"expected --lr > 0, --wd >= 0, --warmup >= 0, got {args.lr}, {args.wd}, {args.warmup}"
-        )
+    head_cfg = _checked_settings(args)
     warmup = int(round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
     device = _resolve_device(args.device)
     backend = _resolve_backend(args.backend, device)
@@ -561,9 +576,7 @@ def run_demo(args: argparse.Namespace, t_start: float | None = None) -> dict[str
     common = dict(lr=args.lr, wd=args.wd, warmup=warmup, seed=args.seed + 1, device=device,
                   progress=progress)  # fmt: skip
 
-    head_cfg = dict(n_enc=args.n_enc, n_dec=args.n_dec, heads=args.heads, z=args.z,
-                    sigma=args.sigma)  # fmt: skip
-    loss_cfg = dict(a_c=1.0, a_s=1.0, a_m=0.1, a_f=0.5, tau_kl=1.0, rho=0.01)
+    loss_cfg = dict(LOSS_CFG)
     clip_loss, clip_loss_name = _baseline_loss(backend)
 
     def cdds_model() -> torch.nn.Module:
@@ -656,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cdds-fast demo``; returns the exit status."""
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
+    missing = None if args.no_plot else missing_extra("matplotlib")
+    if missing:
+        print(f"cdds-fast demo: report.png {missing} (or pass --no-plot)", file=sys.stderr)
+        return 2
     try:
         report = run_demo(args, t_start)
     except ValueError as e:

@@ -13,7 +13,7 @@ BACKENDS = ("auto", "triton", "reference")
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Return ``"triton"`` or ``"reference"`` for tensors on ``device``.
 
-    float64 always takes the reference (spec section 9 allows it; the kernels are fp32/bf16/fp16).
+    float64 always takes the reference (docs/method.md decision 4; the kernels are fp32/bf16/fp16).
     ``backend="triton"`` on a device Triton cannot run on is an error, not a silent fallback.
     """
     if backend not in BACKENDS:

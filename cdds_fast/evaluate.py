@@ -12,7 +12,8 @@ Models (one of):
 * ``--model NAME [--pretrained TAG_OR_PATH]``: a plain open_clip model (``--pretrained`` is an
   open_clip tag or a checkpoint file; none: random init).
 
-``--model-config PATH`` (repeatable) registers custom open_clip model config JSONs first.
+``--cdds-model-config PATH`` (repeatable; the same flag as ``cdds-fast train``'s, also accepted as
+``--model-config``) registers custom open_clip model config JSONs first.
 
 Data (one of): ``--karpathy-json PATH --image-root DIR [--split test] [--coco-1k]`` (Flickr30K /
 MS-COCO Karpathy splits; ``--coco-1k`` reports the mean over 5 folds of the test split, the
@@ -21,7 +22,9 @@ default, the test split of the embedded captioned scenes (:class:`cdds_fast.data
 rendered at the model's image size).
 
 Prints the table of :func:`cdds_fast.retrieval.format_table` (I->T / T->I R@1/5/10, rSum, mean
-ranks); ``--json-out`` writes the metrics with the model and data description.
+ranks); ``--json-out`` writes the metrics with the model and data description. The ranking rules
+(:data:`RANK_RULES`) differ from open_clip trainer's validation metrics where captions or images
+repeat; ``cdds-fast eval --help`` states both.
 """
 
 from __future__ import annotations
@@ -36,11 +39,26 @@ from typing import Any
 
 import torch
 
-from cdds_fast.open_clip import quiet_random_init, read_cdds_config
+from cdds_fast.open_clip import (
+    eval_transform,
+    quiet_random_init,
+    read_cdds_config,
+    register_sidecar_model,
+)
 
 __all__ = ["build_parser", "evaluate", "load_model", "main"]
 
 _PRECISIONS = {"fp32": None, "amp": torch.float16, "amp_bf16": torch.bfloat16}
+
+#: How ``cdds-fast eval`` ranks, and why open_clip's trainer can report other numbers on the same data.
+RANK_RULES = (
+    "Ranks: rows with the same image are one image with several captions; image->text ranks an "
+    "image's best-ranked caption, and ties count in the query's favour (rank = 1 + the number of "
+    "strictly higher scores), so identical captions or duplicate images never push a correct item "
+    "down. open_clip's trainer (val metrics in results.jsonl) treats every CSV row as its own "
+    "image-caption pair and breaks ties by sort order: where captions or images repeat, its R@K "
+    "and mean ranks differ from these."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cdds-fast eval",
         description="Image-text retrieval (R@1/5/10, rSum, mean rank) of a cdds-fast train "
         "checkpoint or an open_clip model on Karpathy-format data, a CSV, or the embedded test split.",
+        epilog=RANK_RULES,
     )
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", metavar="PATH", help="checkpoint written by cdds-fast train")
@@ -55,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "from cdds_config.json next to it)")  # fmt: skip
     m.add_argument("--pretrained", metavar="TAG_OR_PATH", default=None,
                    help="open_clip pretrained tag or weights file for --model (default: random init)")  # fmt: skip
-    m.add_argument("--model-config", metavar="PATH", action="append", default=[],
-                   help="register an open_clip model config JSON (file or folder); repeatable")  # fmt: skip
+    m.add_argument("--cdds-model-config", "--model-config", dest="model_config", metavar="PATH",
+                   action="append", default=[],
+                   help="register an open_clip model config JSON (file or folder); repeatable "
+                   "(as in cdds-fast train; a checkpoint's cdds_config.json already holds its config)")  # fmt: skip
     m.add_argument("--cdds-heads", type=int, default=None,
                    help="attention heads of a CDDS checkpoint's head (default: from cdds_config.json, "
                    "else 8); only needed without the side-car, since the weights do not record it")  # fmt: skip
@@ -136,7 +157,7 @@ def load_model(
 
     for path in model_configs:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"--model-config {path}: no such file or folder")
+            raise FileNotFoundError(f"--cdds-model-config {path}: no such file or folder")
         open_clip.add_model_config(path)
     if checkpoint is None:
         if not model:
@@ -170,9 +191,7 @@ def load_model(
             f"--checkpoint {path} has no CDDS head (a --cdds-off run) and no cdds_config.json "
             f"beside it: pass --model NAME"
         )
-    for cfg_path in sidecar.get("model_configs", []):
-        if Path(cfg_path).exists():
-            open_clip.add_model_config(cfg_path)
+    register_sidecar_model(sidecar)
     with quiet_random_init():
         clip = open_clip.create_model(name, None, device=device)
     clip.load_state_dict(state)
@@ -184,11 +203,6 @@ def _image_size(model: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def _eval_transform(model: torch.nn.Module):
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    cfg = getattr(model.visual, "preprocess_cfg", None) or {"size": _image_size(model)}
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +272,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = open_clip.get_tokenizer(name, context_length=model.context_length)
     ds, data = load_data(args, _image_size(model))
     enc = encode_dataset(
-        encoder, ds, batch_size=args.batch_size, device=device, transform=_eval_transform(model),
+        encoder, ds, batch_size=args.batch_size, device=device, transform=eval_transform(model),
         tokenizer=tokenizer, num_workers=args.workers,
         autocast_dtype=_PRECISIONS[args.precision], disable=args.no_progress,
     )  # fmt: skip

@@ -10,6 +10,7 @@ from torch import Tensor
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.reference import cdds_loss as _reference_cdds_loss
 from cdds_fast.reference.loss import Contrastive
+from cdds_fast.reference.validation import check_scale, check_tensor
 
 __all__ = ["cdds_loss", "info_nce", "info_nce_gathered"]
 
@@ -40,23 +41,35 @@ def cdds_loss(
     check_finite: bool | None = None,
     contrastive: Contrastive | None = None,
 ) -> dict[str, Tensor]:
-    """CDDS loss terms (spec section 6), already weighted; see :func:`cdds_fast.reference.cdds_loss`.
+    """CDDS loss terms (docs/method.md section 5), already weighted; see
+    :func:`cdds_fast.reference.cdds_loss`.
 
-    Shapes: image ``[B, P, D]``, text ``[B, L, D]``, ``text_mask`` bool ``[B, L]``, the six
-    parameter vectors ``[D]``, ``logit_scale`` 0-d.
+    Shapes: image ``[B, P, D]``, text ``[B, L, D]``, ``text_mask`` bool ``[B, L]`` (True = valid,
+    at least one per row), the six parameter vectors ``[D]``.
 
     Args:
+        logit_scale: CLIP's *exponentiated* scale (``model.logit_scale.exp()``), a 0-d tensor or
+            a number, finite and > 0.
+        a_c, a_s, a_m, a_f, tau_kl, rho: as :class:`cdds_fast.CDDSLoss` (refused outside their
+            ranges, docs/method.md section 7).
         backend: ``"auto"`` (Triton for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
             reference otherwise), ``"triton"`` or ``"reference"``.
-        check_finite: raise on non-finite inputs; default True for the reference, False for Triton
-            (the check costs a device sync).
+        check_finite: ``True`` reads the inputs on the host and raises ``ValueError`` on
+            non-finite values and on a ``logit_scale`` tensor that is not > 0 (on CUDA: a device
+            synchronisation). ``False``: those value checks are device-side assertions that
+            nothing waits for. ``None`` (default): ``True`` on the reference backend, ``False`` on
+            Triton.
         contrastive: InfoNCE used for the two contrastive terms (``CDDSLoss`` passes a gathering one
             under DDP). Default: the backend's local InfoNCE.
     Returns:
         dict ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss`` of 0-d float32 tensors whose sum is the total loss.
     """
+    check_tensor("image_tokens", image_tokens, ndim=3)
     chosen = resolve_backend(backend, image_tokens.device, image_tokens.dtype)
+    if check_finite is None:
+        check_finite = chosen == "reference"
+    check_scale("logit_scale", logit_scale)
     kwargs = dict(
         alpha_image=alpha_image, alpha_text=alpha_text, w_s_image=w_s_image,
         w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text, logit_scale=logit_scale,
@@ -65,14 +78,11 @@ def cdds_loss(
     tensors = (image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
                text_modality, text_mask)
     # Callers often sit inside an autocast region (open_clip's trainer does); the loss handles
-    # precision itself (fp32 statistics and reductions, spec section 9), so autocast is off here.
+    # precision itself (fp32 statistics and reductions, docs/method.md decision 4), so autocast
+    # is off here.
     with torch.autocast(device_type=image_tokens.device.type, enabled=False):
         if chosen == "reference":
-            return _reference_cdds_loss(
-                *tensors, check_finite=True if check_finite is None else check_finite, **kwargs
-            )
+            return _reference_cdds_loss(*tensors, check_finite=check_finite, **kwargs)
         from cdds_fast.fused_loss import cdds_loss_triton
 
-        return cdds_loss_triton(
-            *tensors, check_finite=False if check_finite is None else check_finite, **kwargs
-        )
+        return cdds_loss_triton(*tensors, check_finite=check_finite, **kwargs)

@@ -38,14 +38,15 @@ Checks (which run when)
 -----------------------
 * Always, before any launch, on shapes, dtypes, devices and hyper-parameters (no tensor values
   are read): ``reference/validation.validate_cdds_inputs``.
-* At least one valid token per text row: by default folded into the finalize kernel (it has
-  every row's token count) and raised by ONE device-side ``torch._assert_async``: no
-  synchronisation, CUDA-graph capturable, traced by ``torch.compile(fullgraph=True)``. A failure
-  surfaces at the device's next synchronisation (on CPU tensors at once) as a RuntimeError
-  naming ``text_mask``.
-* ``check_finite=True`` (off by default here): the finite-value check of every input and the
-  text-mask check on the host before any launch, raising ValueError naming the argument; both
-  read tensor values, i.e. synchronise with the device.
+* At least one valid token per text row, and a ``logit_scale`` tensor finite and > 0: by default
+  folded into the finalize kernel (it has every row's token count, and reads the scale) and
+  raised by ONE device-side ``torch._assert_async``: no synchronisation, CUDA-graph capturable,
+  traced by ``torch.compile(fullgraph=True)``. A failure surfaces at the device's next
+  synchronisation (on CPU tensors at once) as a RuntimeError naming both (one flag).
+  (With a ``contrastive`` of the caller's, e.g. under DDP, the scale is its to check.)
+* ``check_finite=True`` (off by default here): the finite-value check of every input, the
+  text-mask and the ``logit_scale`` checks on the host before any launch, raising ValueError
+  naming the argument; they read tensor values, i.e. synchronise with the device.
 float64 inputs are routed to the reference (docs/method.md, decision 4).
 
 Traffic and memory model (a model, not a measurement; :func:`hbm_traffic`, :func:`memory_model`)
@@ -109,7 +110,11 @@ from cdds_fast.reference import cdds_loss as _reference_cdds_loss
 from cdds_fast.reference.loss import LOSS_KEYS, Contrastive
 from cdds_fast.reference.validation import validate_cdds_inputs
 
-_MASK_MESSAGE = "text_mask: expected at least one valid token per row, got a row with none"
+#: The fast path's one device-side assertion (``_constraints_finalize_kernel``'s flag): the two
+#: value checks validate_cdds_inputs leaves to the kernels without ``check_finite``.
+_VALUES_MESSAGE = ("text_mask: expected at least one valid token per row, or logit_scale: "
+                   "expected a finite value > 0 (the exponentiated scale, "
+                   "model.logit_scale.exp()): one of them does not hold")
 #: The InfoNCE problems of a step: rows x = (image, image, text), columns y = (text, image_x,
 #: text_x) of the pooled features (``feat`` [2, 3, B, D] = (x, y)).
 N_NCE = 3
@@ -199,8 +204,9 @@ def _cdds_loss_op(
         nce_loss, nce_r, nce_c = nce_forward(feat[0], feat[1], scale)
     else:
         nce_loss, nce_r, nce_c = None, feat.new_empty((0,)), feat.new_empty((0,))
-    terms, glob, ok = finalize_terms(col, pair, nce_loss, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
-    torch._assert_async(ok, _MASK_MESSAGE)
+    terms, glob, ok = finalize_terms(col, pair, nce_loss, scale, a_c=a_c, a_s=a_s, a_m=a_m,
+                                     a_f=a_f)
+    torch._assert_async(ok, _VALUES_MESSAGE)
     return (*terms, feat, col, row, pair, lse, glob, nce_r, nce_c)
 
 
@@ -378,7 +384,7 @@ def cdds_loss_triton(
         text_mask=text_mask, alpha_image=alpha_image, alpha_text=alpha_text,
         w_s_image=w_s_image, w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text,
         logit_scale=logit_scale, tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f,
-        finite=check_finite, mask_in_kernel=True,
+        finite=check_finite, values_in_kernel=True,
     )
     tensors = (image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
                text_modality)

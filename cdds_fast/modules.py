@@ -1,4 +1,5 @@
-"""``nn.Module`` front end: the dual-path UNet decoupler (spec section 2), the CDDS head and the loss."""
+"""``nn.Module`` front end: the dual-path UNet decoupler (docs/method.md section 1), the CDDS head
+and the loss."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from cdds_fast.dispatch import BACKENDS
 from cdds_fast.functional import cdds_loss
 from cdds_fast.reference.loss import LOSS_KEYS
+from cdds_fast.reference.validation import (
+    check_head_settings,
+    check_hyper,
+    check_key_mask,
+    check_number,
+    check_tokens,
+)
 
 
 class Block(nn.Module):
@@ -42,7 +51,7 @@ class Block(nn.Module):
 
 
 class DualPathDecoupler(nn.Module):
-    """Dual-path UNet decoupler of one modality (spec section 2).
+    """Dual-path UNet decoupler of one modality (docs/method.md section 1).
 
     Encoder blocks ``h_k = E_k(h_{k-1})``; in training, ``z`` noisy copies ``H + sigma * eps^g`` of
     the encoding run through the semantic and modality decoders as ONE batched pass, with additive
@@ -62,12 +71,10 @@ class DualPathDecoupler(nn.Module):
         sigma: float = 0.1,
     ) -> None:
         super().__init__()
-        if n_enc < 1 or n_dec < 1:
-            raise ValueError(f"n_enc/n_dec: expected >= 1, got n_enc={n_enc}, n_dec={n_dec}")
-        if z < 1:
-            raise ValueError(f"z: expected >= 1 noise groups, got {z}")
-        if sigma < 0:
-            raise ValueError(f"sigma: expected >= 0, got {sigma}")
+        check_number("dim", dim, low=1, integer=True)
+        check_head_settings(n_enc=n_enc, n_dec=n_dec, heads=heads, mlp_ratio=mlp_ratio, z=z,
+                            sigma=sigma)
+        self.dim = dim
         self.z, self.sigma = z, sigma
         self.encoder = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(n_enc))
         self.semantic_decoder = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(n_dec))
@@ -83,11 +90,12 @@ class DualPathDecoupler(nn.Module):
         """Decouple tokens into semantic and modality components.
 
         Args:
-            tokens: ``[B, N, D]``.
-            mask: ``[B, N]`` bool key-padding mask (True = valid) or None.
+            tokens: ``[B, N, D]`` in the decoupler's dtype (any float under autocast).
+            mask: ``[B, N]`` bool key-padding mask (True = valid) or None (every token valid).
         Returns:
             ``(semantic, modality)``, each ``[B, N, D]``.
         """
+        self._check_inputs(tokens, mask)
         levels = [tokens]
         for block in self.encoder:
             levels.append(self._run(block, levels[-1], mask))
@@ -106,6 +114,13 @@ class DualPathDecoupler(nn.Module):
         modality = self._decode_groups(self.modality_decoder, start, skips, group_mask, z)
         return semantic, modality
 
+    def _check_inputs(self, tokens: Tensor, mask: Tensor | None, name: str = "tokens",
+                     mask_name: str = "mask") -> None:
+        """Raise the project's named errors for inputs :meth:`forward` cannot take."""
+        check_tokens(name, tokens, dim=self.dim, like=next(self.parameters()))
+        if mask is not None:
+            check_key_mask(mask_name, mask, name, tokens)
+
     def _decode_groups(
         self,
         blocks: nn.ModuleList,
@@ -123,7 +138,7 @@ class DualPathDecoupler(nn.Module):
 
 
 class CDDSHead(nn.Module):
-    """Image and text decouplers plus the learnable CDDS vectors (spec section 2).
+    """Image and text decouplers plus the learnable CDDS vectors (docs/method.md section 1).
 
     Parameters besides the blocks: ``alpha_image``, ``alpha_text`` ``[D]`` (init 0.5) and
     ``w_s_image``, ``w_m_image``, ``w_s_text``, ``w_m_text`` ``[D]`` (init 1.0).
@@ -164,12 +179,24 @@ class CDDSHead(nn.Module):
         """Decouple both modalities.
 
         Args:
-            image_tokens: ``[B, P, D]``; text_tokens: ``[B, L, D]``; text_mask: ``[B, L]`` bool.
+            image_tokens: ``[B, P, D]``; text_tokens: ``[B, L, D]``, both in the head's dtype (any
+                float under autocast); text_mask: ``[B, L]`` bool, True = valid. Required, as
+                :class:`CDDSLoss` requires it: pass ``torch.ones(B, L, dtype=torch.bool)`` for
+                unpadded text.
         Returns:
             dict with ``image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
             text_modality, text_mask`` and the six parameter vectors: everything
             :class:`CDDSLoss` needs except ``logit_scale``.
         """
+        if text_mask is None:
+            raise TypeError("text_mask: expected a bool torch.Tensor, got NoneType")
+        self.image_decoupler._check_inputs(image_tokens, None, "image_tokens")
+        self.text_decoupler._check_inputs(text_tokens, text_mask, "text_tokens", "text_mask")
+        if text_tokens.shape[0] != image_tokens.shape[0]:
+            raise ValueError(
+                f"text_tokens: expected batch size {image_tokens.shape[0]} (from image_tokens), "
+                f"got shape {list(text_tokens.shape)}"
+            )
         image_semantic, image_modality = self.image_decoupler(image_tokens)
         text_semantic, text_modality = self.text_decoupler(text_tokens, text_mask)
         return {
@@ -184,29 +211,54 @@ class CDDSHead(nn.Module):
         }
 
 
-def _as_vector(name: str, value: Tensor) -> Tensor:
+def _as_vector(name: str, value: Tensor, batch_dim: tuple[int, int] | None) -> Tensor:
     """Accept a ``[D]`` parameter, or the ``[B, D]`` batch-replicated copy a model wrapper emits.
 
     Models put their vectors in the output with the batch on dim 0 (open_clip's trainer
     concatenates micro-batch outputs under ``--accum-freq``); the mean over identical rows gives
-    the value back and spreads the gradient so that its sum reaches the parameter.
+    the value back and spreads the gradient so that its sum reaches the parameter. Any other shape
+    is refused here, as the caller passed it (``batch_dim`` is ``(B, D)`` of ``image_tokens``, or
+    None when those are not a 3-d tensor: the loss's own checks then name ``image_tokens``).
     """
-    if isinstance(value, Tensor) and value.dim() == 2:
-        return value.mean(0)
-    return value
+    if not isinstance(value, Tensor) or batch_dim is None or value.dim() == 1:
+        return value
+    batch, dim = batch_dim
+    if list(value.shape) != [batch, dim]:
+        raise ValueError(
+            f"{name}: expected shape [D] = [{dim}] or batch-replicated [B, D] = [{batch}, {dim}] "
+            f"(from image_tokens), got {list(value.shape)}"
+        )
+    return value.mean(0)
+
+
+def _batch_and_dim(image_tokens: object) -> tuple[int, int] | None:
+    if isinstance(image_tokens, Tensor) and image_tokens.dim() == 3:
+        return image_tokens.shape[0], image_tokens.shape[2]
+    return None
 
 
 class CDDSLoss(nn.Module):
     """CDDS loss module: a drop-in for open_clip's ``ClipLoss`` in a CDDS training step.
 
     Args:
-        a_c, a_s, a_m, a_f: term weights (spec section 6; ``a_c = 0`` is the paper's objective).
-        tau_kl, rho: related-weights temperature and threshold clamp (spec section 4).
+        a_c, a_s, a_m, a_f: term weights, ``a_c, a_s, a_m >= 0`` and ``a_f`` in ``[0, 1]``
+            (docs/method.md section 5; ``a_c = 0`` is the paper's objective).
+        tau_kl, rho: related-weights temperature (``> 0``) and threshold clamp (in
+            ``[1e-6, 1)``), docs/method.md section 3.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
-        check_finite: raise on non-finite inputs (None: the backend's default).
+        check_finite: ``True`` reads the inputs on the host and raises ``ValueError`` on
+            non-finite values and on a ``logit_scale`` tensor that is not > 0 (on CUDA this waits
+            for the device: a synchronisation per step). ``False``: those value checks become
+            device-side assertions, which nothing waits for. ``None`` (default): ``True`` on the
+            reference backend, ``False`` on Triton. Shapes, dtypes, devices and settings are
+            always checked, on the host, before any compute.
         local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod: open_clip
             ``ClipLoss``'s distributed arguments; only the pooled features of the two contrastive
-            terms are gathered (spec section 8). ``cache_labels`` is accepted for compatibility.
+            terms are gathered (docs/method.md section 6). ``cache_labels`` is accepted for
+            compatibility.
+
+    Nonsense settings are refused when the module is built (``ValueError`` / ``TypeError``
+    naming the argument).
     """
 
     def __init__(
@@ -228,6 +280,13 @@ class CDDSLoss(nn.Module):
         use_horovod: bool = False,
     ) -> None:
         super().__init__()
+        check_hyper(tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if check_finite not in (None, True, False):
+            raise TypeError(f"check_finite: expected None, True or False, got {check_finite!r}")
+        check_number("world_size", world_size, low=1, integer=True)
+        check_number("rank", rank, low=0, high=world_size, integer=True)
         self.a_c, self.a_s, self.a_m, self.a_f = a_c, a_s, a_m, a_f
         self.tau_kl, self.rho = tau_kl, rho
         self.backend, self.check_finite = backend, check_finite
@@ -277,23 +336,27 @@ class CDDSLoss(nn.Module):
         text_features: Tensor | None = None,
         logit_bias: Tensor | None = None,
     ) -> Tensor | dict[str, Tensor]:
-        """The total loss, or with ``output_dict=True`` the five weighted terms (spec section 6).
+        """The total loss, or with ``output_dict=True`` the five weighted terms (docs/method.md
+        section 5).
 
         Shapes as :func:`cdds_fast.functional.cdds_loss`; the six parameter vectors may also be
-        ``[B, D]`` batch-replicated copies. ``image_features`` / ``text_features`` (a model
-        wrapper's pooled outputs) are accepted and ignored: the loss pools the components itself.
+        ``[B, D]`` batch-replicated copies. ``logit_scale`` is CLIP's *exponentiated* scale
+        (``model.logit_scale.exp()``), a 0-d tensor or a number, finite and > 0.
+        ``image_features`` / ``text_features`` (a model wrapper's pooled outputs) are accepted and
+        ignored: the loss pools the components itself.
         """
         if logit_bias is not None:
             raise ValueError("logit_bias: expected None (CDDS uses CLIP's softmax InfoNCE), got a tensor")
+        shape = _batch_and_dim(image_tokens)
         terms = cdds_loss(
             image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
             text_modality, text_mask,
-            alpha_image=_as_vector("alpha_image", alpha_image),
-            alpha_text=_as_vector("alpha_text", alpha_text),
-            w_s_image=_as_vector("w_s_image", w_s_image),
-            w_m_image=_as_vector("w_m_image", w_m_image),
-            w_s_text=_as_vector("w_s_text", w_s_text),
-            w_m_text=_as_vector("w_m_text", w_m_text),
+            alpha_image=_as_vector("alpha_image", alpha_image, shape),
+            alpha_text=_as_vector("alpha_text", alpha_text, shape),
+            w_s_image=_as_vector("w_s_image", w_s_image, shape),
+            w_m_image=_as_vector("w_m_image", w_m_image, shape),
+            w_s_text=_as_vector("w_s_text", w_s_text, shape),
+            w_m_text=_as_vector("w_m_text", w_m_text, shape),
             logit_scale=logit_scale, a_c=self.a_c, a_s=self.a_s, a_m=self.a_m, a_f=self.a_f,
             tau_kl=self.tau_kl, rho=self.rho, backend=self.backend,
             check_finite=self.check_finite, contrastive=self._contrastive(self.backend),

@@ -12,9 +12,10 @@ tower *token by token* and feeds the projected tokens to a :class:`cdds_fast.mod
   ``eos_id`` for ``pool_type='eos'``; ``token != pad_id`` for ``'first'``/``'last'``/``'none'``).
 
 ``forward(image, text)`` returns open_clip's output dict (``image_features``, ``text_features``,
-``logit_scale``) where the features are the pooled *semantic* components (spec section 7: masked
-mean over tokens, then L2 normalisation), plus every tensor :class:`cdds_fast.CDDSLoss` needs, so
-the open_clip trainer's ``loss(**model_out, output_dict=True)`` works unchanged. Everything except
+``logit_scale``) where the features are the pooled *semantic* components (docs/method.md section 5:
+masked mean over tokens, then L2 normalisation), plus every tensor :class:`cdds_fast.CDDSLoss`
+needs, so ``loss(**model_out, output_dict=True)`` works unchanged (in open_clip's trainer and in a
+loop of your own: the dict is the default whatever ``output_dict`` the inner model was built with). Everything except
 ``logit_scale`` has the batch on dim 0 (the trainer concatenates cached micro-batch outputs under
 ``--accum-freq``); the six learnable CDDS vectors are emitted as ``[B, D]`` expanded views, which
 ``CDDSLoss`` averages back (so their gradients stay exact under accumulation and DDP).
@@ -28,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,14 @@ from torch import Tensor, nn
 
 from cdds_fast.modules import CDDSHead
 from cdds_fast.reference.common import masked_mean
+from cdds_fast.reference.validation import check_placement, check_tensor
 
 __all__ = [
     "CDDSModel",
     "CDDS_CONFIG_FILENAME",
+    "eval_transform",
     "load_cdds_checkpoint",
+    "register_sidecar_model",
     "strip_state_dict_prefixes",
     "text_valid_mask",
 ]
@@ -132,6 +137,10 @@ def text_valid_mask(
     return mask
 
 
+def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def _project(x: Tensor, proj: nn.Module | Tensor | None) -> Tensor:
     if proj is None:
         return x
@@ -153,10 +162,11 @@ class CDDSModel(nn.Module):
         clip: an open_clip ``CLIP`` or ``CustomTextCLIP`` with a ``VisionTransformer`` image tower
             (pretrained or random init). Other towers raise ``TypeError``.
         n_enc, n_dec, heads, mlp_ratio, z, sigma: :class:`cdds_fast.modules.CDDSHead` settings
-            (spec section 2). The head's dim is the joint embedding dim of ``clip``.
-        output_dict: return a dict from ``forward`` (default: ``clip.output_dict``). With
-            ``False`` ``forward`` returns open_clip's ``(image_features, text_features,
-            logit_scale)`` tuple, which is enough for evaluation but not for ``CDDSLoss``.
+            (docs/method.md section 1). The head's dim is the joint embedding dim of ``clip``.
+        output_dict: ``forward`` returns the dict :class:`cdds_fast.CDDSLoss` takes (default
+            True, whatever ``clip.output_dict`` is). ``False`` returns open_clip's
+            ``(image_features, text_features, logit_scale)`` tuple instead, which is enough for
+            evaluation but not for the loss.
 
     The head is created on the device and in the dtype of the image tower's projection
     (``precision='bf16'`` / ``'pure_bf16'`` models get a bf16 head).
@@ -176,7 +186,7 @@ class CDDSModel(nn.Module):
         mlp_ratio: float = 4.0,
         z: int = 4,
         sigma: float = 0.1,
-        output_dict: bool | None = None,
+        output_dict: bool = True,
     ) -> None:
         super().__init__()
         _check_supported(clip)
@@ -194,7 +204,7 @@ class CDDSModel(nn.Module):
         )
         self.head = CDDSHead(dim, **self.cdds_config)
         self.head.to(device=proj.device, dtype=proj.dtype)
-        self.output_dict = bool(getattr(clip, "output_dict", False) if output_dict is None else output_dict)
+        self.output_dict = bool(output_dict)
 
     # ------------------------------------------------------------------ attributes for open_clip
     @property
@@ -254,6 +264,53 @@ class CDDSModel(nn.Module):
             pad_id=0,
         )
 
+    # ------------------------------------------------------------------ input checks
+    def _check_image(self, image: object) -> Tensor:
+        """``image``: float ``[B, 3, H, W]`` at the tower's input size, on its device, in its
+        dtype unless autocast is on (the named errors of docs/method.md section 7)."""
+        v = self.clip.visual
+        weight = v.conv1.weight
+        check_tensor("image", image, ndim=4)
+        height, width = _pair(v.image_size)
+        expected = [weight.shape[1], height, width]
+        if list(image.shape[1:]) != expected or image.shape[0] < 1:
+            raise ValueError(
+                f"image: expected shape [B, {', '.join(map(str, expected))}] (the image tower's "
+                f"input; open_clip's preprocess transform makes it), got {list(image.shape)}"
+            )
+        check_placement("image", image, weight)
+        return image
+
+    def _check_text(self, text: object) -> Tensor:
+        """``text``: integer token ids ``[B, L]``, ``1 <= L <= context_length``."""
+        if not isinstance(text, Tensor):
+            raise TypeError(f"text: expected a torch.Tensor of token ids, got {type(text).__name__}")
+        if text.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"text: expected token ids of dtype torch.int64 or torch.int32 (the tokenizer's "
+                f"output), got {text.dtype}"
+            )
+        if text.dim() != 2 or text.shape[0] < 1 or not 1 <= text.shape[1] <= self.context_length:
+            raise ValueError(
+                f"text: expected shape [B, L] with 1 <= L <= context_length = "
+                f"{self.context_length}, got {list(text.shape)}"
+            )
+        device = self.logit_scale.device
+        if text.device != device:
+            raise ValueError(f"text: expected device {device} (the model's), got {text.device}")
+        return text
+
+    def _check_pair(self, image: Tensor | None, text: Tensor | None) -> None:
+        if image is not None:
+            self._check_image(image)
+        if text is not None:
+            self._check_text(text)
+        if image is not None and text is not None and image.shape[0] != text.shape[0]:
+            raise ValueError(
+                f"text: expected batch size {image.shape[0]} (from image), got shape "
+                f"{list(text.shape)}"
+            )
+
     # ------------------------------------------------------------------ token features
     def image_tokens(self, image: Tensor) -> Tensor:
         """Projected patch tokens of the image tower.
@@ -264,6 +321,7 @@ class CDDSModel(nn.Module):
             ``[B, P, D]``: ``ln_post(x[:, 1:]) @ visual.proj`` after the tower's transformer (CLS
             dropped; with patch dropout in training, ``P`` is the number of kept patches).
         """
+        self._check_image(image)
         v = self.clip.visual
         if hasattr(v, "_embeds"):
             x = v._embeds(image)
@@ -283,6 +341,7 @@ class CDDSModel(nn.Module):
         Returns:
             ``(tokens [B, L, D], mask [B, L] bool)``.
         """
+        self._check_text(text)
         clip = self.clip
         parts = self._text_parts()
         if hasattr(clip, "text"):  # CustomTextCLIP: the tower builds its own masks
@@ -367,6 +426,7 @@ class CDDSModel(nn.Module):
             ``alpha_text, w_s_text, w_m_text`` as ``[B, D]`` expanded views. Without
             ``output_dict`` the tuple ``(image_features, text_features, logit_scale)``.
         """
+        self._check_pair(image, text)
         out: dict[str, Tensor] = {}
         image_features = text_features = None
         if image is not None:
@@ -430,8 +490,9 @@ class CDDSModel(nn.Module):
             path: an open_clip training checkpoint (``{"state_dict": ...}``, with or without
                 DDP's ``module.`` prefixes) or a bare state dict of a :class:`CDDSModel`.
             model_name: open_clip model name. Default: read from the ``cdds_config.json`` the
-                launcher writes next to the checkpoints (which also re-registers custom model
-                config files it used).
+                launcher writes next to the checkpoints, which also holds the model's config
+                (registered with open_clip here, so a custom config needs no file of its own and
+                a moved run folder still loads).
             pretrained: open_clip pretrained tag to build the towers from (the checkpoint
                 overwrites the weights anyway; default None: random init, no download).
             device, precision: as open_clip's ``create_model``.
@@ -445,9 +506,7 @@ class CDDSModel(nn.Module):
 
         path = Path(path)
         sidecar = read_cdds_config(path)
-        for cfg_path in sidecar.get("model_configs", []):
-            if Path(cfg_path).exists():
-                open_clip.add_model_config(cfg_path)
+        register_sidecar_model(sidecar)
         if model_name is None:
             model_name = sidecar.get("model")
         if model_name is None:
@@ -456,13 +515,25 @@ class CDDSModel(nn.Module):
                 f"next to {path}), got None"
             )
         state = strip_state_dict_prefixes(_load_state(path))
-        kwargs = {k: v for k, v in sidecar.get("cdds", {}).items() if k in _HEAD_KEYS}
+        kwargs = {k: v for k, v in (sidecar.get("cdds") or {}).items() if k in _HEAD_KEYS}
         kwargs.update(_infer_depths(state))
         kwargs.update(cdds_kwargs)
         clip = open_clip.create_model(model_name, pretrained, precision=precision, device=device)
         model = cls(clip, **kwargs, output_dict=True)
         model.load_state_dict(state, strict=strict)
         return model.eval()
+
+
+def eval_transform(model: nn.Module) -> Any:
+    """open_clip's evaluation preprocessing for ``model``'s image tower (resize, centre crop,
+    normalisation from its ``preprocess_cfg``): the ``preprocess`` that
+    ``open_clip.create_model_and_transforms`` returns, for a model built another way (such as
+    :meth:`CDDSModel.from_checkpoint`). PIL image in, ``[3, H, W]`` float tensor out."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)),
+                              is_train=False)
 
 
 def strip_state_dict_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -491,6 +562,19 @@ def read_cdds_config(path: Path) -> dict[str, Any]:
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return {}
+
+
+def register_sidecar_model(sidecar: dict[str, Any]) -> None:
+    """Register the model config stored in a ``cdds_config.json`` under its model name, unless
+    open_clip already has that name with the same config."""
+    import open_clip
+
+    name, config = sidecar.get("model"), sidecar.get("model_config")
+    if not name or not config or open_clip.get_model_config(name) == config:
+        return
+    with tempfile.TemporaryDirectory(prefix="cdds_model_config_") as folder:
+        (Path(folder) / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder)  # reads the file now
 
 
 def _infer_depths(state: dict[str, Tensor]) -> dict[str, int]:

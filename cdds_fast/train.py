@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
+from cdds_fast.cli import missing_extra, refuse_settings
 from cdds_fast.open_clip import CDDS_CONFIG_FILENAME, CDDSModel
 
-__all__ = ["build_parser", "main", "patched_open_clip_train"]
+__all__ = ["build_parser", "main", "patched_open_clip_train", "write_sidecar"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         allow_abbrev=False,
         add_help=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("-h", "--help", action="store_true", help="show this help and open_clip's flags")
-    g = p.add_argument_group("CDDS loss (spec section 6)")
+    p.add_argument("-h", "--help", action="store_true", default=argparse.SUPPRESS,
+                   help="show this help and open_clip's flags")
+    g = p.add_argument_group("CDDS loss (docs/method.md section 5)")
     g.add_argument("--cdds-a-c", type=float, default=1.0, help="weight of the CLIP InfoNCE term (0 = paper)")
     g.add_argument("--cdds-a-s", type=float, default=1.0, help="weight of the x-semantic InfoNCE term")
     g.add_argument("--cdds-a-m", type=float, default=0.1, help="weight of the modality KL term")
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cdds-backend", default="auto", choices=("auto", "triton", "reference"),
         help="loss backend: auto = Triton on CUDA, reference (plain PyTorch) on CPU",
     )
-    h = p.add_argument_group("CDDS head (spec section 2)")
+    h = p.add_argument_group("CDDS head (docs/method.md section 1)")
     h.add_argument("--cdds-enc-layers", type=int, default=2, help="shared encoder blocks per modality")
     h.add_argument("--cdds-dec-layers", type=int, default=2, help="blocks per decoder (semantic, modality)")
     h.add_argument("--cdds-heads", type=int, default=8, help="attention heads of the head's blocks")
@@ -123,6 +126,27 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model}: CoCa models are not supported with CDDS; add --cdds-off")
 
 
+def write_sidecar(args: argparse.Namespace, cfg: argparse.Namespace) -> str:
+    """Write ``cdds_config.json`` into ``args.checkpoint_path``: the model name, its open_clip
+    config itself (not a path to the file it came from, so a moved run folder still loads), the
+    head and loss settings (None for ``--cdds-off``). Returns the file's path."""
+    import open_clip
+
+    schema = ":" in args.model  # hf-hub: / local-dir: names carry their own config
+    sidecar = {
+        "model": args.model,
+        "model_config": None if schema else open_clip.get_model_config(args.model),
+        "pretrained": args.pretrained or None,
+        "precision": args.precision,
+        "cdds": None if cfg.cdds_off else {**_head_kwargs(cfg), **_loss_kwargs(cfg)},
+    }
+    os.makedirs(args.checkpoint_path, exist_ok=True)
+    path = os.path.join(args.checkpoint_path, CDDS_CONFIG_FILENAME)
+    with open(path, "w") as f:
+        json.dump(sidecar, f, indent=2)
+    return path
+
+
 class _CpuSafeDDP(torch.nn.parallel.DistributedDataParallel):
     """DDP that ignores ``device_ids`` for CPU modules (open_clip passes ``[device]`` always)."""
 
@@ -157,10 +181,12 @@ def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
             model_name, pretrained, *args, **kwargs
         )
         if not cfg.cdds_off:
-            model = CDDSModel(model, **_head_kwargs(cfg), output_dict=kwargs.get("output_dict"))
+            model = CDDSModel(model, **_head_kwargs(cfg))  # forward returns the loss's dict
         return model, preprocess_train, preprocess_val
 
     def create_loss(args: argparse.Namespace) -> torch.nn.Module:
+        if getattr(args, "save_logs", False) and getattr(args, "checkpoint_path", None):
+            write_sidecar(args, cfg)
         if cfg.cdds_off:
             return _baseline_loss(args, cfg.cdds_backend)
         _refuse_unsupported(args)
@@ -168,17 +194,6 @@ def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
 
         loss = CDDSLoss(**_loss_kwargs(cfg), **_clip_dist_kwargs(args))
         logging.info(f"cdds-fast: loss = CDDSLoss({_loss_kwargs(cfg)}), head = {_head_kwargs(cfg)}")
-        if getattr(args, "save_logs", False) and getattr(args, "checkpoint_path", None):
-            os.makedirs(args.checkpoint_path, exist_ok=True)
-            sidecar = {
-                "model": args.model,
-                "pretrained": args.pretrained or None,
-                "precision": args.precision,
-                "cdds": {**_head_kwargs(cfg), **_loss_kwargs(cfg)},
-                "model_configs": [os.path.abspath(p) for p in cfg.cdds_model_config],
-            }
-            with open(os.path.join(args.checkpoint_path, CDDS_CONFIG_FILENAME), "w") as f:
-                json.dump(sidecar, f, indent=2)
         return loss
 
     with contextlib.ExitStack() as stack:
@@ -188,12 +203,40 @@ def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
         yield oc_main
 
 
+#: The ``--cdds-*`` flag of each loss / head setting, for refusals that name the flag.
+FLAGS = {
+    "a_c": "--cdds-a-c", "a_s": "--cdds-a-s", "a_m": "--cdds-a-m", "a_f": "--cdds-a-f",
+    "tau_kl": "--cdds-tau-kl", "rho": "--cdds-rho", "n_enc": "--cdds-enc-layers",
+    "n_dec": "--cdds-dec-layers", "heads": "--cdds-heads", "z": "--cdds-z", "sigma": "--cdds-sigma",
+}
+
+
 def _refuse_flags(rest: list[str], cfg: argparse.Namespace) -> str | None:
     if cfg.cdds_off:
         return None
+    refused = refuse_settings(_loss_kwargs(cfg), _head_kwargs(cfg), FLAGS)
+    if refused:
+        return refused
     for flag in ("--torchscript", "--trace", "--siglip", "--distill-model"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             return f"{flag} is not supported with CDDS (add --cdds-off for a plain CLIP run)"
+    return None
+
+
+def _refuse_heads(rest: list[str], cfg: argparse.Namespace, open_clip: Any) -> str | None:
+    """``--cdds-heads`` must divide the model's embedding dim (the head's width). The dim is in
+    the model config, known before open_clip builds the model; a hub or local-dir model carries
+    its own config and is checked when the head is built."""
+    if cfg.cdds_off:
+        return None
+    model_flag = argparse.ArgumentParser(add_help=False)
+    model_flag.add_argument("--model", default="RN50")  # open_clip_train's default
+    name = model_flag.parse_known_args(rest)[0].model
+    config = None if ":" in name else open_clip.get_model_config(name)
+    dim = (config or {}).get("embed_dim")
+    if dim and dim % cfg.cdds_heads:
+        return (f"--cdds-heads: expected a divisor of the embedding dim {dim} of --model {name}, "
+                f"got {cfg.cdds_heads}")
     return None
 
 
@@ -208,7 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     cfg, rest = parser.parse_known_args(argv)
-    if cfg.help:
+    missing = missing_extra("open_clip_train.main")
+    if missing:
+        print(f"cdds-fast train: {missing}", file=sys.stderr)
+        return 2
+    if getattr(cfg, "help", False):
         parser.print_help()
         print("\nopen_clip_train flags:\n")
         from open_clip_train.params import parse_args
@@ -227,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cdds-fast train: --cdds-model-config {path}: no such file or folder", file=sys.stderr)
             return 2
         open_clip.add_model_config(path)
+    problem = _refuse_heads(rest, cfg, open_clip)
+    if problem:
+        print(f"cdds-fast train: {problem}", file=sys.stderr)
+        return 2
 
     handlers_before = list(logging.root.handlers)
     levels_before = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}

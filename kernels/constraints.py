@@ -256,14 +256,15 @@ def _constraints_fwd_kernel(
 
 @triton.jit
 def _constraints_finalize_kernel(
-    COL, PAIR, NCE, T_CLIP, T_SEM, T_MOD, T_F, T_X, GLOB, OK,
+    COL, PAIR, NCE, SCALE, T_CLIP, T_SEM, T_MOD, T_F, T_X, GLOB, OK,
     B, D, a_c, a_s, a_m, a_f,
     HAS_NCE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: per modality ``Ntok``, ``log qbar`` (``GLOB`` [2, D + 1]: ``log qbar`` then
-    ``Ntok``), ``L_f, L_x, L_m``; the five weighted terms (the InfoNCE losses ``NCE`` [3] when
-    ``HAS_NCE``, else those two terms are 0); ``OK``: the fewest valid tokens of a text row
-    (non-zero iff every row has one: the operand of the caller's device-side assertion)."""
+    ``Ntok``), ``L_f, L_x, L_m``; the five weighted terms (the InfoNCE losses ``NCE`` [3] of the
+    scale ``SCALE`` when ``HAS_NCE``, else those two terms are 0); ``OK``: the fewest valid
+    tokens of a text row, 0 if the scale is not finite and > 0 (non-zero iff both hold: the
+    operand of the caller's one device-side assertion)."""
     plane = 2 * B * D
     pair_plane = 2 * B
     l_f = 0.0
@@ -308,7 +309,11 @@ def _constraints_finalize_kernel(
         l_x += tl.sum(acc_x, axis=0) * inv
         l_m += tl.sum(acc_q, axis=0) / n_tok - tl.sum(qbar_logq, axis=0)
         if mod == 1:
-            tl.store(OK, tl.min(least, axis=0))
+            fewest = tl.min(least, axis=0)
+            if HAS_NCE:
+                scale = tl.load(SCALE).to(tl.float32)
+                fewest = tl.where((scale > 0.0) & (scale < float("inf")), fewest, 0.0)
+            tl.store(OK, fewest)
     if HAS_NCE:
         tl.store(T_CLIP, a_c * tl.load(NCE))
         tl.store(T_SEM, a_s * 0.5 * (tl.load(NCE + 1) + tl.load(NCE + 2)))
@@ -500,11 +505,12 @@ def constraints_forward(
     return col, pair, lse
 
 
-def finalize_terms(col: Tensor, pair: Tensor, nce: Tensor | None, *, a_c: float, a_s: float,
-                   a_m: float, a_f: float) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+def finalize_terms(col: Tensor, pair: Tensor, nce: Tensor | None, scale: Tensor | None, *,
+                   a_c: float, a_s: float, a_m: float, a_f: float,
+                   ) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
     """The five weighted terms (0-d fp32 each, in ``LOSS_KEYS`` order), ``glob`` [2, D + 1]
-    (``log qbar``, ``Ntok``) and ``ok``: the fewest valid tokens of a text row (0-d fp32, non-zero
-    iff every row has one)."""
+    (``log qbar``, ``Ntok``) and ``ok`` (0-d fp32): the fewest valid tokens of a text row, 0 if
+    ``scale`` (given with ``nce``) is not finite and > 0."""
     _, _, batch, d = col.shape
     dev = col.device
     terms = tuple(scratch((), torch.float32, dev) for _ in range(5))
@@ -512,7 +518,8 @@ def finalize_terms(col: Tensor, pair: Tensor, nce: Tensor | None, *, a_c: float,
     ok = scratch((), torch.float32, dev)
     block_b, block_d = token_tile(batch, d, col_cap=1024)
     _constraints_finalize_kernel[(1,)](
-        col, pair, nce if nce is not None else pair, *terms, glob, ok, batch, d,
+        col, pair, nce if nce is not None else pair, scale if nce is not None else pair, *terms,
+        glob, ok, batch, d,
         float(a_c), float(a_s), float(a_m), float(a_f), HAS_NCE=nce is not None,
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=tile_warps(block_b * block_d),
     )

@@ -1,6 +1,6 @@
 r"""Symmetric InfoNCE (open_clip ``ClipLoss`` math) in O(B) memory, at GEMM speed.
 
-What is computed (``docs/method.md`` section 6)
+What is computed (``docs/method.md`` section 5)
 ===============================================
 Rows ``X [M, D]``, columns ``Y [N, D]``, scale ``s`` (CLIP's *exponentiated* ``logit_scale``),
 logits ``S = s X Y^T`` (never stored whole), label of row ``i`` is column ``i + o``.
@@ -200,6 +200,16 @@ def _softmax_term(t, label_t, is_label, row_max, row_inv, AXIS: tl.constexpr):
     return out
 
 
+@triton.jit
+def _column_term(STATS, cols64, col_ok, n_cols, t, is_label):
+    """The softmax term of ``G`` whose statistics (``[3, n_cols]``: max, 1 / sum, label logit)
+    belong to the tile's columns."""
+    col_max = tl.load(STATS + cols64, mask=col_ok, other=0.0)
+    col_inv = tl.load(STATS + n_cols + cols64, mask=col_ok, other=0.0)
+    col_lab = tl.load(STATS + 2 * n_cols + cols64, mask=col_ok, other=0.0)
+    return _softmax_term(t, col_lab, is_label, col_max, col_inv, 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # The fused (all-Triton) path
 # ------------------------------------------------------------------------------------------------
@@ -306,8 +316,6 @@ def _info_nce_bwd_kernel(
     n_rows = tl.where(direction == 0, M, N)
     n_cols = tl.where(direction == 0, N, M)
     shift = label_offset * (1 - 2 * direction)  # label column = row + shift
-    has_own = (direction == 0) | SYMMETRIC
-    has_other = (direction == 1) | SYMMETRIC
     if pid_m * BLOCK_M >= n_rows:
         return
     scale = tl.load(SCALE).to(tl.float32)
@@ -322,9 +330,15 @@ def _info_nce_bwd_kernel(
     labels = rows + shift
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
-    own_max = tl.load(OWN + rows64, mask=row_ok & has_own, other=0.0)
-    own_inv = tl.load(OWN + n_rows + rows64, mask=row_ok & has_own, other=0.0)
-    own_lab = tl.load(OWN + 2 * n_rows + rows64, mask=row_ok & has_own, other=0.0)
+    # rows with own statistics (all, except direction 1 of the rectangular loss): a bound, not
+    # `row_ok & flag` (a block-and-scalar mask that triton 3.9's interpreter rejects)
+    if SYMMETRIC:
+        own_ok = row_ok
+    else:
+        own_ok = rows < n_rows * (direction == 0).to(tl.int32)
+    own_max = tl.load(OWN + rows64, mask=own_ok, other=0.0)
+    own_inv = tl.load(OWN + n_rows + rows64, mask=own_ok, other=0.0)
+    own_lab = tl.load(OWN + 2 * n_rows + rows64, mask=own_ok, other=0.0)
     a_single = tl.zeros((BLOCK_M, BLOCK_K), dtype=A.dtype.element_ty)
     if SINGLE_K:
         a_single = tl.load(A + rows64[:, None] * D + offs_k[None, :],
@@ -349,13 +363,16 @@ def _info_nce_bwd_kernel(
         t = tl.where(ok, r * scale2, float("-inf"))
         is_label = (cols[None, :] == labels[:, None]) & ok
         g = tl.where(is_label, -diag_coef, 0.0)
-        if has_own:
+        # symmetric: both softmax terms, decided at compile time (a runtime branch here costs
+        # the fp32 kernel its registers); rectangular: the row softmax of S in direction 0, read
+        # as rows (dX) or as columns (dY)
+        if SYMMETRIC:
             g += _softmax_term(t, own_lab, is_label, own_max, own_inv, 0)
-        if has_other:
-            other_max = tl.load(OTHER + cols64, mask=col_ok, other=0.0)
-            other_inv = tl.load(OTHER + n_cols + cols64, mask=col_ok, other=0.0)
-            other_lab = tl.load(OTHER + 2 * n_cols + cols64, mask=col_ok, other=0.0)
-            g += _softmax_term(t, other_lab, is_label, other_max, other_inv, 1)
+            g += _column_term(OTHER, cols64, col_ok, n_cols, t, is_label)
+        elif direction == 0:
+            g += _softmax_term(t, own_lab, is_label, own_max, own_inv, 0)
+        else:
+            g += _column_term(OTHER, cols64, col_ok, n_cols, t, is_label)
         if COMPUTE_DSCALE:
             ds += tl.sum(g * r, axis=1)
         if SINGLE_K:
@@ -441,10 +458,12 @@ def _info_nce_block_fwd_kernel(
                 t_c = tl.where(row_ok[:, None], t, float("-inf"))
                 c_max = tl.max(t_c, axis=0)
                 c_sum = tl.sum(tl.exp2(t_c - c_max[None, :]), axis=0)
+                # a group's first row block of a problem writes instead of merging (as a bound:
+                # `col_ok & ~fresh` is a block-and-scalar mask triton 3.9's interpreter rejects)
                 fresh = (rb == pid_g) & (col_init != 0)
-                old_max = tl.load(col_max_row + cols64, mask=col_ok & ~fresh,
-                                  other=float("-inf"))
-                old_sum = tl.load(col_sum_row + cols64, mask=col_ok & ~fresh, other=0.0)
+                merge_ok = cols < N * (1 - fresh.to(tl.int32))
+                old_max = tl.load(col_max_row + cols64, mask=merge_ok, other=float("-inf"))
+                old_sum = tl.load(col_sum_row + cols64, mask=merge_ok, other=0.0)
                 new_max = tl.maximum(old_max, c_max)
                 new_sum = old_sum * tl.exp2(old_max - new_max) + c_sum * tl.exp2(c_max - new_max)
                 tl.store(col_max_row + cols64, new_max, mask=col_ok)

@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of every CDDS op (installed as ``cdds_fast.reference``).
 
-This is the executable form of the specification: the Triton kernels and every test are checked
+This is the executable form of docs/method.md: the Triton kernels and every test are checked
 against it. It favours clarity over speed and materialises the ``[B, D, D]`` relation matrices.
 """
 

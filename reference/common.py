@@ -26,7 +26,7 @@ def token_weights(mask: Tensor | None, like: Tensor) -> Tensor:
 
 
 def masked_mean(y: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Masked mean over tokens (spec section 1).
+    """Masked mean over tokens (docs/method.md, Notation).
 
     Args:
         y: ``[B, N, D]``; upcast to the compute dtype.

@@ -1,4 +1,4 @@
-"""Reference decoupling-constraint losses (spec section 6): modality KL ``L_m`` and the
+"""Reference decoupling-constraint losses (docs/method.md section 5): modality KL ``L_m`` and the
 reconstruction (completeness) loss used for ``L_f`` and ``L_x``."""
 
 from __future__ import annotations

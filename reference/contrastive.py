@@ -1,4 +1,5 @@
-"""Reference pooled features and symmetric InfoNCE (spec section 6, open_clip ``ClipLoss`` math)."""
+"""Reference pooled features and symmetric InfoNCE (docs/method.md section 5; open_clip
+``ClipLoss``'s math)."""
 
 from __future__ import annotations
 

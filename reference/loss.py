@@ -1,4 +1,5 @@
-"""Reference CDDS loss (spec sections 3-6): the contract every backend is tested against."""
+"""Reference CDDS loss (docs/method.md sections 2-5): the contract every backend is tested
+against."""
 
 from __future__ import annotations
 
@@ -57,13 +58,17 @@ def cdds_loss(
         text_tokens, text_semantic, text_modality: ``[B, L, D]`` ``T``, ``T^s``, ``T^m``.
         text_mask: ``[B, L]`` bool, True = valid token, at least one per row.
         alpha_image, alpha_text: ``[D]`` threshold scales. w_*: ``[D]`` reconstruction weights.
-        logit_scale: CLIP's exponentiated logit scale (0-d tensor or number).
+        logit_scale: CLIP's exponentiated logit scale (``model.logit_scale.exp()``), a 0-d
+            tensor or a number, finite and > 0.
         a_c, a_s, a_m, a_f: term weights; ``L = a_c L_clip + a_s L_s + a_m L_m + a_f L_f
             + (1 - a_f) L_x``.
-        tau_kl, rho: related-weights temperature and threshold clamp (spec section 4).
-        check_finite: raise on non-finite inputs.
+        tau_kl, rho: related-weights temperature and threshold clamp (docs/method.md section 3).
+        check_finite: read every input on the host and raise ``ValueError`` on a non-finite
+            value (default True here: the reference is the spec, not the fast path; on CUDA the
+            read is a device synchronisation). docs/method.md section 7.
         contrastive: ``f(a, b, logit_scale) -> loss`` for the two InfoNCE terms; default the local
-            :func:`info_nce`. ``CDDSLoss`` passes a gathering version under DDP (spec section 8).
+            :func:`info_nce`. ``CDDSLoss`` passes a gathering version under DDP
+            (docs/method.md section 6).
     Returns:
         dict with keys ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss``, each a 0-d float32 tensor (float64 for float64 inputs).
@@ -92,10 +97,10 @@ def cdds_loss(
                            w_m_image, w_s_text, w_m_text)
     )
 
-    # Section 3: column statistics of the semantic components.
+    # docs/method.md section 2: column statistics of the semantic components.
     mu_v, s_v = column_stats(image_semantic)
     mu_t, s_t = column_stats(text_semantic, mask)
-    # Section 4: related weights, both directions; section 5: x-semantic components.
+    # Sections 3 and 4: related weights, both directions, and x-semantic components.
     w_v = related_weights(mu_v, s_v, mu_t, s_t, alpha_image, tau_kl=tau_kl, rho=rho)
     w_t = related_weights(mu_t, s_t, mu_v, s_v, alpha_text, tau_kl=tau_kl, rho=rho)
     c_v, a_v = sampling_coefficients(w_v, mu_t, s_t)
@@ -103,7 +108,7 @@ def cdds_loss(
     image_x = x_semantic(image_semantic, mu_v, s_v, c_v, a_v)
     text_x = x_semantic(text_semantic, mu_t, s_t, c_t, a_t)
 
-    # Section 6: losses.
+    # Section 5: losses.
     image_feat, text_feat = pool(image_semantic), pool(text_semantic, mask)
     l_clip = contrastive(image_feat, text_feat, logit_scale)
     l_s = (

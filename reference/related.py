@@ -1,4 +1,4 @@
-"""Reference related-semantics weights (spec section 4).
+"""Reference related-semantics weights (docs/method.md section 3).
 
 For one direction (source modality -> destination modality) and each pair ``b``:
 
@@ -59,7 +59,7 @@ def related_weights(
     tau_kl: float = 1.0,
     rho: float = 0.01,
 ) -> Tensor:
-    """Soft-thresholded, row-normalised related weights ``W`` (spec section 4).
+    """Soft-thresholded, row-normalised related weights ``W`` (docs/method.md section 3).
 
     Args:
         mu_src, s_src: ``[B, D]`` statistics of the source modality (rows ``i``).

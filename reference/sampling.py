@@ -1,4 +1,4 @@
-"""Reference distribution sampling: x-semantic components (spec section 5).
+"""Reference distribution sampling: x-semantic components (docs/method.md section 4).
 
 ``X^x[b,n,i] = sum_j W[b,i,j] (mu_o[b,j] + s_o[b,j] * zeta[b,n,i]) = c[b,i] + a[b,i] * zeta[b,n,i]``
 with ``zeta = (X^s - mu) / s`` the standard score of each value in its own column distribution,

@@ -1,4 +1,4 @@
-"""Reference column statistics (spec section 3)."""
+"""Reference column statistics (docs/method.md section 2)."""
 
 from __future__ import annotations
 

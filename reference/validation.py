@@ -1,12 +1,15 @@
-"""Input checks of spec section 9, shared by every backend and run before any kernel launch.
+"""Input checks (docs/method.md section 7), shared by every backend and run before any kernel launch.
 
 Every error names the argument and the expected vs received value. Wrong types and dtypes raise
-``TypeError``; wrong shapes, devices, values raise ``ValueError``.
+``TypeError``; wrong shapes, devices, values raise ``ValueError``. Shapes are reported as the caller
+passed them. Python numbers are checked on the host; checks on tensor *values* go through
+:func:`check_values`, which reads them on the host only where the caller asked for it.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -33,16 +36,42 @@ def check_tensor(name: str, t: object, *, ndim: int | None = None) -> Tensor:
     return t
 
 
+_SCALE_MESSAGE = ("{name}: expected a finite value > 0 (the exponentiated scale, e.g. "
+                  "model.logit_scale.exp()), got {got}")
+
+
 def check_scale(name: str, scale: object) -> None:
-    """``logit_scale``: a finite positive number or a 0-d floating tensor."""
+    """``logit_scale``: a 0-d floating tensor, or a finite number > 0.
+
+    The scale multiplies the cosine logits, so it is CLIP's *exponentiated* ``logit_scale``
+    (``model.logit_scale.exp()``, about 14.3 at CLIP's init, at most 100 under open_clip's clamp);
+    a negative or zero scale would invert or erase the ranking the loss trains. A tensor's value is
+    checked by :func:`check_scale_values`.
+    """
     if isinstance(scale, Tensor):
         check_tensor(name, scale)
         if scale.dim() != 0:
             raise ValueError(
                 f"{name}: expected a 0-d tensor (the exponentiated scale), got shape {_shape(scale)}"
             )
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        return
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(_SCALE_MESSAGE.format(name=name, got=repr(scale)))
+
+
+def check_scale_values(name: str, scale: Tensor | float, *, host: bool) -> None:
+    """The value of a ``logit_scale`` tensor is finite and > 0 (numbers: :func:`check_scale`).
+
+    ``host`` as in :func:`check_values`: callers pass their ``check_finite`` setting, so the
+    default fast path asserts on the device instead of waiting for it.
+    """
+    if isinstance(scale, Tensor):
+        # log(s) is finite exactly when s is finite and > 0 (log 0 = -inf; the log of a negative
+        # or NaN is NaN): the fewest launches for the device-side form
+        check_values(torch.isfinite(scale.detach().log()),
+                     _SCALE_MESSAGE.format(name=name, got="a tensor outside it"), host=host)
 
 
 def check_values(ok: Tensor, message: str, *, host: bool) -> None:
@@ -61,6 +90,51 @@ def check_values(ok: Tensor, message: str, *, host: bool) -> None:
             raise ValueError(message)
         return
     torch._assert_async(ok, message)
+
+
+def check_tokens(name: str, tokens: object, *, dim: int, like: Tensor) -> Tensor:
+    """Token features ``[B, N, D]`` for a module whose parameters are ``like``: floating, ``D =
+    dim``, ``B, N >= 1``, on ``like``'s device and in its dtype (any 16/32-bit float under an
+    enabled autocast, which casts for the module)."""
+    check_tensor(name, tokens, ndim=3)
+    if tokens.shape[0] < 1 or tokens.shape[1] < 1 or tokens.shape[2] != dim:
+        raise ValueError(
+            f"{name}: expected shape [B, N, D] with B, N >= 1 and D = {dim} (the module's dim), "
+            f"got {_shape(tokens)}"
+        )
+    check_placement(name, tokens, like)
+    return tokens
+
+
+def check_placement(name: str, x: Tensor, like: Tensor) -> None:
+    """``x`` is on the device of the module parameter ``like`` and in its dtype, or in a 16/32-bit
+    float dtype that an enabled autocast casts for the module."""
+    if x.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (the module's), got {x.device}")
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+    if x.dtype != like.dtype and not autocast:
+        raise TypeError(
+            f"{name}: expected dtype {like.dtype} (the module's parameters; cast the input or run "
+            f"under torch.autocast), got {x.dtype}"
+        )
+
+
+def check_key_mask(name: str, mask: object, tokens_name: str, tokens: Tensor) -> Tensor:
+    """A bool key-padding mask ``[B, N]`` (True = valid) for ``tokens`` ``[B, N, D]``."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name}: expected a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: expected dtype torch.bool, got {mask.dtype}")
+    if _shape(mask) != _shape(tokens)[:2]:
+        raise ValueError(
+            f"{name}: expected shape [B, N] = {_shape(tokens)[:2]} (from {tokens_name}), "
+            f"got {_shape(mask)}"
+        )
+    if mask.device != tokens.device:
+        raise ValueError(
+            f"{name}: expected device {tokens.device} (the device of {tokens_name}), got {mask.device}"
+        )
+    return mask
 
 
 def check_same_device(tensors: Mapping[str, Tensor | None]) -> None:
@@ -117,16 +191,50 @@ def check_mask(text_mask: object, batch: int, length: int, *, host: bool | None 
     return text_mask
 
 
+def check_number(name: str, value: object, *, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = True, integer: bool = False) -> None:
+    """``value`` is a Python (or numpy) number, an integer if ``integer``, between ``low`` and
+    ``high`` (each end included unless ``low_open`` / ``high_open``); NaN and infinities never
+    pass."""
+    kind = numbers.Integral if integer else numbers.Real
+    if not isinstance(value, kind) or isinstance(value, bool):
+        expected = "an int" if integer else "a number"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below and math.isfinite(value)):
+        if high == math.inf:
+            expected = f"{'an int' if integer else 'a finite number'} {'>' if low_open else '>='} {low:g}"
+        else:
+            expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
 def check_hyper(*, tau_kl: float, rho: float, **weights: float) -> None:
-    if not (isinstance(tau_kl, (int, float)) and math.isfinite(tau_kl) and tau_kl > 0):
-        raise ValueError(f"tau_kl: expected a finite number > 0, got {tau_kl!r}")
+    """Loss hyperparameters (docs/method.md section 7): ``tau_kl > 0``, ``rho`` in
+    ``[RHO_MIN, 1)`` and the term weights ``a_c, a_s, a_m >= 0``, ``a_f`` in ``[0, 1]``."""
+    check_number("tau_kl", tau_kl, low=0.0, low_open=True)
     # rho > 0 is what guarantees that the strongest relation survives the threshold; below 1e-6
     # the clamp (1 - rho) * max rounds to max in float32 and a row of W could become 0 / 0.
-    if not (isinstance(rho, (int, float)) and RHO_MIN <= rho < 1.0):
-        raise ValueError(f"rho: expected a number in [{RHO_MIN}, 1), got {rho!r}")
+    check_number("rho", rho, low=RHO_MIN, high=1.0)
     for name, value in weights.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        # a_f weighs L_f and 1 - a_f weighs L_x: outside [0, 1] one of them is rewarded for
+        # growing. A negative weight on any term does the same to that term.
+        if name == "a_f":
+            check_number(name, value, low=0.0, high=1.0, high_open=False)
+        else:
+            check_number(name, value, low=0.0)
+
+
+def check_head_settings(*, n_enc: int, n_dec: int, heads: int, mlp_ratio: float, z: int,
+                        sigma: float) -> None:
+    """Decoupler settings (docs/method.md sections 1 and 7): blocks, heads and ``z`` noise groups
+    are ints >= 1, ``mlp_ratio > 0``, the noise std ``sigma >= 0``. (That ``heads`` divides the
+    dim is the block's own check: the dim is known only once the model is.)"""
+    for name, value in (("n_enc", n_enc), ("n_dec", n_dec), ("heads", heads), ("z", z)):
+        check_number(name, value, low=1, integer=True)
+    check_number("mlp_ratio", mlp_ratio, low=0.0, low_open=True)
+    check_number("sigma", sigma, low=0.0)
 
 
 def validate_cdds_inputs(
@@ -152,15 +260,17 @@ def validate_cdds_inputs(
     a_m: float,
     a_f: float,
     finite: bool,
-    mask_in_kernel: bool = False,
+    values_in_kernel: bool = False,
 ) -> None:
-    """All the input checks of :func:`cdds_loss`; raises on the first violation.
+    """All of docs/method.md section 7's checks for :func:`cdds_loss`; raises on the first
+    violation.
 
-    Shapes, dtypes, devices and hyper-parameters are checked on the host without reading tensor
-    values. The checks that read values run on the host only with ``finite`` (the finite-value
-    check and the text-mask check; a synchronisation each); without it the text-mask check is a
-    device-side assertion, or, with ``mask_in_kernel``, left to the caller's kernel (the fast
-    path counts every row's tokens anyway)."""
+    Shapes, dtypes, devices, hyper-parameters and a number ``logit_scale`` are checked on the
+    host without reading tensor values. The checks that read values run on the host only with
+    ``finite`` (non-finite inputs, the text mask's rows, a ``logit_scale`` tensor; a
+    synchronisation each); without it the text-mask and ``logit_scale`` checks are device-side
+    assertions, or, with ``values_in_kernel``, left to the caller's kernels (the fast path reads
+    every row's token count and the scale anyway: one assertion for both)."""
     check_tensor("image_tokens", image_tokens, ndim=3)
     check_tensor("text_tokens", text_tokens, ndim=3)
     batch, patches, dim = image_tokens.shape
@@ -202,8 +312,10 @@ def validate_cdds_inputs(
         if v.shape[0] != dim:
             raise ValueError(f"{name}: expected shape [D] = [{dim}], got {_shape(v)}")
     check_scale("logit_scale", logit_scale)
+    if finite or not values_in_kernel:
+        check_scale_values("logit_scale", logit_scale, host=finite)
     check_mask(text_mask, batch, length,
-               host=True if finite else (None if mask_in_kernel else False))
+               host=True if finite else (None if values_in_kernel else False))
     everything = {
         "image_tokens": image_tokens,
         "image_semantic": image_semantic,

@@ -44,7 +44,7 @@ def test_bench_contrastive_smoke_on_cpu():
     common = ["--device", "cpu", "--dim", "24", "--warmup", "1", "--rep", "1", "--verbose"]
     runs = [
         ["--sizes", "40", "--dtypes", "bf16", "--methods", "FusedClipLoss", "fused path",
-         "blocked path", "ClipLoss"],
+         "blocked path", "ClipLoss", "compiled ClipLoss", "--compile-dtypes"],
         ["--sizes", "300", "--dtypes", "fp32", "--budgets", "1", "2"],
         ["--dtypes", "fp32", "--tune", "--tune-b", "48"],
     ]

@@ -279,7 +279,7 @@ def test_images_show_the_objects():
 
 
 def test_render_speed():
-    # spec: 2000 images of 64x64 in < 5 s on one core, i.e. 2.5 ms per image
+    # budget: 2000 images of 64x64 in < 5 s on one core, i.e. 2.5 ms per image
     ds = SceneCaptions("train", size=400, seed=9)
     t0 = time.process_time()
     for i in range(400):

@@ -16,7 +16,7 @@ from cdds_fast.data import SceneCaptions, write_csv
 from cdds_fast.evaluate import main as eval_main
 from cdds_fast.open_clip import CDDS_CONFIG_FILENAME, CDDSModel
 from cdds_fast.retrieval import encode_dataset, retrieval_metrics
-from tests._openclip_fixtures import HEADS, TINY_MODEL, tiny_config_dir
+from tests._openclip_fixtures import HEADS, TINY_CONFIG, TINY_MODEL, tiny_config_dir
 
 HEAD = {"n_enc": 1, "n_dec": 1, "heads": HEADS, "z": 2, "sigma": 0.1}
 N_EMBEDDED = 12
@@ -50,7 +50,7 @@ def cdds_run(tmp_path_factory) -> dict:
         "model": TINY_MODEL, "pretrained": None, "precision": "fp32",
         "cdds": {**HEAD, "a_c": 1.0, "a_s": 1.0, "a_m": 0.1, "a_f": 0.5, "tau_kl": 1.0,
                  "rho": 0.01, "backend": "auto"},
-        "model_configs": [str(tiny_config_dir())],
+        "model_config": TINY_CONFIG,
     }  # fmt: skip
     (run / CDDS_CONFIG_FILENAME).write_text(json.dumps(sidecar))
     return {"path": run / "epoch_1.pt", "model": model.eval()}

@@ -1,4 +1,4 @@
-"""DualPathDecoupler, CDDSHead and CDDSLoss (spec section 2 and the module API)."""
+"""DualPathDecoupler, CDDSHead and CDDSLoss (docs/method.md section 1 and the module API)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_unet_skip_structure():
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="heads: expected a divisor of dim=10, got heads=4"):
         DualPathDecoupler(10, heads=4)
-    with pytest.raises(ValueError, match="z: expected >= 1"):
+    with pytest.raises(ValueError, match="z: expected an int >= 1, got 0"):
         DualPathDecoupler(8, heads=2, z=0)
 
 

@@ -62,7 +62,7 @@ def test_forward_outputs_shapes_and_features(tokenizer):
     for k, v in out.items():
         if k != "logit_scale":
             assert v.shape[0] == b, k
-    # features = L2-normalised masked mean of the semantic components (spec section 7)
+    # features = L2-normalised masked mean of the semantic components (docs/method.md section 5)
     img = F.normalize(out["image_semantic"].float().mean(1), dim=-1)
     m = out["text_mask"].float()[..., None]
     txt = F.normalize((out["text_semantic"] * m).sum(1) / m.sum(1), dim=-1)
@@ -89,6 +89,64 @@ def test_encode_matches_forward_in_eval_and_partial_inputs(tokenizer):
         model.output_dict = False
         f_img, f_txt, scale = model(images, texts)
         torch.testing.assert_close(f_img, out["image_features"])
+
+
+def test_forward_returns_the_loss_dict_whatever_the_inner_models_output_dict(tokenizer):
+    """open_clip's create_model defaults to output_dict=False; the wrapper still returns the dict
+    CDDSLoss takes, as the README's snippet uses it (output_dict=False opts into the tuple)."""
+    tiny_config_dir()
+    clip = open_clip.create_model(TINY_MODEL)
+    assert not clip.output_dict
+    images, texts = batch(tokenizer, 3)
+    out = CDDSModel(clip, **HEAD_KW)(images, texts)
+    assert isinstance(out, dict)
+    assert set(CDDSLoss(backend="reference")(**out, output_dict=True)) == set(LOSS_KEYS)
+    image_features, text_features, scale = CDDSModel(clip, **HEAD_KW, output_dict=False)(images, texts)
+    assert image_features.shape == text_features.shape == (3, 32) and scale.dim() == 0
+
+
+MODEL_INPUT_CASES = [
+    ("image-size", dict(image=torch.randn(2, 3, 16, 16)), ValueError,
+     r"image: expected shape \[B, 3, 32, 32\] \(the image tower's input; open_clip's preprocess "
+     r"transform makes it\), got \[2, 3, 16, 16\]"),
+    ("image-channels", dict(image=torch.randn(2, 1, 32, 32)), ValueError,
+     r"image: expected shape \[B, 3, 32, 32\].*got \[2, 1, 32, 32\]"),
+    ("image-ndim", dict(image=torch.randn(3, 32, 32)), ValueError,
+     r"image: expected 4 dimensions, got shape \[3, 32, 32\]"),
+    ("image-uint8", dict(image=torch.zeros(2, 3, 32, 32, dtype=torch.uint8)), TypeError,
+     "image: expected dtype float32, bfloat16, float16 or float64, got torch.uint8"),
+    ("image-float64", dict(image=torch.randn(2, 3, 32, 32, dtype=torch.float64)), TypeError,
+     "image: expected dtype torch.float32 .*got torch.float64"),
+    ("text-float", dict(text=torch.ones(2, 16)), TypeError,
+     "text: expected token ids of dtype torch.int64 or torch.int32 .*got torch.float32"),
+    ("text-too-long", dict(text=torch.ones(2, 20, dtype=torch.long)), ValueError,
+     r"text: expected shape \[B, L\] with 1 <= L <= context_length = 16, got \[2, 20\]"),
+    ("text-1d", dict(text=torch.ones(16, dtype=torch.long)), ValueError,
+     r"text: expected shape \[B, L\] .*got \[16\]"),
+    ("text-list", dict(text=["a red square", "a blue circle"]), TypeError,
+     "text: expected a torch.Tensor of token ids, got list"),
+    ("batch", dict(text=torch.ones(3, 16, dtype=torch.long)), ValueError,
+     r"text: expected batch size 2 \(from image\), got shape \[3, 16\]"),
+]
+
+
+@pytest.mark.parametrize("change,exc,match", [pytest.param(*c[1:], id=c[0]) for c in MODEL_INPUT_CASES])
+def test_model_refuses_bad_inputs_before_any_compute(tokenizer, change, exc, match):
+    model = CDDSModel(make_clip(), **HEAD_KW)
+    calls = []
+    model.clip.visual.conv1.register_forward_pre_hook(lambda *_: calls.append("image"))
+    model.clip.token_embedding.register_forward_pre_hook(lambda *_: calls.append("text"))
+    images, texts = batch(tokenizer, 2)
+    inputs = {"image": images, "text": texts, **change}
+    with pytest.raises(exc, match=match):
+        model(**inputs)
+    assert calls == []
+    if "image" in change:
+        with pytest.raises(exc, match=match):
+            model.encode_image(change["image"])
+    if "text" in change and "batch" not in match:
+        with pytest.raises(exc, match=match):
+            model.encode_text(change["text"])
 
 
 def test_tokens_match_open_clip_pooling(tokenizer):

@@ -13,15 +13,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def built(tmp_path_factory) -> tuple[Path, str]:
+    """The wheel, and everything the build printed."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
          "-w", str(out), str(ROOT)],
-        check=True,
+        check=True, capture_output=True, text=True,
     )
     (path,) = out.glob("cdds_fast-*.whl")
-    return path
+    return path, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(built) -> Path:
+    return built[0]
+
+
+def test_build_prints_no_deprecation_warning_and_declares_the_license(built):
+    path, log = built
+    assert "DeprecationWarning" not in log, log[-3000:]
+    metadata = zipfile.ZipFile(path).read("cdds_fast-0.1.0.dist-info/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata
 
 
 def test_wheel_has_one_top_level_package(wheel):

@@ -1,4 +1,4 @@
-"""The reference is the contract: float64 gradchecks of every op, properties the spec promises,
+"""The reference is the contract: float64 gradchecks of every op, properties docs/method.md states,
 agreement with open_clip's ClipLoss, every bad-input rule, and shape fuzzing."""
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def test_low_precision_inputs_compute_in_fp32_and_return_input_dtype_grads():
         assert t.grad is not None and t.grad.dtype == torch.bfloat16
 
 
-# ---------------------------------------------------------------- bad input (spec section 9)
+# ------------------------------------------------------- bad input (docs/method.md section 7)
 def _bad_cases():
     def case(name, exc, match, **change):
         return pytest.param(change, exc, match, id=name)
