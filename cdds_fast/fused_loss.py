@@ -217,10 +217,10 @@ def _(v, v_s, v_m, t, t_s, t_m, mask, alpha_image, alpha_text, w_s_image, w_m_im
     length = t.shape[1]
     f32 = dict(dtype=torch.float32)
     nce = (N_NCE, 3, batch) if scale is not None else (0,)
-    return (*(v.new_empty((), **f32) for _ in range(5)), v.new_empty((2, N_NCE, batch, dim), **f32),
-            v.new_empty((N_COL, 2, batch, dim), **f32), v.new_empty((N_ROW, 2, batch, dim), **f32),
-            v.new_empty((N_PAIR, 2, batch), **f32), v.new_empty((batch * (patches + length),), **f32),
-            v.new_empty((2, dim + 1), **f32), v.new_empty(nce, **f32), v.new_empty(nce, **f32))
+    shapes = ((2, N_NCE, batch, dim), (N_COL, 2, batch, dim), (N_ROW, 2, batch, dim),
+              (N_PAIR, 2, batch), (batch * (patches + length),), (2, dim + 1), nce, nce)
+    return (*(v.new_empty((), **f32) for _ in range(5)),
+            *(v.new_empty(shape, **f32) for shape in shapes))
 
 
 @torch.library.custom_op("cdds_fast::cdds_loss_backward", mutates_args=())

@@ -19,10 +19,13 @@ One read of the tokens forward
 rewritten through ``r_f``: with ``X^s = mu + s zeta``,
 ``r_x = r_f + w_s (u + v zeta)``, ``u = c - mu``, ``v = a - s`` (per column), so per ``(b, column)``
 
-    sum_n r_x   = F1 + w_s u n_b                     (F1 = sum r_f,  sum zeta = 0)
-    sum_n r_x zeta = FZ + w_s v Z2                   (FZ = sum r_f zeta, Z2 = sum zeta^2 = n_b var / s^2)
-    sum_n r_x^2 = sum r_f^2 + 2 w_s (u F1 + v FZ) + w_s^2 (u^2 n_b + v^2 Z2)
-    sum_n r_x X^m = FM + w_s (u M1 + v ZM)           (FM = sum r_f X^m, M1 = sum X^m, ZM = sum zeta X^m)
+    sum_n r_x      = F1 + w_s u n_b
+    sum_n r_x zeta = FZ + w_s v Z2
+    sum_n r_x^2    = sum r_f^2 + 2 w_s (u F1 + v FZ) + w_s^2 (u^2 n_b + v^2 Z2)
+    sum_n r_x X^m  = FM + w_s (u M1 + v ZM)
+
+with ``F1 = sum r_f``, ``FZ = sum r_f zeta``, ``FM = sum r_f X^m``, ``M1 = sum X^m``,
+``ZM = sum zeta X^m``, ``Z2 = sum zeta^2 = n_b var / s^2`` (and ``sum zeta = 0``).
 
 The forward pass (``_constraints_fwd_kernel``, one program per (pair, modality), both modalities
 in one launch) therefore needs no ``c, a``: it reads ``X, X^s, X^m`` once and writes per
@@ -69,7 +72,6 @@ from torch import Tensor
 from cdds_fast.kernels.launch import (
     HEAVY_TILE_ELEMS_GPU,
     ROW_BLOCK_CAP,
-    block_for,
     interpreter_active,
     scratch,
     tile_elems,

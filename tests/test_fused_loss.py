@@ -565,9 +565,10 @@ def _cdds_loss_inputs(tensors, params):
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_fullgraph_compile_through_cdds_loss(backend, device):
     """``torch.compile(step, fullgraph=True)`` of a step's loss through ``CDDSLoss``, as a user
-    writes it (the backward AOT-compiled with it): no graph break on either backend's default path (no host reads of tensor values: the
-    fast path's text-mask check is a device-side assertion, the reference's default host checks
-    turn into device-side ones while tracing), and the eager loss and gradients."""
+    writes it (the backward AOT-compiled with it): no graph break on either backend's default
+    path (no host reads of tensor values: the fast path's value checks are one device-side
+    assertion, the reference's default host checks turn into device-side ones while tracing),
+    and the eager loss and gradients."""
     from cdds_fast import CDDSLoss
 
     tensors, params = inputs(3, 5, 6, 16, torch.float32, device, smooth=True)
