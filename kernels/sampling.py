@@ -225,6 +225,25 @@ def _dest_logits(COL, ROW, plane, dst, cols, cmask, mu_i, s2_i):
 
 
 @triton.jit
+def _dest_probs(COL, ROW, plane, dst, j0, D, mu_c, s2_c, m_c, inv_l_c, o_mu, o_sd,
+                BLOCK_J: tl.constexpr, EVEN_J: tl.constexpr):
+    """``Pr`` of a ``[rows, BLOCK_J]`` tile against the destination columns from ``j0`` (the
+    forward's sweep 2 and the row backward's sweep): returns ``(cols, cmask, valid, d, w, e, pr,
+    nu_sh, sig_sh)`` with ``e = 2^(y - m)`` (0 on padded columns) and the column values shifted
+    by the pair's offsets; row vectors come broadcast (``[:, None]``)."""
+    cols = j0 + tl.arange(0, BLOCK_J)
+    cmask = cols < D
+    valid = cmask[None, :]
+    sig = tl.load(COL + SD * plane + dst + cols, mask=cmask, other=1.0)
+    nu, d, w, y = _dest_logits(COL, ROW, plane, dst, cols, cmask, mu_c, s2_c)
+    if EVEN_J:
+        e = tl.exp2(y - m_c)
+    else:
+        e = tl.exp2(tl.where(valid, y, float("-inf")) - m_c)
+    return cols, cmask, valid, d, w, e, e * inv_l_c, (nu - o_mu)[None, :], (sig - o_sd)[None, :]
+
+
+@triton.jit
 def _threshold(alpha_i, std, inv_l, d_f, one_minus_rho):
     """``k = min(t1, t2)`` with ``t1 = 1/D + alpha std`` (one explicit fma, so every kernel gets
     the same bits) and ``t2 = (1 - rho) / l``; ``w1`` = torch.minimum's gradient share of ``t1``."""
@@ -318,23 +337,14 @@ def _fwd_row_block(COL, ROW, plane, dst, mu_i, s_i, alpha_i, o_mu, o_sd, D, one_
     s_sig_acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
     ties_acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
     for j0 in range(0, D, BLOCK_J):
-        cols = j0 + tl.arange(0, BLOCK_J)
-        cmask = cols < D
-        sig = tl.load(COL + SD * plane + dst + cols, mask=cmask, other=1.0)
-        nu, d, w, y = _dest_logits(COL, ROW, plane, dst, cols, cmask, mu_c, s2_i)
-        if EVEN_J:
-            e = tl.exp2(y - m[:, None])
-            pr = e * inv_l[:, None]
-            above = pr > k[:, None]
-        else:
-            valid = cmask[None, :]
-            e = tl.exp2(tl.where(valid, y, float("-inf")) - m[:, None])
-            pr = e * inv_l[:, None]
-            above = (pr > k[:, None]) & valid
+        cols, cmask, valid, d, w, e, pr, nu_sh, sig_sh = _dest_probs(
+            COL, ROW, plane, dst, j0, D, mu_c, s2_i, m[:, None], inv_l[:, None], o_mu, o_sd,
+            BLOCK_J, EVEN_J)
+        above = pr > k[:, None]
+        if not EVEN_J:
+            above = above & valid
         a_t = tl.where(above, pr - k[:, None], 0.0)
         pos_f = above.to(tl.float32)
-        nu_sh = (nu - o_mu)[None, :]
-        sig_sh = (sig - o_sd)[None, :]
         z_acc += a_t
         a_nu_acc += a_t * nu_sh
         a_sig_acc += a_t * sig_sh
@@ -600,19 +610,12 @@ def _related_sampling_bwd_row_kernel(
         p_r_acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
         p_dr_acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
         for j0 in range(0, D, BLOCK_J):
-            cols = j0 + tl.arange(0, BLOCK_J)
-            cmask = cols < D
-            sig = tl.load(COL + SD * plane + dst + cols, mask=cmask, other=1.0)
+            cols, cmask, valid, d, w, e, pr, nu_sh, sig_sh = _dest_probs(
+                COL, ROW, plane, dst, j0, D, mu_c, s2_c, m_c, inv_l_c, o_mu, o_sd, BLOCK_J,
+                EVEN_J)
             r = tl.load(ROW + RINV * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-            nu, d, w, y = _dest_logits(COL, ROW, plane, dst, cols, cmask, mu_c, s2_c)
-            valid = cmask[None, :]
-            if EVEN_J:
-                e = tl.exp2(y - m_c)
-            else:
-                e = tl.exp2(tl.where(valid, y, float("-inf")) - m_c)
-            pr = e * inv_l_c
-            g_pr, above = _grad_pr(pr, e, valid, (nu - o_mu)[None, :], (sig - o_sd)[None, :],
-                                   k_c, gcz_c, gaz_c, uz_c, gamma_c, delta_c)
+            g_pr, above = _grad_pr(pr, e, valid, nu_sh, sig_sh, k_c, gcz_c, gaz_c, uz_c, gamma_c,
+                                   delta_c)
             pg = pr * g_pr
             d_r = d * r
             dot_acc += pg
