@@ -288,7 +288,7 @@ def run_tune(args) -> None:
                     _, sr, sc = K._forward(x, y, s, symmetric=True, label_offset=0,
                                            allow_tf32=False, plan=plan)
 
-                    def run(plan=plan, sr=sr, sc=sc, kind=kind):
+                    def run(plan=plan, sr=sr, sc=sc, kind=kind, s=s):
                         if kind == "fwd":
                             return K._forward(x, y, s, symmetric=True, label_offset=0,
                                               allow_tf32=False, plan=plan)

@@ -11,9 +11,9 @@ import sys
 from typing import Any
 
 SUBCOMMANDS = {
-    "train": ("cdds_fast.train", "train CLIP with CDDSLoss through open_clip_train (open_clip flags + --cdds-*)"),
+    "train": ("cdds_fast.open_clip.train", "train CLIP with CDDSLoss through open_clip_train (open_clip flags + --cdds-*)"),
     "demo": ("cdds_fast.demo", "train a tiny CLIP with ClipLoss and with CDDSLoss on the embedded data, compare retrieval"),
-    "eval": ("cdds_fast.evaluate", "evaluate a checkpoint on Karpathy-format data or the embedded test split"),
+    "eval": ("cdds_fast.eval.command", "evaluate a checkpoint on Karpathy-format data or the embedded test split"),
 }
 
 
@@ -26,7 +26,7 @@ def _usage() -> str:
 
 def refuse_settings(loss: dict[str, Any], head: dict[str, Any], flags: dict[str, str]) -> str | None:
     """The library's refusal of a loss or head setting, with the setting named by its flag."""
-    from cdds_fast.reference.validation import check_head_settings, check_hyper
+    from cdds_fast.contract import check_head_settings, check_hyper
 
     try:
         check_hyper(**{k: v for k, v in loss.items() if k != "backend"})

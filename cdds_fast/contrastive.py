@@ -23,13 +23,13 @@ from torch import Tensor, nn
 
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.kernels.launch import INFO_NCE_SCRATCH_BYTES, check_scratch_bytes
-from cdds_fast.reference.validation import check_scale, check_scale_values, check_tensor
+from cdds_fast.contract import check_scale, check_scale_values, check_tensor
 
 
 def _check(a: object, b: object, logit_scale: object, names: tuple[str, str],
            same_shape: bool = True) -> None:
     """Backend-independent checks, raised before any dispatch, gather or launch (the per-tensor
-    rules are the project's shared ones in ``cdds_fast.reference.validation``)."""
+    rules are the project's shared ones in ``cdds_fast.contract``)."""
     na, nb = names
     for name, t in ((na, a), (nb, b)):
         check_tensor(name, t, ndim=2)

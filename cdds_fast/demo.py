@@ -16,7 +16,7 @@ What it does, end to end (a few minutes on 2 CPU cores; seconds on a GPU):
    * ``cdds``: :class:`cdds_fast.open_clip.CDDSModel` around the same towers (CDDS head with
      ``z`` noise groups, ``n_enc`` / ``n_dec`` blocks per decoupler) and :class:`cdds_fast.CDDSLoss`.
 
-4. Evaluates retrieval on the test split with :func:`cdds_fast.retrieval.encode_dataset`: the
+4. Evaluates retrieval on the test split with :func:`cdds_fast.eval.retrieval.encode_dataset`: the
    baseline with its CLIP features, the CDDS model with its pooled semantic components (its
    ``encode_image`` / ``encode_text``), and the untrained init for reference.
 5. Prints the table side by side (I->T / T->I R@1/5/10, rSum, mean ranks, seconds per training
@@ -409,8 +409,8 @@ def _device_info(device: torch.device) -> dict[str, Any]:
 
 
 def format_report_table(metrics: dict[str, dict[str, float]], step_s: dict[str, float | None]) -> str:
-    """:func:`cdds_fast.retrieval.format_table` plus a ``s / train step`` row (same layout)."""
-    from cdds_fast.retrieval import format_table
+    """:func:`cdds_fast.eval.retrieval.format_table` plus a ``s / train step`` row (same layout)."""
+    from cdds_fast.eval.retrieval import format_table
 
     lines = format_table(metrics).splitlines()
     grid = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
@@ -524,9 +524,9 @@ def run_demo(args: argparse.Namespace, t_start: float | None = None) -> dict[str
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     from cdds_fast.data import SceneCaptions
-    from cdds_fast.modules import CDDSLoss
+    from cdds_fast.loss import CDDSLoss
     from cdds_fast.open_clip import CDDSModel
-    from cdds_fast.retrieval import encode_dataset, retrieval_metrics
+    from cdds_fast.eval.retrieval import encode_dataset, retrieval_metrics
 
     t_import = time.perf_counter() - t_start
     preset = QUICK if args.quick else {}

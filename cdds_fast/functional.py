@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from cdds_fast.contrastive import info_nce, info_nce_gathered
-
 import torch
 from torch import Tensor
 
+from cdds_fast.contract import Contrastive, check_scale, check_tensor, validate_cdds_inputs
+from cdds_fast.contrastive import info_nce, info_nce_gathered
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.reference import cdds_loss as _reference_cdds_loss
-from cdds_fast.reference.loss import Contrastive
-from cdds_fast.reference.validation import check_scale, check_tensor
 
 __all__ = ["cdds_loss", "info_nce", "info_nce_gathered"]
+
+_TENSOR_NAMES = ("image_tokens", "image_semantic", "image_modality", "text_tokens",
+                 "text_semantic", "text_modality", "text_mask")
 
 
 def cdds_loss(
@@ -70,10 +71,10 @@ def cdds_loss(
     if check_finite is None:
         check_finite = chosen == "reference"
     check_scale("logit_scale", logit_scale)
-    kwargs = dict(
+    params = dict(
         alpha_image=alpha_image, alpha_text=alpha_text, w_s_image=w_s_image,
         w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text, logit_scale=logit_scale,
-        a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho, contrastive=contrastive,
+        a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho,
     )
     tensors = (image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
                text_modality, text_mask)
@@ -82,7 +83,10 @@ def cdds_loss(
     # is off here.
     with torch.autocast(device_type=image_tokens.device.type, enabled=False):
         if chosen == "reference":
-            return _reference_cdds_loss(*tensors, check_finite=check_finite, **kwargs)
+            validate_cdds_inputs(**dict(zip(_TENSOR_NAMES, tensors)), **params,
+                                 finite=check_finite)
+            return _reference_cdds_loss(*tensors, **params, contrastive=contrastive)
         from cdds_fast.fused_loss import cdds_loss_triton
 
-        return cdds_loss_triton(*tensors, check_finite=check_finite, **kwargs)
+        return cdds_loss_triton(*tensors, **params, check_finite=check_finite,
+                                contrastive=contrastive)

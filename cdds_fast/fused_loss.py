@@ -37,7 +37,7 @@ batched InfoNCE backward (one kernel + the ``dscale`` sum) = 8. With ``D > 2048`
 Checks (which run when)
 -----------------------
 * Always, before any launch, on shapes, dtypes, devices and hyper-parameters (no tensor values
-  are read): ``reference/validation.validate_cdds_inputs``.
+  are read): ``cdds_fast.contract.validate_cdds_inputs``.
 * At least one valid token per text row, and a ``logit_scale`` tensor finite and > 0: by default
   folded into the finalize kernel (it has every row's token count, and reads the scale) and
   raised by ONE device-side ``torch._assert_async``: no synchronisation, CUDA-graph capturable,
@@ -107,8 +107,8 @@ from cdds_fast.kernels.sampling import (
     sampling_forward,
 )
 from cdds_fast.reference import cdds_loss as _reference_cdds_loss
-from cdds_fast.reference.loss import LOSS_KEYS, Contrastive
-from cdds_fast.reference.validation import validate_cdds_inputs
+from cdds_fast.contract import LOSS_KEYS, Contrastive
+from cdds_fast.contract import validate_cdds_inputs
 
 #: The fast path's one device-side assertion (``_constraints_finalize_kernel``'s flag): the two
 #: value checks validate_cdds_inputs leaves to the kernels without ``check_finite``.
@@ -395,5 +395,5 @@ def cdds_loss_triton(
         isinstance(logit_scale, Tensor) and logit_scale.dtype == torch.float64
     ):
         return _reference_cdds_loss(*tensors, text_mask, **params, logit_scale=logit_scale,
-                                    **hyper, check_finite=False, contrastive=contrastive)
+                                    **hyper, contrastive=contrastive)
     return _fast_terms(tensors, text_mask, params, logit_scale, **hyper, contrastive=contrastive)

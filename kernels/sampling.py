@@ -138,7 +138,7 @@ from cdds_fast.kernels.launch import (
     scratch,
 )
 from cdds_fast.kernels.stats import STD_EPS
-from cdds_fast.reference.validation import check_hyper, check_same_device, check_tensor
+from cdds_fast.contract import check_hyper, check_same_device, check_tensor
 
 LOG2E = 1.4426950408889634
 _STD_EPS = tl.constexpr(STD_EPS)

@@ -7,13 +7,12 @@ against it. It favours clarity over speed and materialises the ``[B, D, D]`` rel
 from .common import masked_mean
 from .constraints import modality_kl, reconstruction_loss
 from .contrastive import info_nce, info_nce_gathered, pool
-from .loss import LOSS_KEYS, cdds_loss
+from .loss import cdds_loss
 from .related import gaussian_kl, related_probabilities, related_weights
 from .sampling import sampling_coefficients, x_semantic
 from .stats import column_stats
 
 __all__ = [
-    "LOSS_KEYS",
     "cdds_loss",
     "column_stats",
     "gaussian_kl",

@@ -1,5 +1,6 @@
-"""Reference CDDS loss (docs/method.md sections 2-5): the contract every backend is tested
-against."""
+"""Reference CDDS loss (docs/method.md sections 2-5): the function every backend is tested
+against. It computes; it does not check its inputs (the API does that before calling it:
+``cdds_fast.functional.cdds_loss``)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,6 @@ from .contrastive import info_nce, pool
 from .related import related_weights
 from .sampling import sampling_coefficients, x_semantic
 from .stats import column_stats
-from .validation import validate_cdds_inputs
-
-LOSS_KEYS = (
-    "contrastive_loss",
-    "semantic_loss",
-    "modality_loss",
-    "completeness_loss",
-    "x_completeness_loss",
-)
-
-Contrastive = Callable[[Tensor, Tensor, "Tensor | float"], Tensor]
 
 
 def cdds_loss(
@@ -48,8 +38,7 @@ def cdds_loss(
     a_f: float = 0.5,
     tau_kl: float = 1.0,
     rho: float = 0.01,
-    check_finite: bool = True,
-    contrastive: Contrastive | None = None,
+    contrastive: Callable[[Tensor, Tensor, Tensor | float], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The CDDS loss, term by term, already weighted (their sum is the total ``L``).
 
@@ -63,9 +52,6 @@ def cdds_loss(
         a_c, a_s, a_m, a_f: term weights; ``L = a_c L_clip + a_s L_s + a_m L_m + a_f L_f
             + (1 - a_f) L_x``.
         tau_kl, rho: related-weights temperature and threshold clamp (docs/method.md section 3).
-        check_finite: read every input on the host and raise ``ValueError`` on a non-finite
-            value (default True here: the reference is the spec, not the fast path; on CUDA the
-            read is a device synchronisation). docs/method.md section 7.
         contrastive: ``f(a, b, logit_scale) -> loss`` for the two InfoNCE terms; default the local
             :func:`info_nce`. ``CDDSLoss`` passes a gathering version under DDP
             (docs/method.md section 6).
@@ -73,14 +59,6 @@ def cdds_loss(
         dict with keys ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss``, each a 0-d float32 tensor (float64 for float64 inputs).
     """
-    validate_cdds_inputs(
-        image_tokens=image_tokens, image_semantic=image_semantic, image_modality=image_modality,
-        text_tokens=text_tokens, text_semantic=text_semantic, text_modality=text_modality,
-        text_mask=text_mask, alpha_image=alpha_image, alpha_text=alpha_text,
-        w_s_image=w_s_image, w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text,
-        logit_scale=logit_scale, tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f,
-        finite=check_finite,
-    )
     contrastive = contrastive or info_nce
     mask = text_mask
     # Every input is widened to the compute dtype ONCE, so the gradients of its several uses are

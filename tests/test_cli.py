@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from cdds_fast import cli, demo
-from cdds_fast.evaluate import RANK_RULES
-from cdds_fast.evaluate import main as eval_main
-from cdds_fast.train import main as train_main
+from cdds_fast.eval.command import RANK_RULES
+from cdds_fast.eval.command import main as eval_main
+from cdds_fast.open_clip.train import main as train_main
 from tests._openclip_fixtures import HEADS, TINY_CONFIG, TINY_MODEL, cpu_env, tiny_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def _run_folder(root: Path, config_dir: Path, model_name: str) -> Path:
     import open_clip
 
     from cdds_fast.open_clip import CDDSModel
-    from cdds_fast.train import build_parser, write_sidecar
+    from cdds_fast.open_clip.train import build_parser, write_sidecar
 
     open_clip.add_model_config(config_dir)
     torch.manual_seed(0)
@@ -193,7 +193,7 @@ def test_eval_tie_rule_is_stated_and_is_what_differs_from_open_clips_trainer(cap
     one of the two gets rank 2. --help states the rule."""
     from open_clip_train.train import get_clip_metrics
 
-    from cdds_fast.retrieval import retrieval_metrics
+    from cdds_fast.eval.retrieval import retrieval_metrics
 
     images = torch.eye(4)
     texts = images.clone()

@@ -31,7 +31,7 @@ def _write_run(root: Path) -> None:
     import open_clip
 
     from cdds_fast.open_clip import CDDSModel
-    from cdds_fast.train import build_parser, write_sidecar
+    from cdds_fast.open_clip.train import build_parser, write_sidecar
 
     tiny_config_dir()
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_python_blocks_run_as_written(path, tmp_path, monkeypatch):
     for n, block in enumerate(_blocks(path)):
         exec(compile(_as_run(block), f"{path.name}, python block {n + 1}", "exec"), namespace)
     if path.name == "README.md":
-        from cdds_fast.reference.loss import LOSS_KEYS
+        from cdds_fast.contract import LOSS_KEYS
 
         assert isinstance(namespace["out"], dict)  # the documented open_clip path
         assert set(namespace["losses"]) == set(LOSS_KEYS)

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from cdds_fast.fused_loss import cdds_loss_triton
 from cdds_fast.reference import cdds_loss as reference_cdds_loss
-from cdds_fast.reference.loss import LOSS_KEYS
+from cdds_fast.contract import LOSS_KEYS
 from tests._inputs import assert_close, make_inputs, subnormal_ulp
 from tests.conftest import DEVICE
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdds_fast.modules import Block, CDDSHead
+from cdds_fast.head import Block, CDDSHead
 from tests._inputs import make_mask
 
 HAS_CUDA = torch.cuda.is_available()

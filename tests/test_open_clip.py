@@ -14,7 +14,7 @@ from tests._openclip_fixtures import HEADS, TINY_MODEL, TINY_RESNET_MODEL, ddp_w
 
 from cdds_fast import CDDSLoss
 from cdds_fast.open_clip import CDDSModel, load_cdds_checkpoint, text_valid_mask
-from cdds_fast.reference.loss import LOSS_KEYS
+from cdds_fast.contract import LOSS_KEYS
 
 HEAD_KW = dict(heads=HEADS, n_enc=1, n_dec=2, z=2, sigma=0.1)
 

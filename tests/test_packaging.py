@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,11 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, str]:
-    """The wheel, and everything the build printed."""
+    """The wheel, and everything the build printed. Built from a copy of the tree without build
+    outputs: setuptools reuses an existing ``build/`` folder and would ship modules that have
+    since been moved or deleted."""
     out = tmp_path_factory.mktemp("wheel")
+    src = tmp_path_factory.mktemp("src") / "cdds-fast"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".whl", ".hypothesis",
+        ".pytest_cache", ".benchmarks", "logs", "demo_out", "results"))
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
-         "-w", str(out), str(ROOT)],
+         "-w", str(out), str(src)],
         check=True, capture_output=True, text=True,
     )
     (path,) = out.glob("cdds_fast-*.whl")
@@ -42,8 +49,15 @@ def test_wheel_has_one_top_level_package(wheel):
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"cdds_fast"}, top
     for module in ("cdds_fast/kernels/launch.py", "cdds_fast/reference/loss.py",
-                   "cdds_fast/reference/validation.py", "cdds_fast/cli.py"):
+                   "cdds_fast/contract.py", "cdds_fast/cli.py", "cdds_fast/open_clip/model.py",
+                   "cdds_fast/data/scenes.py", "cdds_fast/eval/command.py"):
         assert module in names
+    # every module of the tree, and nothing else (no stale build outputs)
+    tree = {str(p.relative_to(ROOT)) for p in ROOT.glob("cdds_fast/**/*.py")
+            if "__pycache__" not in p.parts}
+    tree |= {"cdds_fast/" + str(p.relative_to(ROOT)) for d in ("kernels", "reference")
+             for p in (ROOT / d).glob("*.py")}
+    assert {n for n in names if n.endswith(".py")} == tree
 
 
 def test_installed_tree_has_no_stray_packages(wheel, tmp_path):

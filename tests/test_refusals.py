@@ -110,7 +110,7 @@ def test_tensor_logit_scale_is_a_device_side_assertion_without_check_finite(back
 
 
 def test_logit_scale_check_traces_under_fullgraph_compile():
-    from cdds_fast.reference.validation import check_scale_values
+    from cdds_fast.contract import check_scale_values
 
     def scaled(x, scale):
         check_scale_values("logit_scale", scale, host=True)

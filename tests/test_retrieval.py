@@ -1,4 +1,4 @@
-"""Tests for retrieval evaluation (cdds_fast.retrieval): metrics against a brute-force count."""
+"""Tests for retrieval evaluation (cdds_fast.eval.retrieval): metrics against a brute-force count."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdds_fast.data import SceneCaptions
-from cdds_fast.retrieval import (
+from cdds_fast.eval.retrieval import (
     METRIC_KEYS,
     EncodedDataset,
     average_metrics,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cdds_fast.open_clip import CDDSModel
-from cdds_fast.train import main as train_main
+from cdds_fast.open_clip.train import main as train_main
 from tests._openclip_fixtures import (
     TINY_MODEL,
     cpu_env,

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from cdds_fast.data import SceneCaptions, write_csv
-from cdds_fast.evaluate import main as eval_main
+from cdds_fast.eval.command import main as eval_main
 from cdds_fast.open_clip import CDDS_CONFIG_FILENAME, CDDSModel
-from cdds_fast.retrieval import encode_dataset, retrieval_metrics
+from cdds_fast.eval.retrieval import encode_dataset, retrieval_metrics
 from tests._openclip_fixtures import HEADS, TINY_CONFIG, TINY_MODEL, tiny_config_dir
 
 HEAD = {"n_enc": 1, "n_dec": 1, "heads": HEADS, "z": 2, "sigma": 0.1}

@@ -7,7 +7,7 @@ import torch
 
 from cdds_fast import CDDSHead, CDDSLoss, DualPathDecoupler
 from cdds_fast import reference as R
-from cdds_fast.reference.loss import LOSS_KEYS
+from cdds_fast.contract import LOSS_KEYS
 from tests._inputs import make_inputs, make_mask
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cdds_fast.data import (
+from cdds_fast.data.scenes import (
     COLOURS,
     DEFAULT_SIZES,
     POSITIONS,
@@ -25,7 +25,7 @@ from cdds_fast.data import (
     relation,
     write_csv,
 )
-from cdds_fast.datasets import CsvRetrieval
+from cdds_fast.data import CsvRetrieval
 
 
 def _pattern(words) -> re.Pattern:

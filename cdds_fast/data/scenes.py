@@ -33,7 +33,7 @@ Images are rendered with PIL on first access and cached (uint8, 12 KiB per 64x64
 
 Training indexing: as a ``Dataset`` the split is the list of (image, caption) pairs, 5 per image:
 item ``i`` is image ``i // 5`` with its caption ``i % 5`` (fixed, independent of the epoch; shuffle
-with the DataLoader). See :class:`cdds_fast.datasets.CaptionedImages` for the shared interface
+with the DataLoader). See :class:`cdds_fast.data.CaptionedImages` for the shared interface
 (``images(i)``, ``captions(i)``, ``text_to_image``, ...). :func:`write_csv` writes a split as PNG
 files plus an open_clip CSV, for training with the open_clip trainer.
 """
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from cdds_fast.datasets import CAPTIONS_PER_IMAGE, CaptionedImages
+from cdds_fast.data import CAPTIONS_PER_IMAGE, CaptionedImages
 
 __all__ = [
     "COLOURS",
@@ -562,7 +562,7 @@ def write_csv(
     (absolute path, so the trainer can run from any directory) and ``title``, tab-separated, one
     row per (image, caption) pair (5 per image, image-major). Train with open_clip's trainer via
     ``--dataset-type csv --train-data root/train.csv --csv-separator "\\t" --csv-img-key filepath
-    --csv-caption-key title``; read back with :class:`cdds_fast.datasets.CsvRetrieval`.
+    --csv-caption-key title``; read back with :class:`cdds_fast.data.CsvRetrieval`.
 
     Args:
         root: output folder (created if needed).

@@ -1,4 +1,7 @@
-"""Input checks (docs/method.md section 7), shared by every backend and run before any kernel launch.
+"""The loss's input contract, in one neutral module: the checks every entry point runs before any
+compute (docs/method.md section 7), the dtype tables, the output keys and the types the API shares.
+It imports nothing of cdds_fast, so the kernels, the API and the tools all depend on it and it on
+none of them.
 
 Every error names the argument and the expected vs received value. Wrong types and dtypes raise
 ``TypeError``; wrong shapes, devices, values raise ``ValueError``. Shapes are reported as the caller
@@ -10,13 +13,27 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 RHO_MIN = 1e-6
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Dtypes the Triton kernels compute on (float64 takes the reference: docs/method.md decision 4).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Dtypes the loss accepts.
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
+#: Keys of the loss's ``output_dict``, the five weighted terms whose sum is the loss (section 5).
+LOSS_KEYS = (
+    "contrastive_loss",
+    "semantic_loss",
+    "modality_loss",
+    "completeness_loss",
+    "x_completeness_loss",
+)
+#: An InfoNCE ``f(a, b, logit_scale) -> loss`` for the two contrastive terms (``CDDSLoss`` passes
+#: a gathering one under DDP: section 6).
+Contrastive = Callable[[Tensor, Tensor, "Tensor | float"], Tensor]
 
 
 def _shape(t: Tensor) -> list[int]:

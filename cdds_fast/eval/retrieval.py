@@ -262,7 +262,7 @@ def fold_metrics(
 
 
 class RetrievalDataset(Protocol):
-    """What :func:`encode_dataset` needs (every :class:`cdds_fast.datasets.CaptionedImages`)."""
+    """What :func:`encode_dataset` needs (every :class:`cdds_fast.data.CaptionedImages`)."""
 
     @property
     def num_images(self) -> int: ...
@@ -313,7 +313,7 @@ class _Tokenize:
 
 
 def _default_transform(image: Any) -> torch.Tensor:
-    from cdds_fast.datasets import pil_to_tensor
+    from cdds_fast.data import pil_to_tensor
 
     return pil_to_tensor(image)
 
@@ -341,7 +341,7 @@ def encode_dataset(
     Args:
         model: has ``encode_image`` and ``encode_text`` accepting ``normalize=True``.
         dataset: ``num_images``, ``images(i) -> PIL image``, ``captions(i) -> list[str]`` (any
-            :class:`cdds_fast.datasets.CaptionedImages`).
+            :class:`cdds_fast.data.CaptionedImages`).
         batch_size: images / captions per forward pass.
         device: where the model runs and the features end up; ``None``: the model's device.
         transform: PIL image -> tensor ``[3, H, W]`` (open_clip ``preprocess``); ``None``: the

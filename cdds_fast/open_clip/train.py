@@ -190,7 +190,7 @@ def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
         if cfg.cdds_off:
             return _baseline_loss(args, cfg.cdds_backend)
         _refuse_unsupported(args)
-        from cdds_fast.modules import CDDSLoss
+        from cdds_fast.loss import CDDSLoss
 
         loss = CDDSLoss(**_loss_kwargs(cfg), **_clip_dist_kwargs(args))
         logging.info(f"cdds-fast: loss = CDDSLoss({_loss_kwargs(cfg)}), head = {_head_kwargs(cfg)}")

@@ -21,7 +21,7 @@ MS-COCO 1K protocol, next to the whole split), ``--csv PATH`` (open_clip's CSV f
 default, the test split of the embedded captioned scenes (:class:`cdds_fast.data.SceneCaptions`,
 rendered at the model's image size).
 
-Prints the table of :func:`cdds_fast.retrieval.format_table` (I->T / T->I R@1/5/10, rSum, mean
+Prints the table of :func:`cdds_fast.eval.retrieval.format_table` (I->T / T->I R@1/5/10, rSum, mean
 ranks); ``--json-out`` writes the metrics with the model and data description. The ranking rules
 (:data:`RANK_RULES`) differ from open_clip trainer's validation metrics where captions or images
 repeat; ``cdds-fast eval --help`` states both.
@@ -39,12 +39,8 @@ from typing import Any
 
 import torch
 
-from cdds_fast.open_clip import (
-    eval_transform,
-    quiet_random_init,
-    read_cdds_config,
-    register_sidecar_model,
-)
+from cdds_fast.open_clip import eval_transform, quiet_random_init, register_sidecar_model
+from cdds_fast.open_clip.checkpoint import read_cdds_config
 
 __all__ = ["build_parser", "evaluate", "load_model", "main"]
 
@@ -218,7 +214,7 @@ def load_data(args: argparse.Namespace, image_size: int):
     if args.coco_1k and not args.karpathy_json:
         raise ValueError("--coco-1k goes with --karpathy-json (the MS-COCO Karpathy split)")
     if args.karpathy_json:
-        from cdds_fast.datasets import KarpathyRetrieval
+        from cdds_fast.data import KarpathyRetrieval
 
         if not args.image_root:
             raise ValueError("--karpathy-json needs --image-root DIR (the folder of the images)")
@@ -228,7 +224,7 @@ def load_data(args: argparse.Namespace, image_size: int):
         desc = {"source": "karpathy", "json": str(args.karpathy_json), "split": args.split,
                 "dataset": ds.dataset_name}  # fmt: skip
     elif args.csv:
-        from cdds_fast.datasets import CsvRetrieval
+        from cdds_fast.data import CsvRetrieval
 
         ds = CsvRetrieval(args.csv, args.csv_img_key, args.csv_caption_key, args.csv_separator,
                           image_root=args.image_root)  # fmt: skip
@@ -252,7 +248,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation the parsed flags describe; returns the result dict."""
     import open_clip
 
-    from cdds_fast.retrieval import encode_dataset, fold_metrics, format_table, retrieval_metrics
+    from cdds_fast.eval.retrieval import encode_dataset, fold_metrics, format_table, retrieval_metrics
 
     t0 = time.perf_counter()
     if args.batch_size < 1:

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cdds_fast.datasets import (
+from cdds_fast.data import (
     COCO_1K_FOLD_SIZE,
     COCO_5K_TEST_IMAGES,
     CsvRetrieval,
     KarpathyRetrieval,
     coco_1k_folds,
 )
-from cdds_fast.retrieval import average_metrics, fold_metrics, retrieval_metrics
+from cdds_fast.eval.retrieval import average_metrics, fold_metrics, retrieval_metrics
 
 
 def _png(path: Path, value: int, size=(6, 4)) -> None:

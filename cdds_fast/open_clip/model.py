@@ -1,7 +1,7 @@
 """open_clip integration: :class:`CDDSModel`, a CLIP wrapper that adds the CDDS head.
 
 The wrapper runs an open_clip ``CLIP`` or ``CustomTextCLIP`` with a ``VisionTransformer`` image
-tower *token by token* and feeds the projected tokens to a :class:`cdds_fast.modules.CDDSHead`:
+tower *token by token* and feeds the projected tokens to a :class:`cdds_fast.CDDSHead`:
 
 * image tokens ``[B, P, D]``: the patch tokens (CLS dropped) after the tower's final LayerNorm
   ``visual.ln_post``, projected with ``visual.proj`` (the same LayerNorm + projection the tower
@@ -26,10 +26,8 @@ evaluation (open_clip's zero-shot and retrieval code, ``cdds-fast eval``) measur
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdds_fast.modules import CDDSHead
-from cdds_fast.reference.common import masked_mean
-from cdds_fast.reference.validation import check_placement, check_tensor
+from cdds_fast.contract import check_placement, check_tensor
+from cdds_fast.head import CDDSHead
+from cdds_fast.open_clip.checkpoint import (
+    CDDS_CONFIG_FILENAME,
+    infer_depths,
+    load_state,
+    read_cdds_config,
+    register_sidecar_model,
+    strip_state_dict_prefixes,
+)
 
-__all__ = [
-    "CDDSModel",
-    "CDDS_CONFIG_FILENAME",
-    "eval_transform",
-    "load_cdds_checkpoint",
-    "register_sidecar_model",
-    "strip_state_dict_prefixes",
-    "text_valid_mask",
-]
-
-#: Name of the JSON side-car the launcher writes next to the checkpoints (model name + head config).
-CDDS_CONFIG_FILENAME = "cdds_config.json"
+__all__ = ["CDDSModel", "eval_transform", "quiet_random_init", "text_valid_mask"]
 
 _HEAD_KEYS = ("n_enc", "n_dec", "heads", "mlp_ratio", "z", "sigma")
 
@@ -150,8 +144,14 @@ def _project(x: Tensor, proj: nn.Module | Tensor | None) -> Tensor:
 
 
 def _pool(semantic: Tensor, mask: Tensor | None, normalize: bool) -> Tensor:
-    """Masked mean over tokens (fp32), optionally L2-normalised: ``[B, N, D] -> [B, D]``."""
-    mean = masked_mean(semantic, mask)
+    """Masked mean over tokens in fp32 (float64 stays), optionally L2-normalised: ``[B, N, D] ->
+    [B, D]`` (docs/method.md section 5)."""
+    y = semantic if semantic.dtype == torch.float64 else semantic.float()
+    if mask is None:
+        mean = y.mean(1)
+    else:
+        weights = mask.to(y.dtype).unsqueeze(-1)
+        mean = (y * weights).sum(1) / weights.sum(1)
     return F.normalize(mean, dim=-1) if normalize else mean
 
 
@@ -161,7 +161,7 @@ class CDDSModel(nn.Module):
     Args:
         clip: an open_clip ``CLIP`` or ``CustomTextCLIP`` with a ``VisionTransformer`` image tower
             (pretrained or random init). Other towers raise ``TypeError``.
-        n_enc, n_dec, heads, mlp_ratio, z, sigma: :class:`cdds_fast.modules.CDDSHead` settings
+        n_enc, n_dec, heads, mlp_ratio, z, sigma: :class:`cdds_fast.CDDSHead` settings
             (docs/method.md section 1). The head's dim is the joint embedding dim of ``clip``.
         output_dict: ``forward`` returns the dict :class:`cdds_fast.CDDSLoss` takes (default
             True, whatever ``clip.output_dict`` is). ``False`` returns open_clip's
@@ -514,9 +514,9 @@ class CDDSModel(nn.Module):
                 f"model_name: expected an open_clip model name (no {CDDS_CONFIG_FILENAME} found "
                 f"next to {path}), got None"
             )
-        state = strip_state_dict_prefixes(_load_state(path))
+        state = strip_state_dict_prefixes(load_state(path))
         kwargs = {k: v for k, v in (sidecar.get("cdds") or {}).items() if k in _HEAD_KEYS}
-        kwargs.update(_infer_depths(state))
+        kwargs.update(infer_depths(state))
         kwargs.update(cdds_kwargs)
         clip = open_clip.create_model(model_name, pretrained, precision=precision, device=device)
         model = cls(clip, **kwargs, output_dict=True)
@@ -534,68 +534,6 @@ def eval_transform(model: nn.Module) -> Any:
 
     return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)),
                               is_train=False)
-
-
-def strip_state_dict_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Remove DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` key prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def _load_state(path: Path) -> dict[str, Tensor]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"path: expected a checkpoint dict with a state dict, got {type(checkpoint).__name__}")
-    return checkpoint
-
-
-def read_cdds_config(path: Path) -> dict[str, Any]:
-    """The ``cdds_config.json`` next to a checkpoint (its folder or the run folder), or ``{}``."""
-    for candidate in (path.parent / CDDS_CONFIG_FILENAME, path.parent.parent / CDDS_CONFIG_FILENAME):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    return {}
-
-
-def register_sidecar_model(sidecar: dict[str, Any]) -> None:
-    """Register the model config stored in a ``cdds_config.json`` under its model name, unless
-    open_clip already has that name with the same config."""
-    import open_clip
-
-    name, config = sidecar.get("model"), sidecar.get("model_config")
-    if not name or not config or open_clip.get_model_config(name) == config:
-        return
-    with tempfile.TemporaryDirectory(prefix="cdds_model_config_") as folder:
-        (Path(folder) / f"{name}.json").write_text(json.dumps(config))
-        open_clip.add_model_config(folder)  # reads the file now
-
-
-def _infer_depths(state: dict[str, Tensor]) -> dict[str, int]:
-    """``n_enc`` / ``n_dec`` from the keys ``head.image_decoupler.{encoder,semantic_decoder}.<i>.``."""
-    found: dict[str, int] = {}
-    for key_name, part in (("n_enc", "encoder"), ("n_dec", "semantic_decoder")):
-        prefix = f"head.image_decoupler.{part}."
-        idx = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
-        if idx:
-            found[key_name] = max(idx) + 1
-    return found
-
-
-def load_cdds_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load a ``cdds-fast train`` checkpoint into an existing :class:`CDDSModel` (or plain CLIP).
-
-    Handles the trainer's ``{"state_dict": ...}`` layout and DDP's ``module.`` prefixes.
-    Returns ``model`` (unchanged mode).
-    """
-    model.load_state_dict(strip_state_dict_prefixes(_load_state(Path(path))), strict=strict)
-    return model
 
 
 @contextlib.contextmanager

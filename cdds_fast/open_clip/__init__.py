@@ -1,0 +1,22 @@
+"""open_clip integration: the model wrapper (:class:`CDDSModel`), its checkpoints, and the
+``cdds-fast train`` launcher (``cdds_fast.open_clip.train``, imported on demand: it needs the
+``train`` extra)."""
+
+from cdds_fast.open_clip.checkpoint import (
+    CDDS_CONFIG_FILENAME,
+    load_cdds_checkpoint,
+    register_sidecar_model,
+    strip_state_dict_prefixes,
+)
+from cdds_fast.open_clip.model import CDDSModel, eval_transform, quiet_random_init, text_valid_mask
+
+__all__ = [
+    "CDDSModel",
+    "CDDS_CONFIG_FILENAME",
+    "eval_transform",
+    "load_cdds_checkpoint",
+    "quiet_random_init",
+    "register_sidecar_model",
+    "strip_state_dict_prefixes",
+    "text_valid_mask",
+]
