@@ -54,3 +54,16 @@ def test_bench_contrastive_smoke_on_cpu():
         assert res.returncode == 0, res.stderr[-2000:]
         table = [line for line in res.stdout.splitlines() if line.startswith("| ")]
         assert len(table) >= 3 and not any("error" in line for line in table), res.stdout
+
+
+def test_gpu_check_script_names_files_that_exist():
+    """The device run is rare and short: every test file and script gpu_check.sh names exists,
+    and the script parses (a missing file would cost a stage of it)."""
+    import re
+
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    named = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.(?:py|sh))\b", script.read_text()))
+    assert any(n.startswith("tests/") for n in named) and any(n.endswith("report.py") for n in named)
+    missing = sorted(n for n in named if not (ROOT / n).is_file())
+    assert not missing, missing
