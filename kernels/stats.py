@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cdds_fast.kernels.launch import scratch, scratch_like, sized_for_gpu, tile_warps, token_tile
+from cdds_fast.kernels.launch import sized_for_gpu, tile_warps, token_tile
 from cdds_fast.kernels.tokens import valid_tokens
 
 STD_EPS = 1e-5  # inside the square root, as cdds_fast.reference.stats
@@ -177,10 +177,10 @@ def _mask_arg(mask: Optional[Tensor], x: Tensor) -> Tensor:
 
 
 def _fwd_blocks(n: int, d: int, device: torch.device) -> tuple[int, int]:
-    block_n, block_d = token_tile(n, d)
+    block_n, block_d = token_tile(n, d, device)
     if sized_for_gpu(device):
         block_d = min(block_d, _GPU_COLS_PER_PROGRAM)
-        block_n, _ = token_tile(n, block_d, col_cap=block_d)
+        block_n, _ = token_tile(n, block_d, device, col_cap=block_d)
     return block_n, block_d
 
 
@@ -193,10 +193,10 @@ def stats_forward(
     _check(x, mask)
     x = x.contiguous()
     batch, n, d = x.shape
-    mu = scratch((batch, d), torch.float32, x.device)
-    s = scratch_like(mu)
-    mu_res = scratch_like(mu)
-    count = scratch((batch,), torch.float32, x.device)
+    mu = torch.empty((batch, d), dtype=torch.float32, device=x.device)
+    s = torch.empty_like(mu)
+    mu_res = torch.empty_like(mu)
+    count = torch.empty((batch,), dtype=torch.float32, device=x.device)
     block_n, block_d = _fwd_blocks(n, d, x.device)
     grid = (batch, triton.cdiv(d, block_d))
     _stats_fwd_kernel[grid](
@@ -225,8 +225,8 @@ def stats_backward(
     mu, s, mu_res = mu.to(f32).contiguous(), s.to(f32).contiguous(), mu_res.to(f32).contiguous()
     grad_mu, grad_s = grad_mu.to(f32).contiguous(), grad_s.to(f32).contiguous()
     count = count.to(f32).contiguous()
-    grad_x = scratch_like(x)
-    block_n, block_d = token_tile(n, d)
+    grad_x = torch.empty_like(x)
+    block_n, block_d = token_tile(n, d, x.device)
     grid = (batch, triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     _stats_bwd_kernel[grid](
         x, _mask_arg(mask, x), count, mu, mu_res, s, grad_mu, grad_s, grad_x, n, d,
