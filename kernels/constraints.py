@@ -98,8 +98,6 @@ N_PAIR = 6
 K_NCE, K_F, K_X, K_M = map(tl.constexpr, (0, 3, 4, 5))
 N_COEF = 9
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 # ------------------------------------------------------------------------------------------------
 # kernels

@@ -23,7 +23,9 @@ At ``(B, P, L, D) = (256, 50, 77, 512)`` bf16, image + text together: ``B*(P+L)*
 elements, forward 33 MB (~11 us at 3 TB/s), backward 67 MB (~22 us). Pure bandwidth.
 
 The op is registered as ``cdds_fast::column_stats`` (+ ``cdds_fast::column_stats_backward``) with
-``torch.library.custom_op`` so ``torch.compile`` treats it as one opaque, differentiable node.
+``torch.library.custom_op`` so ``torch.compile`` treats it as one opaque, differentiable node. The
+CDDS loss computes the same statistics inside its token pass (``kernels/constraints.py``, with this
+file's ``finish_column_stats`` and ``stats_grad``); :func:`column_stats` is the standalone op.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cdds_fast.contract import KERNEL_DTYPES
 from cdds_fast.kernels.launch import sized_for_gpu, tile_warps, token_tile
 from cdds_fast.kernels.tokens import valid_tokens
 
 STD_EPS = 1e-5  # inside the square root, as cdds_fast.reference.stats
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Columns per program on a GPU: a warp reads 64 contiguous bf16/fp32 values per token row
 # (128-256 B), and B * D / 64 programs fill the device at realistic shapes.
@@ -154,9 +156,11 @@ def _stats_bwd_kernel(
 
 
 def _check(x: Tensor, mask: Optional[Tensor]) -> None:
+    """:func:`column_stats`'s inputs, before any launch (the launchers below take them as
+    checked)."""
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise ValueError(f"x: expected a [B, N, D] tensor, got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x: expected dtype float32, bfloat16 or float16, got {x.dtype}")
     if min(x.shape) < 1:
         raise ValueError(f"x: expected B, N, D >= 1, got shape {list(x.shape)}")
@@ -190,7 +194,6 @@ def stats_forward(
     """Launch the forward kernel on ``x`` ``[B, N, D]``; returns fp32 ``(mu, s, mu_res, count)``:
     ``mu_res`` ``[B, D]`` is the part of the exact mean that fp32 ``mu`` cannot hold and ``count``
     ``[B]`` the valid tokens per pair (both for the backward)."""
-    _check(x, mask)
     x = x.contiguous()
     batch, n, d = x.shape
     mu = torch.empty((batch, d), dtype=torch.float32, device=x.device)
@@ -211,16 +214,10 @@ def stats_backward(
     x: Tensor, mask: Optional[Tensor], mu: Tensor, mu_res: Tensor, s: Tensor, count: Tensor,
     grad_mu: Tensor, grad_s: Tensor,
 ) -> Tensor:
-    """Launch the backward kernel; returns ``grad_x`` in ``x``'s dtype."""
-    _check(x, mask)
+    """Launch the backward kernel; returns ``grad_x`` in ``x``'s dtype. The statistics are the
+    forward's (``[B, D]``, ``count`` ``[B]``), the gradients those of ``mu`` and ``s``."""
     x = x.contiguous()
     batch, n, d = x.shape
-    for name, t in (("mu", mu), ("mu_res", mu_res), ("s", s), ("grad_mu", grad_mu),
-                    ("grad_s", grad_s)):
-        if list(t.shape) != [batch, d]:
-            raise ValueError(f"{name}: expected shape [B, D] = {[batch, d]}, got {list(t.shape)}")
-    if list(count.shape) != [batch]:
-        raise ValueError(f"count: expected shape [B] = [{batch}], got {list(count.shape)}")
     f32 = torch.float32
     mu, s, mu_res = mu.to(f32).contiguous(), s.to(f32).contiguous(), mu_res.to(f32).contiguous()
     grad_mu, grad_s = grad_mu.to(f32).contiguous(), grad_s.to(f32).contiguous()
