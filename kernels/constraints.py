@@ -431,7 +431,7 @@ def _constraints_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# launchers (inputs checked by cdds_fast.fused_loss; contiguous, on one device)
+# launchers (inputs checked before the op: cdds_fast.contract; contiguous, on one device)
 # ------------------------------------------------------------------------------------------------
 
 

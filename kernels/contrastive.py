@@ -77,12 +77,13 @@ Bytes (blocked): forward ``8 B^2`` (the GEMM writes fp32 logits, the epilogue re
 B^2`` (two GEMMs reading ``G``; ``e = 4`` for fp32) plus the operands re-read once per block
 and the fp32 accumulators re-read and re-written once per block row (``dX``) / column (``dY``).
 Time: each kernel at the larger of its FLOPs at peak (989 TFLOP/s bf16/fp16, 494 TF32, 67 IEEE
-fp32) and its bytes at 4.11 TB/s (the copy bandwidth measured on an H200), summed over kernels
-(they run one after another), plus 4 us per launch. :func:`cost_model` computes it; the table
-is :func:`cost_table` (D = 512; a test keeps the two equal). Launches are forward + backward;
-scratch is the logit buffers of the forward / backward. The bf16 forward GEMM at B = 65536
-writes 17 GB of fp32 logits in about the time its FLOPs take, so the path is as much
-bandwidth- as compute-bound; IEEE fp32 is CUDA-core bound.
+fp32) and its bytes at 4.11 TB/s (an assumed copy bandwidth, 86 % of the 4.8 TB/s HBM peak;
+``benchmarks/report.py`` measures the real one), summed over kernels (they run one after
+another), plus 4 us per launch. :func:`cost_model` computes it; the table is :func:`cost_table`
+(D = 512; a test keeps the two equal). Launches are forward + backward; scratch is the logit
+buffers of the forward / backward. The bf16 forward GEMM at B = 65536 writes 17 GB of fp32 logits
+in about the time its FLOPs take, so the path is as much bandwidth- as compute-bound; IEEE fp32 is
+CUDA-core bound.
 
 =====  =====  =======  ======  ======  ========  =========  ===========
 B      dtype  path     TFLOP   GB      model ms  launches   scratch MiB
@@ -1027,7 +1028,8 @@ def info_nce_triton(
 # Cost model (the docstring's table; benchmarks/bench_contrastive.py reports against it)
 # ------------------------------------------------------------------------------------------------
 
-#: H200 peaks the model uses: dense FLOP/s per operand precision and the measured copy bandwidth.
+#: What the model assumes of an H200: dense peak FLOP/s per operand precision, a copy bandwidth
+#: (86 % of the 4.8 TB/s HBM peak) and a launch overhead.
 H200_FLOPS = {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}
 H200_BYTES_PER_S = 4.11e12
 LAUNCH_S = 4e-6

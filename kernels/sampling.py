@@ -22,7 +22,7 @@ first destination column, which keeps ``|colA|`` small), so the kernels use base
 ``y_ij = colA_j + w_ij colB_j`` with ``colA_j = -log2(sigma_j / sigma_0) / tau``,
 ``colB_j = -log2(e) / (2 tau sigma_j^2)`` (computed once per column by the forward program that
 owns the pair, together with ``1 / sigma_j^2``): one sub + two explicit FMAs per element,
-bit-identical in every kernel (the tie test below relies on it).
+bit-identical in every kernel (the tie tests of tests/test_sampling.py rely on it).
 ``Pr_ij = 2^(y_ij - m_i) / l_i``.
 
 Forward (``_related_sampling_fwd_kernel``, program = pair b x direction, looping over the rows in
@@ -492,7 +492,8 @@ def _related_sampling_bwd_row_kernel(
         inv_q_c = 1.0 / tl.maximum(norm_c, NORM_EPS)
         # Pass A (elementwise): every row's gc, ga and direct mu, s terms, stashed where the
         # sweep loop reads them back (the rows' gc/Z, ga/Z scratch and the gradient rows it
-        # completes); interleaved with the sweep this work doubled the kernel's registers.
+        # completes); a pass of its own, as interleaved with the sweep this work would about
+        # double the kernel's registers (benchmarks/RESULTS.md).
         for i0 in range(0, D, BLOCK_I):
             rows = i0 + tl.arange(0, BLOCK_I)
             rmask = rows < D

@@ -1,4 +1,5 @@
-"""Column statistics kernel (spec section 3): masked mean and std of every column of ``X^s``.
+"""Column statistics kernel (docs/method.md section 2): masked mean and std of every column of
+``X^s``.
 
 ``mu[b, d] = sum_n m[b,n] x[b,n,d] / count[b]``,
 ``s[b, d] = sqrt(sum_n m[b,n] (x[b,n,d] - mu[b,d])^2 / count[b] + 1e-5)``,
@@ -286,7 +287,9 @@ _column_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def column_stats(x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Masked column mean and std (spec section 3), differentiable, on the Triton kernels.
+    """Masked column mean and std (docs/method.md section 2), differentiable, on the Triton
+    kernels (the loss computes them inside its token pass; this op is for the statistics
+    alone).
 
     Args:
         x: ``[B, N, D]`` float32/bfloat16/float16 semantic components (any strides).
