@@ -206,9 +206,8 @@ def _ops_run_on_meta(into: list | None = None) -> Iterator[None]:
     ``into`` if given (:class:`_Allocations`); restored on exit."""
     from torch._library.custom_ops import OPDEFS
 
-    import cdds_fast.fused_loss  # noqa: F401  (registers the ops)
-    import cdds_fast.kernels.sampling  # noqa: F401
-    import cdds_fast.kernels.stats  # noqa: F401
+    import cdds_fast.fused_loss  # noqa: F401  (registers the loss's ops, and the kernels')
+    import cdds_fast.kernels.stats  # noqa: F401  (the standalone column_stats op)
 
     def running(fn):
         def kernel(*args, **kwargs):
