@@ -1,17 +1,19 @@
 """Compile every Triton kernel exactly as a GPU launch would, for sm_90, without a GPU.
 
-    python benchmarks/kernel_resources.py              # issue shapes + odd shapes, markdown table
+    python benchmarks/kernel_resources.py              # step shapes + odd shapes, markdown table
     python benchmarks/kernel_resources.py --quick      # odd shapes only (what the test compiles)
     python benchmarks/kernel_resources.py --json out.json
 
 The Triton interpreter (how CPU CI runs the kernels) checks what a kernel computes, not whether
 the GPU compiler accepts it, nor what it costs in registers. This script runs the real launchers
-(``cdds_loss_triton`` forward + backward and the InfoNCE forward + backward) on CPU tensors inside
-:func:`cdds_fast.kernels.launch.gpu_launch_plan`, so every tile size, warp count and grid is the
-one a CUDA device with 132 multiprocessors (H100 SXM / H200) would get, and replaces Triton's launch
-by a recorder: each distinct specialisation (constexprs, argument dtypes, alignment attributes,
-``num_warps``, ``num_stages``) is compiled with Triton's NVIDIA backend down to a cubin (ptxas
-ships with the triton wheel) and its resource usage read back with ``cuobjdump``:
+(``cdds_loss_triton`` forward + backward, the standalone ops and the InfoNCE forward + backward)
+on ``meta`` tensors, which ``cdds_fast.kernels.launch`` plans as for the reference GPU (132
+multiprocessors: H100 SXM, H200), so every tile size, warp count and grid is the one such a device
+gets. The custom ops run their implementations instead of their fake ones for the duration, and
+Triton's launch is replaced by a recorder: each distinct specialisation (constexprs, argument
+dtypes, alignment attributes, ``num_warps``, ``num_stages``) is compiled with Triton's NVIDIA
+backend down to a cubin (ptxas ships with the triton wheel) and its resource usage read back with
+``cuobjdump``:
 
 * ``regs``: registers per thread (sm_90 has 64K per multiprocessor, so ``regs * 32 * warps``
   bounds how many programs share one);
@@ -19,7 +21,8 @@ ships with the triton wheel) and its resource usage read back with ``cuobjdump``
 * ``smem``: static + Triton-managed shared memory per program (sm_90 allows 227 KiB).
 
 Nothing here is timed: the figures are what the compiler produced, and they tell which configs
-spill before a GPU is ever used. It must run with ``TRITON_INTERPRET`` unset (``@triton.jit``
+spill before a GPU is ever used. ``--count-launches`` and ``--count-info-nce`` count the launches
+and the buffers of one call instead. It must run with ``TRITON_INTERPRET`` unset (``@triton.jit``
 decides at definition time whether it builds interpreter functions).
 """
 
@@ -28,17 +31,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SM90_REGS = 65536
 SM90_SMEM = 232448
 
-ISSUE_SHAPES = [(256, 50, 77, 512), (1024, 50, 77, 512), (256, 50, 77, 1024)]
-#: Odd sizes: not powers of two, one token, one feature, and a feature dim above
-#: ``launch.ROW_BLOCK_CAP`` (rows looped in chunks; the constraint losses' separate row-LSE pass).
+#: ``(B, P, L, D)`` of CLIP-sized training steps: ViT-B/32's 50 image tokens, 77 text tokens.
+STEP_SHAPES = [(256, 50, 77, 512), (1024, 50, 77, 512), (256, 50, 77, 1024)]
+#: Odd sizes: not powers of two, one token, one feature, and a feature dim wider than the token
+#: pass's row block (rows looped in chunks after the separate row-LSE pass).
 ODD_SHAPES = [(3, 7, 5, 37), (1, 1, 1, 1), (2, 3, 4, 4100)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -152,19 +157,6 @@ def _resources(compiled) -> tuple[int, int, int]:
     return regs, stack + local, max(shared, int(compiled.metadata.shared))
 
 
-@contextlib.contextmanager
-def _assertions_pass() -> Iterator[None]:
-    """Recorded launches do not run, so what a device-side assertion would check is garbage:
-    assert on a true value instead (still one ``aten::_assert_async``, as a GPU step issues)."""
-    real = torch._assert_async
-    true = torch.ones((), dtype=torch.bool)
-    torch._assert_async = lambda _value, *message: real(true, *message)
-    try:
-        yield
-    finally:
-        torch._assert_async = real
-
-
 def _install(recorder: Recorder) -> None:
     from triton.runtime.jit import JITFunction
 
@@ -175,13 +167,85 @@ def _install(recorder: Recorder) -> None:
     JITFunction.run = run
 
 
+def _refuse_interpreter() -> None:
+    from cdds_fast.kernels.launch import interpreter_active
+
+    if interpreter_active():
+        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the interpreter replaces the "
+                         "functions this script compiles)")
+
+
+META = torch.device("meta")
+
+
+class _Allocations(TorchDispatchMode):
+    """Appends every buffer allocated through ``torch.empty`` & co. while active to ``into``, as
+    ``[shape, dtype name, bytes]``: the launchers' scratch, outputs and gradients (what aten ops
+    allocate for their own results is not listed)."""
+
+    EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+             torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default,
+             torch.ops.aten.new_empty_strided.default}
+
+    def __init__(self, into: list):
+        super().__init__()
+        self.into = into
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.EMPTY:
+            self.into.append([list(out.shape), str(out.dtype).removeprefix("torch."),
+                              out.numel() * out.element_size()])
+        return out
+
+
+@contextlib.contextmanager
+def _ops_run_on_meta(into: list | None = None) -> Iterator[None]:
+    """On ``meta`` tensors every ``cdds_fast`` custom op runs its implementation (the launchers,
+    whose launches the recorder takes) instead of its fake one, with its buffers appended to
+    ``into`` if given (:class:`_Allocations`); restored on exit."""
+    from torch._library.custom_ops import OPDEFS
+
+    import cdds_fast.fused_loss  # noqa: F401  (registers the loss's ops, and the kernels')
+    import cdds_fast.kernels.stats  # noqa: F401  (the standalone column_stats op)
+
+    def running(fn):
+        def kernel(*args, **kwargs):
+            with _Allocations(into) if into is not None else contextlib.nullcontext():
+                return fn(*args, **kwargs)
+        return kernel
+
+    lib = torch.library.Library("cdds_fast", "IMPL")
+    try:
+        for name, op in OPDEFS.items():
+            if name.startswith("cdds_fast::"):
+                lib.impl(name.split("::")[1], running(op._init_fn), "Meta", allow_override=True)
+        yield
+    finally:
+        lib._destroy()
+
+
+def _meta_step(batch: int, patches: int, length: int, dim: int, dtype: torch.dtype):
+    """``benchmarks.bench_cdds.make_problem``'s tensors at ``(B, P, L, D)``, as meta leaves."""
+    from benchmarks.bench_cdds import PARAMS
+
+    def leaf(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device=META, requires_grad=True)
+
+    tensors = [leaf(batch, n, dim) for n in (patches,) * 3 + (length,) * 3]
+    mask = torch.empty(batch, length, dtype=torch.bool, device=META)
+    params = {n: leaf(dim, dt=torch.float32) for n in PARAMS}
+    params["logit_scale"] = leaf(dt=torch.float32)
+    return tensors, mask, params
+
+
 def plan_cdds(recorder: Recorder, shape: tuple, dtype: torch.dtype) -> None:
     """Forward + backward of the fused CDDS loss at ``(B, P, L, D)``, launches recorded."""
-    from benchmarks.bench_cdds import make_problem, step_fn
+    from benchmarks.bench_cdds import step_fn
     from cdds_fast.fused_loss import cdds_loss_triton
 
-    tensors, mask, params = make_problem(*shape, dtype, torch.device("cpu"))
     recorder.plan = f"cdds {tuple(shape)} {_name(dtype)}"
+    tensors, mask, params = _meta_step(*shape, dtype)
     step_fn(cdds_loss_triton, tensors, mask, params)()
 
 
@@ -193,13 +257,12 @@ def plan_units(recorder: Recorder, shape: tuple, dtype: torch.dtype) -> None:
 
     batch, _, length, dim = shape
     recorder.plan = f"units {tuple(shape)} {_name(dtype)}"
-    x = torch.randn(batch, length, dim).to(dtype).requires_grad_(True)
-    mask = torch.ones(batch, length, dtype=torch.bool)
+    x = torch.empty(batch, length, dim, dtype=dtype, device=META, requires_grad=True)
+    mask = torch.empty(batch, length, dtype=torch.bool, device=META)
     mu, s = column_stats(x, mask)
     (mu.sum() + s.sum()).backward()
-    stats = [torch.randn(batch, dim), torch.rand(batch, dim) + 0.5] * 2
-    alphas = [torch.rand(dim), torch.rand(dim)]
-    leaves = [t.requires_grad_(True) for t in (*stats, *alphas)]
+    leaves = [torch.empty(*size, device=META, requires_grad=True)
+              for size in [(batch, dim)] * 4 + [(dim,)] * 2]
     sum(o.sum() for o in related_sampling(*leaves)).backward()
 
 
@@ -217,20 +280,22 @@ def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
             recorder.plan = (f"info_nce B={batch} D={dim} {tag} "
                              f"{'sym' if symmetric else 'rect'} {path}")
             n = batch if symmetric else 2 * batch
-            x, y = torch.randn(2, batch, dim).to(dtype), torch.randn(2, n, dim).to(dtype)
-            scale = torch.tensor(14.3)
+            x = torch.empty(2, batch, dim, dtype=dtype, device=META)
+            y = torch.empty(2, n, dim, dtype=dtype, device=META)
+            scale = torch.empty((), device=META)
             offset = 0 if symmetric else batch // 2
-            plan = _plan_for_path(path, dtype, batch, n, dim, x.device, allow_tf32,
+            plan = _plan_for_path(path, dtype, batch, n, dim, META, allow_tf32,
                                   4 * batch * n)  # budget: two blocks per side
             loss, stats_r, stats_c = K._forward(x, y, scale, symmetric=symmetric,
                                                 label_offset=offset, allow_tf32=allow_tf32,
                                                 plan=plan)
-            K._backward(torch.ones(2), x, y, scale, stats_r, stats_c, symmetric=symmetric,
-                        label_offset=offset, allow_tf32=allow_tf32, need_dx=True, need_dy=True,
-                        need_dscale=True, plan=plan)
+            K._backward(torch.empty(2, device=META), x, y, scale, stats_r, stats_c,
+                        symmetric=symmetric, label_offset=offset, allow_tf32=allow_tf32,
+                        need_dx=True, need_dy=True, need_dscale=True, plan=plan)
 
 
-#: aten ops that launch no device work (views, metadata, allocation)
+#: aten ops that launch no device work (views, metadata, allocation; ``aten::to`` of a tensor
+#: already in the wanted dtype and device, all a step's are)
 _NO_LAUNCH = {
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::view",
     "aten::_unsafe_view", "aten::_reshape_alias", "aten::reshape", "aten::select", "aten::slice",
@@ -242,74 +307,42 @@ _NO_LAUNCH = {
 }
 
 
-#: Modules whose launchers allocate their buffers through ``launch.scratch`` in a CDDS step.
-_CDDS_SCRATCH_MODULES = ("cdds_fast.kernels.constraints", "cdds_fast.kernels.sampling",
-                         "cdds_fast.kernels.contrastive", "cdds_fast.fused_loss")
+def _counting_launches() -> Counter:
+    """Replaces Triton's launch by a counter of launches per kernel name."""
+    calls: Counter = Counter()
+    recorder = Recorder(90)
+    recorder.run = lambda fn, args, kwargs, grid: calls.update([fn.__name__])
+    _install(recorder)
+    return calls
 
 
-@contextlib.contextmanager
-def _recording_scratch(modules: tuple[str, ...], into: list) -> Iterator[None]:
-    """Every ``scratch`` buffer the launchers of ``modules`` allocate, appended to ``into`` as
-    ``[shape, dtype name, bytes]``."""
-    import importlib
-
-    mods = [importlib.import_module(m) for m in modules]
-    real = [m.scratch for m in mods]
-
-    def recording(real_scratch):
-        def scratch(shape, dtype, device):
-            out = real_scratch(shape, dtype, device)
-            into.append([list(out.shape), str(dtype).removeprefix("torch."),
-                         out.numel() * out.element_size()])
-            return out
-        return scratch
-
-    for m, r in zip(mods, real):
-        m.scratch = recording(r)
-    try:
-        yield
-    finally:
-        for m, r in zip(mods, real):
-            m.scratch = r
-
-
-def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch.bfloat16,
-                   sms: int = 132) -> dict:
+def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch.bfloat16) -> dict:
     """Device launches of one fast-path CDDS loss forward and backward at ``shape``
-    (``functional.cdds_loss(backend="triton")``, the call ``CDDSLoss`` makes), as a GPU would
-    issue them: Triton launches (recorded, not run) and top-level aten ops that launch
-    work (``aten::to`` is left out: on a GPU most are no-ops, and the CPU stand-in for the
-    fp32-output GEMM adds some). Eager launch overhead (~5 us each) is what bounds a small batch.
-    Also every buffer the launchers allocate per phase (``scratch``: shape, dtype, bytes; the
-    backward's include the input gradients), for the memory model of ``cdds_fast/fused_loss.py``.
+    (``fused_loss.cdds_loss_triton``, what ``functional.cdds_loss`` runs on the fast path: that
+    entry itself opens an autocast region, which meta tensors do not support), as the reference
+    GPU gets them: Triton launches (recorded, not run) and top-level aten ops that launch work.
+    Eager launch overhead (~5 us each) is what bounds a small batch. Also every buffer the
+    custom ops allocate per phase (``scratch``: shape, dtype, bytes; the backward's include the
+    input gradients), for the memory model of ``cdds_fast/fused_loss.py``.
     """
-    from collections import Counter
-
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.bench_cdds import make_problem
-    from cdds_fast.functional import cdds_loss
-    from cdds_fast.kernels.launch import gpu_launch_plan
+    from cdds_fast.fused_loss import cdds_loss_triton
 
-    triton_calls = Counter()
-    recorder = Recorder(90)
-    recorder.run = lambda fn, args, kwargs, grid: triton_calls.update([fn.__name__])
-    _install(recorder)
-    tensors, mask, params = make_problem(*shape, dtype, torch.device("cpu"))
+    triton_calls = _counting_launches()
+    tensors, mask, params = _meta_step(*shape, dtype)
     out = {}
-    with gpu_launch_plan(sms), _assertions_pass():
-        for phase in ("forward", "backward"):
-            triton_calls.clear()
-            allocated: list = []
-            with profile(activities=[ProfilerActivity.CPU]) as prof, \
-                    _recording_scratch(_CDDS_SCRATCH_MODULES, allocated):
-                if phase == "forward":  # through the public entry point, with its checks
-                    terms = cdds_loss(*tensors, mask, **params, backend="triton")
-                    total = sum(terms.values())
-                else:
-                    total.backward()
-            out[phase] = {"triton": sum(triton_calls.values()), "aten": _top_level_aten(prof),
-                          "scratch": allocated}
+    for phase in ("forward", "backward"):
+        triton_calls.clear()
+        allocated: list = []
+        with profile(activities=[ProfilerActivity.CPU]) as prof, _ops_run_on_meta(allocated):
+            if phase == "forward":
+                terms = cdds_loss_triton(*tensors, mask, **params)
+                total = sum(terms.values())
+            else:
+                total.backward()
+        out[phase] = {"triton": sum(triton_calls.values()), "aten": _top_level_aten(prof),
+                      "scratch": allocated}
     return out
 
 
@@ -328,72 +361,48 @@ def _top_level_aten(prof) -> int:
 
 
 def count_info_nce(b: int, n: int, d: int, dtype: torch.dtype, budget: int, *, n_prob: int = 1,
-                   symmetric: bool = True, device: str = "cpu", sms: int = 132) -> dict:
-    """Launches and scratch allocations of one InfoNCE forward and backward (``P = n_prob``
-    problems of ``[b, d]`` rows against ``[n, d]`` columns) as a GPU would issue them: Triton
-    launches recorded (not run), aten launches from the profiler as in :func:`count_launches`,
-    and every ``launch.scratch`` buffer the launchers allocate (``device="meta"`` runs the
-    launchers of B = 65536 without computing anything)."""
-    from collections import Counter
-
+                   symmetric: bool = True) -> dict:
+    """Launches and buffers of one InfoNCE forward and backward (``P = n_prob`` problems of
+    ``[b, d]`` rows against ``[n, d]`` columns) as the reference GPU gets them: Triton launches
+    recorded (not run), aten launches from the profiler as in :func:`count_launches`, and the
+    bytes of every buffer the launchers allocate (on meta tensors, so B = 65536 computes
+    nothing)."""
     from torch.profiler import ProfilerActivity, profile
 
     from cdds_fast.kernels import contrastive as K
-    from cdds_fast.kernels.launch import gpu_launch_plan
+    from cdds_fast.kernels.launch import info_nce_plan
 
-    triton_calls = Counter()
-    recorder = Recorder(90)
-    recorder.run = lambda fn, args, kwargs, grid: triton_calls.update([fn.__name__])
-    _install(recorder)
-    allocated: list[int] = []
-    real_scratch = K.scratch
-
-    def recording_scratch(shape, dtype_, device_):
-        out = real_scratch(shape, dtype_, device_)
-        allocated.append(out.numel() * out.element_size())
-        return out
-
-    K.scratch = recording_scratch
-    dev = torch.device(device)
-    x = torch.randn(n_prob, b, d, device=dev).to(dtype)
-    y = torch.randn(n_prob, n, d, device=dev).to(dtype)
-    scale = torch.tensor(14.3, device=dev)
-    grad = torch.ones(n_prob, device=dev)
+    triton_calls = _counting_launches()
+    x = torch.empty(n_prob, b, d, dtype=dtype, device=META)
+    y = torch.empty(n_prob, n, d, dtype=dtype, device=META)
+    scale = torch.empty((), device=META)
+    grad = torch.empty(n_prob, device=META)
     offset = 0 if symmetric else n - b
-    out = {}
-    try:
-        with gpu_launch_plan(sms):
-            from cdds_fast.kernels.launch import info_nce_plan
-
-            plan = info_nce_plan(dtype, b, n, d, dev, budget=budget)
-            out["plan"] = [plan.path, plan.fwd_rows, plan.bwd_rows, plan.bwd_cols]
-            for phase in ("forward", "backward"):
-                triton_calls.clear()
-                allocated.clear()
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    if phase == "forward":
-                        _, stats_r, stats_c = K.nce_forward(
-                            x, y, scale, symmetric=symmetric, label_offset=offset,
-                            max_scratch_bytes=budget)
-                    else:
-                        K.nce_backward(grad, x, y, scale, stats_r,
-                                       stats_c, symmetric=symmetric, label_offset=offset,
-                                       max_scratch_bytes=budget)
-                out[phase] = {"triton": sum(triton_calls.values()),
-                              "aten": _top_level_aten(prof), "scratch": list(allocated)}
-    finally:
-        K.scratch = real_scratch
+    plan = info_nce_plan(dtype, b, n, d, META, budget=budget)
+    out: dict = {"plan": [plan.path, plan.fwd_rows, plan.bwd_rows, plan.bwd_cols]}
+    for phase in ("forward", "backward"):
+        triton_calls.clear()
+        allocated: list = []
+        with profile(activities=[ProfilerActivity.CPU]) as prof, _Allocations(allocated):
+            if phase == "forward":
+                _, stats_r, stats_c = K.nce_forward(x, y, scale, symmetric=symmetric,
+                                                    label_offset=offset, max_scratch_bytes=budget)
+            else:
+                K.nce_backward(grad, x, y, scale, stats_r, stats_c, symmetric=symmetric,
+                               label_offset=offset, max_scratch_bytes=budget)
+        out[phase] = {"triton": sum(triton_calls.values()), "aten": _top_level_aten(prof),
+                      "scratch": [nbytes for *_, nbytes in allocated]}
     return out
 
 
-#: InfoNCE cases ``--count-info-nce`` reports: (B, N, D, dtype, budget, P, symmetric, device)
+#: InfoNCE cases ``--count-info-nce`` reports: (B, N, D, dtype, budget, P, symmetric)
 INFO_NCE_CASES = [
-    (256, 256, 512, "fp32", 256 * 2**20, 3, True, "cpu"),        # the CDDS step's three terms
-    (4096, 4096, 512, "bf16", 192 * 2**20, 1, True, "meta"),
-    (4096, 4096, 512, "bf16", 24 * 2**20, 1, True, "meta"),       # several blocks and chunks
-    (1500, 3000, 64, "fp32", 2**20, 2, False, "meta"),            # rectangular, short blocks
-    (65536, 65536, 512, "bf16", 192 * 2**20, 1, True, "meta"),
-    (65536, 65536, 512, "fp32", 192 * 2**20, 1, True, "meta"),
+    (256, 256, 512, "fp32", 256 * 2**20, 3, True),         # the CDDS step's three terms
+    (4096, 4096, 512, "bf16", 192 * 2**20, 1, True),
+    (4096, 4096, 512, "bf16", 24 * 2**20, 1, True),        # several blocks and chunks
+    (1500, 3000, 64, "fp32", 2**20, 2, False),             # rectangular, short blocks
+    (65536, 65536, 512, "bf16", 192 * 2**20, 1, True),
+    (65536, 65536, 512, "fp32", 192 * 2**20, 1, True),
 ]
 
 
@@ -401,17 +410,13 @@ def _name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def record(quick: bool, arch: int = 90, sms: int = 132) -> Recorder:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the interpreter replaces the "
-                         "functions this script compiles)")
-    from cdds_fast.kernels.launch import gpu_launch_plan
-
+def record(quick: bool, arch: int = 90) -> Recorder:
+    _refuse_interpreter()
     recorder = Recorder(arch)
     _install(recorder)
-    shapes = ODD_SHAPES if quick else ISSUE_SHAPES + ODD_SHAPES
+    shapes = ODD_SHAPES if quick else STEP_SHAPES + ODD_SHAPES
     nce = [(257, 17)] if quick else [(4096, 512), (257, 17)]
-    with gpu_launch_plan(sms), _assertions_pass(), torch.enable_grad():
+    with _ops_run_on_meta(), torch.enable_grad():
         for dtype in DTYPES.values():
             for shape in shapes:
                 plan_cdds(recorder, shape, dtype)
@@ -460,7 +465,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="odd shapes only")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100)")
-    parser.add_argument("--sms", type=int, default=132, help="multiprocessors the grids assume")
     parser.add_argument("--json", type=Path, help="write the specs and resources here")
     parser.add_argument("--allow-spills", action="store_true",
                         help="exit 0 even if some kernel spills (compile errors still fail)")
@@ -471,22 +475,19 @@ def main(argv: list[str] | None = None) -> int:
                              "(INFO_NCE_CASES), print JSON")
     args = parser.parse_args(argv)
     if args.count_info_nce:
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            raise SystemExit("kernel_resources: unset TRITON_INTERPRET")
-        cases = [[*case, count_info_nce(b, n, d, DTYPES[dt], budget, n_prob=p, symmetric=sym,
-                                        device=dev, sms=args.sms)]
-                 for case in INFO_NCE_CASES for b, n, d, dt, budget, p, sym, dev in [case]]
+        _refuse_interpreter()
+        cases = [[*case, count_info_nce(b, n, d, DTYPES[dt], budget, n_prob=p, symmetric=sym)]
+                 for case in INFO_NCE_CASES for b, n, d, dt, budget, p, sym in [case]]
         print(json.dumps(cases))
         return 0
     if args.count_launches:
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            raise SystemExit("kernel_resources: unset TRITON_INTERPRET")
-        print(json.dumps(count_launches(sms=args.sms)))
+        _refuse_interpreter()
+        print(json.dumps(count_launches()))
         return 0
     import triton
 
     start = time.perf_counter()
-    recorder = record(args.quick, args.arch, args.sms)
+    recorder = record(args.quick, args.arch)
     specs = list(recorder.specs.values())
     print(f"{len(specs)} distinct kernel specialisations recorded in "
           f"{time.perf_counter() - start:.1f} s; compiling for sm_{args.arch} "

@@ -96,7 +96,6 @@ from cdds_fast.kernels.constraints import (
     terms_grad,
 )
 from cdds_fast.kernels.contrastive import nce_backward, nce_forward
-from cdds_fast.kernels.launch import ROW_BLOCK_CAP, scratch
 from cdds_fast.kernels.sampling import (
     ASH,
     CSH,
@@ -185,7 +184,7 @@ def _cdds_loss_op(
     v: Tensor, v_s: Tensor, v_m: Tensor, t: Tensor, t_s: Tensor, t_m: Tensor, mask: Tensor,
     alpha_image: Tensor, alpha_text: Tensor, w_s_image: Tensor, w_m_image: Tensor,
     w_s_text: Tensor, w_m_text: Tensor, scale: Optional[Tensor],
-    a_c: float, a_s: float, a_m: float, a_f: float, tau_kl: float, rho: float, block_d_cap: int,
+    a_c: float, a_s: float, a_m: float, a_f: float, tau_kl: float, rho: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor, Tensor]:
     """``(5 weighted terms, feat, col, row, pair, lse, glob, nce_r, nce_c)``; with ``scale=None``
@@ -193,11 +192,10 @@ def _cdds_loss_op(
     the pooled features they need)."""
     col, pair, lse = constraints_forward(
         (v, v_s, v_m), (t, t_s, t_m), mask, (w_s_image, w_m_image), (w_s_text, w_m_text),
-        block_d_cap=block_d_cap,
     )
     _, _, batch, dim = col.shape
-    row = scratch((N_ROW, 2, batch, dim), torch.float32, v.device)
-    feat = scratch((2, N_NCE, batch, dim), torch.float32, v.device)
+    row = torch.empty((N_ROW, 2, batch, dim), dtype=torch.float32, device=v.device)
+    feat = torch.empty((2, N_NCE, batch, dim), dtype=torch.float32, device=v.device)
     sampling_forward(col, row, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho,
                      fused=dict(pair=pair, w_s=(w_s_image, w_s_text), feat=feat))
     if scale is not None:
@@ -212,7 +210,7 @@ def _cdds_loss_op(
 
 @_cdds_loss_op.register_fake
 def _(v, v_s, v_m, t, t_s, t_m, mask, alpha_image, alpha_text, w_s_image, w_m_image, w_s_text,
-      w_m_text, scale, a_c, a_s, a_m, a_f, tau_kl, rho, block_d_cap):
+      w_m_text, scale, a_c, a_s, a_m, a_f, tau_kl, rho):
     batch, patches, dim = v.shape
     length = t.shape[1]
     f32 = dict(dtype=torch.float32)
@@ -232,8 +230,7 @@ def _cdds_loss_backward_op(
     w_s_text: Tensor, w_m_text: Tensor, scale: Optional[Tensor],
     feat: Tensor, col: Tensor, row: Tensor, pair: Tensor, lse: Tensor, glob: Tensor,
     nce_r: Tensor, nce_c: Tensor,
-    a_c: float, a_s: float, a_m: float, a_f: float, tau_kl: float, rho: float, block_d_cap: int,
-    need_dscale: bool,
+    a_c: float, a_s: float, a_m: float, a_f: float, tau_kl: float, rho: float, need_dscale: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor, Tensor]:
     """Gradients of the 13 differentiable inputs (``scale``'s is empty unless ``need_dscale``)."""
@@ -248,10 +245,8 @@ def _cdds_loss_backward_op(
         dx, dy = g_feat[0].contiguous(), g_feat[1].contiguous()
     else:
         dx = dy = torch.zeros_like(feat[0])
-    g_alpha = (scratch(alpha_image.shape, alpha_image.dtype, v.device),
-               scratch(alpha_text.shape, alpha_text.dtype, v.device))
-    g_w = tuple(scratch(w.shape, w.dtype, v.device)
-                for w in (w_s_image, w_s_text, w_m_image, w_m_text))
+    g_alpha = (torch.empty_like(alpha_image), torch.empty_like(alpha_text))
+    g_w = tuple(torch.empty_like(w) for w in (w_s_image, w_s_text, w_m_image, w_m_text))
     g_mu, g_sd = sampling_backward(
         col, row, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho,
         fused=dict(coef=coef, pair=pair, w_s=(w_s_image, w_s_text), feat=feat, dx=dx, dy=dy),
@@ -260,7 +255,7 @@ def _cdds_loss_backward_op(
     del dx, dy
     grads = constraints_backward(
         (v, v_s, v_m), (t, t_s, t_m), mask, (w_s_image, w_m_image), (w_s_text, w_m_text), col,
-        row, pair, lse, glob, coef, g_mu, g_sd, (CSH.value, ASH.value), block_d_cap=block_d_cap,
+        row, pair, lse, glob, coef, g_mu, g_sd, (CSH.value, ASH.value),
     )
     g_scale = (dscale.to(scale.dtype) if dscale is not None
                else v.new_empty((0,), dtype=torch.float32))
@@ -270,7 +265,7 @@ def _cdds_loss_backward_op(
 @_cdds_loss_backward_op.register_fake
 def _(g_clip, g_sem, g_mod, g_f, g_x, g_feat, v, v_s, v_m, t, t_s, t_m, mask, alpha_image,
       alpha_text, w_s_image, w_m_image, w_s_text, w_m_text, scale, feat, col, row, pair, lse,
-      glob, nce_r, nce_c, a_c, a_s, a_m, a_f, tau_kl, rho, block_d_cap, need_dscale):
+      glob, nce_r, nce_c, a_c, a_s, a_m, a_f, tau_kl, rho, need_dscale):
     ins = (v, v_s, v_m, t, t_s, t_m, alpha_image, alpha_text, w_s_image, w_m_image, w_s_text,
            w_m_text)
     g_scale = (scale.new_empty(()) if scale is not None and need_dscale
@@ -279,13 +274,13 @@ def _(g_clip, g_sem, g_mod, g_f, g_x, g_feat, v, v_s, v_m, t, t_s, t_m, mask, al
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, scale, a_c, a_s, a_m, a_f, tau_kl, rho, block_d_cap = inputs
+    *tensors, scale, a_c, a_s, a_m, a_f, tau_kl, rho = inputs
     _, _, _, _, _, feat, *state = output
     ctx.save_for_backward(*tensors, scale, feat, *state)
     # saved state, not results: no gradient and no zero-filled gradient tensors at every backward
     ctx.mark_non_differentiable(*state)
     ctx.set_materialize_grads(False)
-    ctx.hyper = (a_c, a_s, a_m, a_f, tau_kl, rho, block_d_cap)
+    ctx.hyper = (a_c, a_s, a_m, a_f, tau_kl, rho)
 
 
 def _backward(ctx, g_clip, g_sem, g_mod, g_f, g_x, g_feat, *_state):
@@ -296,8 +291,8 @@ def _backward(ctx, g_clip, g_sem, g_mod, g_f, g_x, g_feat, *_state):
     need_dscale = scale is not None and ctx.needs_input_grad[13]
     grads = _cdds_loss_backward_op(*g_terms, g_feat, *tensors, scale, feat, *state, *ctx.hyper,
                                    need_dscale)
-    # inputs: 6 token tensors, mask, 6 vectors, scale, 7 hyper-parameters
-    return (*grads[:6], None, *grads[6:12], grads[12] if need_dscale else None, *(None,) * 7)
+    # inputs: 6 token tensors, mask, 6 vectors, scale, 6 hyper-parameters
+    return (*grads[:6], None, *grads[6:12], grads[12] if need_dscale else None, *(None,) * 6)
 
 
 _cdds_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -312,10 +307,8 @@ def _fast_terms(
     tensors: tuple[Tensor, ...], text_mask: Tensor, params: dict[str, Tensor],
     logit_scale: Tensor | float, *, a_c: float, a_s: float, a_m: float, a_f: float,
     tau_kl: float, rho: float, contrastive: Contrastive | None,
-    block_d_cap: int = ROW_BLOCK_CAP,
 ) -> dict[str, Tensor]:
-    """The terms on the kernels, for validated fp32/bf16/fp16 inputs. ``block_d_cap`` (tests) is
-    the widest row the token pass holds in one block."""
+    """The terms on the kernels, for validated fp32/bf16/fp16 inputs."""
     v, v_s, v_m, t, t_s, t_m = (x.contiguous() for x in tensors)
     vectors = [params[k].contiguous() for k in ("alpha_image", "alpha_text", "w_s_image",
                                                  "w_m_image", "w_s_text", "w_m_text")]
@@ -324,8 +317,7 @@ def _fast_terms(
         scale = (logit_scale if isinstance(logit_scale, Tensor)
                  else torch.full((), float(logit_scale), dtype=torch.float32, device=v.device))
     out = _cdds_loss_op(v, v_s, v_m, t, t_s, t_m, text_mask.contiguous(), *vectors, scale,
-                        float(a_c), float(a_s), float(a_m), float(a_f), float(tau_kl), float(rho),
-                        int(block_d_cap))
+                        float(a_c), float(a_s), float(a_m), float(a_f), float(tau_kl), float(rho))
     terms = dict(zip(LOSS_KEYS, out[:5]))
     if contrastive is not None:
         # pool(X^s) of image and text, pool(X^x) of image and text (see N_NCE)

@@ -39,8 +39,8 @@ column mean. The ``c, a``-dependent sums above are formed from these by the samp
 (``kernels/sampling.py``), which own ``c, a``: ``L_x`` per pair in its forward, the gradients of
 ``c, a, mu, s, w_s, w_m`` in its backward. The rewrite is exact algebra; its rounding differs from
 an elementwise ``r_x`` only where ``r_x`` is much smaller than both ``r_f`` and ``w_s (X^x - X^s)``.
-Rows wider than ``ROW_BLOCK_CAP`` (4096) are looped in ``D`` chunks after ``_row_lse_kernel``
-computed the per-token log-sum-exp (one extra read of ``X^m``).
+Rows wider than one block (``_row_block_cap``: 2048 on a GPU) are looped in ``D`` chunks after
+``_row_lse_kernel`` computed the per-token log-sum-exp (one extra read of ``X^m``).
 
 ``_constraints_finalize_kernel`` (one program) reduces the per-pair sums to the losses, ``log
 qbar`` and ``Ntok`` and combines them with the InfoNCE losses into the five weighted loss terms;
@@ -72,8 +72,7 @@ from torch import Tensor
 from cdds_fast.kernels.launch import (
     HEAVY_TILE_ELEMS_GPU,
     ROW_BLOCK_CAP,
-    interpreter_active,
-    scratch,
+    sized_for_gpu,
     tile_elems,
     tile_warps,
     token_tile,
@@ -98,8 +97,6 @@ N_PAIR = 6
 # k_f, k_x, k_m of the image and of the text modality.
 K_NCE, K_F, K_X, K_M = map(tl.constexpr, (0, 3, 4, 5))
 N_COEF = 9
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,36 +431,43 @@ def _constraints_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# launchers (inputs checked by cdds_fast.fused_loss; contiguous, on one device)
+# launchers (inputs checked before the op: cdds_fast.contract; contiguous, on one device)
 # ------------------------------------------------------------------------------------------------
 
 
 #: Widest row the forward pass holds in one block on a GPU: with its eight column accumulators a
-#: [1, 4096] block (16 warps, at most 128 registers a thread) spilled 56-80 bytes in fp32 for
-#: sm_90 (triton 3.6 and 3.8); wider rows take the row-LSE pass and ``HEAVY_TILE_ELEMS_GPU``-wide
-#: chunks (benchmarks/kernel_resources.py).
+#: [1, 4096] block spills in fp32 for sm_90 (benchmarks/RESULTS.md), so wider rows take the
+#: row-LSE pass and ``HEAVY_TILE_ELEMS_GPU``-wide chunks.
 _GPU_ROW_BLOCK_CAP = 2048
 
 
-def _fwd_tile(n: int, d: int, block_d_cap: int) -> tuple[int, int, int]:
+def _row_block_cap(device: torch.device) -> int:
+    """Widest row (``D``) the token passes hold in one block on ``device``; wider rows are looped
+    in chunks, the forward after a row-LSE pass (tests reach that path at small ``D`` through the
+    ``row_block_cap`` fixture of ``tests/conftest.py``)."""
+    return _GPU_ROW_BLOCK_CAP if sized_for_gpu(device) else ROW_BLOCK_CAP
+
+
+def _fwd_tile(n: int, d: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_D, num_warps)`` of the forward pass and its row-LSE pass: on a GPU the
     heavy-tile budget (ten fp32 tiles and eight column accumulators live), 4 elements per
     thread."""
-    if interpreter_active():
-        block_n, block_d = token_tile(n, d, col_cap=block_d_cap)
+    cap = _row_block_cap(device)
+    if not sized_for_gpu(device):
+        block_n, block_d = token_tile(n, d, device, col_cap=cap)
         return block_n, block_d, tile_warps(block_n * block_d)
-    cap = min(block_d_cap, _GPU_ROW_BLOCK_CAP)
     if d > cap:
         cap = min(cap, HEAVY_TILE_ELEMS_GPU)
-    block_n, block_d = token_tile(n, d, col_cap=cap, elems=HEAVY_TILE_ELEMS_GPU)
+    block_n, block_d = token_tile(n, d, device, col_cap=cap, elems=HEAVY_TILE_ELEMS_GPU)
     return block_n, block_d, tile_warps(block_n * block_d, elems_per_thread=4)
 
 
-def _bwd_tile(n: int, d: int, block_d_cap: int) -> tuple[int, int, int]:
-    # The backward loops over D in blocks whatever their width (the forward saved each row's
-    # log-sum-exp), so its blocks stay within one tile: a [1, 4096] block (D > 2048) spilled
-    # registers for sm_90 (benchmarks/kernel_resources.py).
-    block_n, block_d = token_tile(n, d, col_cap=min(block_d_cap, tile_elems()))
+def _bwd_tile(n: int, d: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_D, num_warps)`` of the backward pass. It loops over ``D`` in blocks
+    whatever their width (the forward saved each row's log-sum-exp), so its blocks stay within
+    one tile: a [1, 4096] block spills for sm_90 (benchmarks/RESULTS.md)."""
+    cap = min(_row_block_cap(device), tile_elems(device))
+    block_n, block_d = token_tile(n, d, device, col_cap=cap)
     return block_n, block_d, tile_warps(block_n * block_d)
 
 
@@ -473,15 +477,13 @@ def _mask_arg(mask: Tensor, like: Tensor) -> Tensor:
 
 def constraints_forward(
     image: tuple[Tensor, Tensor, Tensor], text: tuple[Tensor, Tensor, Tensor], mask: Tensor,
-    w_image: tuple[Tensor, Tensor], w_text: tuple[Tensor, Tensor], *,
-    block_d_cap: int = ROW_BLOCK_CAP,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w_image: tuple[Tensor, Tensor], w_text: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
     """The forward token pass of both modalities.
 
     Args:
         image: ``(V, V^s, V^m)`` ``[B, P, D]``; text: ``(T, T^s, T^m)`` ``[B, L, D]`` (each
             contiguous, fp32/bf16/fp16); mask: bool ``[B, L]``; w_image, w_text: ``(w_s, w_m)``.
-        block_d_cap: widest row held in one block (tests lower it to reach the chunked-row path).
     Returns:
         ``col`` [N_COL, 2, B, D], ``pair`` [N_PAIR, 2, B] (``LX``, ``NORM_MU`` and ``NORM_C``
         left for the sampling forward) and ``lse`` [B * (P + L)], all fp32.
@@ -489,10 +491,10 @@ def constraints_forward(
     batch, p, d = image[0].shape
     length = text[0].shape[1]
     dev = image[0].device
-    col = scratch((N_COL, 2, batch, d), torch.float32, dev)
-    pair = scratch((N_PAIR, 2, batch), torch.float32, dev)
-    lse = scratch((batch * (p + length),), torch.float32, dev)
-    block_n, block_d, warps = _fwd_tile(max(p, length), d, block_d_cap)
+    col = torch.empty((N_COL, 2, batch, d), dtype=torch.float32, device=dev)
+    pair = torch.empty((N_PAIR, 2, batch), dtype=torch.float32, device=dev)
+    lse = torch.empty((batch * (p + length),), dtype=torch.float32, device=dev)
+    block_n, block_d, warps = _fwd_tile(max(p, length), d, dev)
     m_arg = _mask_arg(mask, image[0])
     lse_given = block_d < d
     if lse_given:
@@ -515,10 +517,10 @@ def finalize_terms(col: Tensor, pair: Tensor, nce: Tensor | None, scale: Tensor 
     ``scale`` (given with ``nce``) is not finite and > 0."""
     _, _, batch, d = col.shape
     dev = col.device
-    terms = tuple(scratch((), torch.float32, dev) for _ in range(5))
-    glob = scratch((2, d + 1), torch.float32, dev)
-    ok = scratch((), torch.float32, dev)
-    block_b, block_d = token_tile(batch, d, col_cap=1024)
+    terms = tuple(torch.empty((), dtype=torch.float32, device=dev) for _ in range(5))
+    glob = torch.empty((2, d + 1), dtype=torch.float32, device=dev)
+    ok = torch.empty((), dtype=torch.float32, device=dev)
+    block_b, block_d = token_tile(batch, d, dev, col_cap=1024)
     _constraints_finalize_kernel[(1,)](
         col, pair, nce if nce is not None else pair, scale if nce is not None else pair, *terms,
         glob, ok, batch, d,
@@ -532,7 +534,7 @@ def terms_grad(grads: tuple[Tensor, ...], glob: Tensor, *, a_c: float, a_s: floa
                a_f: float) -> Tensor:
     """``coef`` [N_COEF] fp32 from the five terms' upstream gradients (0-d each)."""
     d = glob.shape[1] - 1
-    coef = scratch((N_COEF,), torch.float32, glob.device)
+    coef = torch.empty((N_COEF,), dtype=torch.float32, device=glob.device)
     _terms_grad_kernel[(1,)](*grads, glob, coef, d, float(a_c), float(a_s), float(a_m),
                              float(a_f), num_warps=1)
     return coef
@@ -542,15 +544,15 @@ def constraints_backward(
     image: tuple[Tensor, Tensor, Tensor], text: tuple[Tensor, Tensor, Tensor], mask: Tensor,
     w_image: tuple[Tensor, Tensor], w_text: tuple[Tensor, Tensor], col: Tensor, row: Tensor,
     pair: Tensor, lse: Tensor, glob: Tensor, coef: Tensor, g_mu: Tensor, g_sd: Tensor,
-    row_planes: tuple[int, int], *, block_d_cap: int = ROW_BLOCK_CAP,
+    row_planes: tuple[int, int],
 ) -> tuple[Tensor, ...]:
     """The backward token pass: ``(grad V, grad V^s, grad V^m, grad T, grad T^s, grad T^m)``, each
     in its input's dtype. ``row`` holds ``c, a`` (shifted) in the planes ``row_planes``;
     ``g_mu``/``g_sd`` [2, B, D] are the complete gradients of the statistics."""
     batch, p, d = image[0].shape
     length = text[0].shape[1]
-    grads = tuple(scratch(t.shape, t.dtype, t.device) for t in (*image, *text))
-    block_n, block_d, warps = _bwd_tile(max(p, length), d, block_d_cap)
+    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (*image, *text))
+    block_n, block_d, warps = _bwd_tile(max(p, length), d, image[0].device)
     _constraints_bwd_kernel[(batch, triton.cdiv(max(p, length), block_n), 2)](
         *image, *text, _mask_arg(mask, image[0]), *w_image, *w_text, col, row, pair, lse, glob,
         coef, g_mu, g_sd, *grads, batch, p, length, d,

@@ -77,12 +77,13 @@ Bytes (blocked): forward ``8 B^2`` (the GEMM writes fp32 logits, the epilogue re
 B^2`` (two GEMMs reading ``G``; ``e = 4`` for fp32) plus the operands re-read once per block
 and the fp32 accumulators re-read and re-written once per block row (``dX``) / column (``dY``).
 Time: each kernel at the larger of its FLOPs at peak (989 TFLOP/s bf16/fp16, 494 TF32, 67 IEEE
-fp32) and its bytes at 4.11 TB/s (the copy bandwidth measured on an H200), summed over kernels
-(they run one after another), plus 4 us per launch. :func:`cost_model` computes it; the table
-is :func:`cost_table` (D = 512; a test keeps the two equal). Launches are forward + backward;
-scratch is the logit buffers of the forward / backward. The bf16 forward GEMM at B = 65536
-writes 17 GB of fp32 logits in about the time its FLOPs take, so the path is as much
-bandwidth- as compute-bound; IEEE fp32 is CUDA-core bound.
+fp32) and its bytes at 4.11 TB/s (an assumed copy bandwidth, 86 % of the 4.8 TB/s HBM peak;
+``benchmarks/report.py`` measures the real one), summed over kernels (they run one after
+another), plus 4 us per launch. :func:`cost_model` computes it; the table is :func:`cost_table`
+(D = 512; a test keeps the two equal). Launches are forward + backward; scratch is the logit
+buffers of the forward / backward. The bf16 forward GEMM at B = 65536 writes 17 GB of fp32 logits
+in about the time its FLOPs take, so the path is as much bandwidth- as compute-bound; IEEE fp32 is
+CUDA-core bound.
 
 =====  =====  =======  ======  ======  ========  =========  ===========
 B      dtype  path     TFLOP   GB      model ms  launches   scratch MiB
@@ -130,7 +131,6 @@ from cdds_fast.kernels.launch import (
     interpreter_active,
     num_sms,
     num_warps_for,
-    scratch,
     sized_for_gpu,
     split_count,
 )
@@ -658,9 +658,10 @@ def _fused_forward(x: Tensor, y: Tensor, scale: Tensor, symmetric: bool, label_o
     n_dirs = 2 if symmetric else 1
     n_rb = triton.cdiv(m, bm)
     dev = x.device
-    stats_r = scratch((n_prob, 3, m), torch.float32, dev)
-    stats_c = scratch((n_prob, 3, n if symmetric else 0), torch.float32, dev)
-    parts = scratch((n_prob, n_dirs * n_rb), torch.float32, dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    stats_r = torch.empty((n_prob, 3, m), **f32)
+    stats_c = torch.empty((n_prob, 3, n if symmetric else 0), **f32)
+    parts = torch.empty((n_prob, n_dirs * n_rb), **f32)
     _info_nce_fwd_kernel[(n_rb, n_dirs, n_prob)](
         x, y, scale, stats_r, stats_c if symmetric else stats_r, parts,
         m, n, d, label_offset, LN2 * _norm(m, symmetric),
@@ -678,14 +679,15 @@ def _fused_backward(grad, x, y, scale, stats_r, stats_c, symmetric, label_offset
     t = dict(plan.tiles)
     bm, bn, bk, bdo = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"], t["BLOCK_DO"]
     dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
     # dL/ds comes from direction 0, which then also writes dX (dropped if nobody asked)
     run_dx = need_dx or need_dscale
     first_dir = 0 if run_dx else 1
     n_dirs = int(run_dx) + int(need_dy)
-    dx = scratch((n_prob, m, d), x.dtype, dev) if run_dx else x.new_empty((0,))
-    dy = scratch((n_prob, n, d), y.dtype, dev) if need_dy else y.new_empty((0,))
+    dx = torch.empty((n_prob, m, d), dtype=x.dtype, device=dev) if run_dx else x.new_empty((0,))
+    dy = torch.empty((n_prob, n, d), dtype=y.dtype, device=dev) if need_dy else y.new_empty((0,))
     n_rb = triton.cdiv(max(m, n) if need_dy else m, bm)
-    dscale = scratch((n_prob, triton.cdiv(m, bm)), torch.float32, dev) if need_dscale else grad
+    dscale = torch.empty((n_prob, triton.cdiv(m, bm)), **f32) if need_dscale else grad
     _info_nce_bwd_kernel[(n_rb, triton.cdiv(d, bdo), n_prob * n_dirs)](
         x, y, scale, grad, stats_r, stats_c if symmetric else stats_r, dx, dy, dscale,
         m, n, d, label_offset, _norm(m, symmetric), 2.0 if symmetric else 1.0, first_dir, n_dirs,
@@ -716,19 +718,20 @@ def _blocked_forward(x, y, scale, symmetric, label_offset, allow_tf32, plan):
     bm, bn = t["BLOCK_M"], t["BLOCK_N"]
     rows = plan.fwd_rows
     dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
     groups, splits = _fwd_grid(rows, n, bm, bn, dev)
     fin_block = block_for(m, cap=1024)
     n_fin = triton.cdiv(m, fin_block)
-    logits = scratch((rows * n,), torch.float32, dev)
-    row_max = scratch((splits, m), torch.float32, dev)
-    row_sum = scratch((splits, m), torch.float32, dev)
+    logits = torch.empty((rows * n,), **f32)
+    row_max = torch.empty((splits, m), **f32)
+    row_sum = torch.empty((splits, m), **f32)
     col_shape = (groups, n) if symmetric else (1, 1)
-    col_max = scratch(col_shape, torch.float32, dev)  # initialised by a problem's first chunk
-    col_sum = scratch(col_shape, torch.float32, dev)
-    diag = scratch((m,), torch.float32, dev)
-    stats_r = scratch((n_prob, 3, m), torch.float32, dev)
-    stats_c = scratch((n_prob, 3, n if symmetric else 0), torch.float32, dev)
-    parts = scratch((n_prob, n_fin), torch.float32, dev)
+    col_max = torch.empty(col_shape, **f32)  # initialised by a problem's first chunk
+    col_sum = torch.empty(col_shape, **f32)
+    diag = torch.empty((m,), **f32)
+    stats_r = torch.empty((n_prob, 3, m), **f32)
+    stats_c = torch.empty((n_prob, 3, n if symmetric else 0), **f32)
+    parts = torch.empty((n_prob, n_fin), **f32)
     with _gemm_precision(dev, allow_tf32):
         for p in range(n_prob):
             y_t = y[p].t()
@@ -757,20 +760,21 @@ def _blocked_backward(grad, x, y, scale, stats_r, stats_c, symmetric, label_offs
     t = dict(plan.tiles)
     bm, bn = t["BLOCK_M"], t["BLOCK_N"]
     dev, dtype = x.device, x.dtype
+    f32 = dict(dtype=torch.float32, device=dev)
     row_blocks = [(i0, min(plan.bwd_rows, m - i0)) for i0 in range(0, m, plan.bwd_rows)]
     col_blocks = [(j0, min(plan.bwd_cols, n - j0)) for j0 in range(0, n, plan.bwd_cols)]
     # one dL/ds partial per program of every block, packed: all written, no zero fill
     tiles = sum(triton.cdiv(r, bm) for _, r in row_blocks) * sum(
         triton.cdiv(w, bn) for _, w in col_blocks)
-    logits = scratch((plan.bwd_rows * plan.bwd_cols,), torch.float32, dev)
+    logits = torch.empty((plan.bwd_rows * plan.bwd_cols,), **f32)
     fp32 = dtype == torch.float32
-    g_buf = logits if fp32 else scratch(logits.shape, dtype, dev)
-    dx = scratch((n_prob, m, d), dtype, dev) if need_dx else None
-    dy = scratch((n_prob, n, d), dtype, dev) if need_dy else None
+    g_buf = logits if fp32 else torch.empty(logits.shape, dtype=dtype, device=dev)
+    dx = torch.empty((n_prob, m, d), dtype=dtype, device=dev) if need_dx else None
+    dy = torch.empty((n_prob, n, d), dtype=dtype, device=dev) if need_dy else None
     # fp32 features accumulate straight into their gradients; 16-bit ones into fp32 buffers
-    dx_acc = scratch((plan.bwd_rows, d), torch.float32, dev) if need_dx and not fp32 else None
-    dy_acc = scratch((n, d), torch.float32, dev) if need_dy and not fp32 else None
-    dscale = scratch((n_prob * tiles,), torch.float32, dev) if need_dscale else grad
+    dx_acc = torch.empty((plan.bwd_rows, d), **f32) if need_dx and not fp32 else None
+    dy_acc = torch.empty((n, d), **f32) if need_dy and not fp32 else None
+    dscale = torch.empty((n_prob * tiles,), **f32) if need_dscale else grad
     # dX = g s norm G Y with G stored times g_scale: one [P] coefficient, on the device
     coef = grad * (scale.float() * (_norm(m, symmetric) / _g_scale(dtype)))
     part = 0
@@ -1024,7 +1028,8 @@ def info_nce_triton(
 # Cost model (the docstring's table; benchmarks/bench_contrastive.py reports against it)
 # ------------------------------------------------------------------------------------------------
 
-#: H200 peaks the model uses: dense FLOP/s per operand precision and the measured copy bandwidth.
+#: What the model assumes of an H200: dense peak FLOP/s per operand precision, a copy bandwidth
+#: (86 % of the 4.8 TB/s HBM peak) and a launch overhead.
 H200_FLOPS = {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}
 H200_BYTES_PER_S = 4.11e12
 LAUNCH_S = 4e-6
@@ -1054,8 +1059,9 @@ def scratch_bytes(plan: InfoNCEPlan, m: int, n: int, d: int, dtype: torch.dtype)
 def cost_model(b: int, d: int, dtype: torch.dtype, *, allow_tf32: bool = False,
                budget: int = INFO_NCE_SCRATCH_BYTES) -> dict:
     """The module docstring's model of one symmetric forward + backward at ``B = M = N`` on an
-    H200 (blocked path as planned for a GPU): FLOPs, HBM bytes, ms, launches, scratch."""
-    plan = launch.info_nce_plan(dtype, b, b, d, torch.device("cuda"), allow_tf32=allow_tf32,
+    H200 (the path and blocks planned for the reference GPU): FLOPs, HBM bytes, ms, launches,
+    scratch."""
+    plan = launch.info_nce_plan(dtype, b, b, d, torch.device("meta"), allow_tf32=allow_tf32,
                                 budget=budget)
     e = torch.finfo(dtype).bits // 8
     prec = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(

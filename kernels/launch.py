@@ -1,20 +1,38 @@
-"""Launch settings shared by every kernel: block sizes, warps, interpreter detection.
+"""Launch settings of every kernel: one rule, a function of the problem and of the device.
 
-One place decides how a row of length ``n`` is tiled, so no kernel file hard-codes its own rule.
+Tile sizes, warps, grids and the InfoNCE path are decided here, from the problem's sizes and the
+tensors' device, so no kernel file hard-codes its own rule and nothing else steers them:
+
+* ``cuda``: GPU tiles (kept in registers for sm_90: ``benchmarks/kernel_resources.py``), grids
+  sized to the device's multiprocessors (under ``TRITON_INTERPRET=1`` CUDA tensors run through
+  the interpreter and are sized as CPU ones);
+* ``meta``: the same plan as for the reference GPU (:data:`REFERENCE_SMS` multiprocessors).
+  Meta tensors hold no data, so nothing runs: the custom ops answer with their fake
+  implementations, and ``benchmarks/kernel_resources.py`` records (and compiles for sm_90) the
+  launches the launchers plan on them, without a GPU;
+* ``cpu`` (Triton's interpreter): few, large tiles and no grid split to fill a device, since the
+  interpreter pays per Python-level step and runs programs one after another.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
+#: Multiprocessors of the GPU a launch on ``meta`` tensors is planned for (H100 SXM, H200).
+REFERENCE_SMS = 132
+
 
 def interpreter_active() -> bool:
-    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    This is Triton's own switch of execution engine, not one of ours: ``@triton.jit`` reads the
+    variable when a kernel is defined and builds interpreter functions instead of GPU ones. It is
+    read here because what the interpreter can execute follows from it: CPU tensors, and 16-bit
+    ``tl.dot`` operands only once widened (``kernels/contrastive.py``).
+    """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -24,6 +42,43 @@ def triton_available() -> bool:
     except Exception:  # pragma: no cover - triton missing (macOS, Windows)
         return False
     return True
+
+
+def sized_for_gpu(device: torch.device) -> bool:
+    """Whether launches on ``device`` take the GPU tiles and grids (CUDA tensors run natively;
+    ``meta`` tensors are planned as for the reference GPU) rather than the interpreter's."""
+    return device.type == "meta" or (device.type == "cuda" and not interpreter_active())
+
+
+def device_supports_triton(device: torch.device) -> bool:
+    """CUDA tensors always can; CPU tensors through the interpreter; ``meta`` tensors too (their
+    launches are planned, and the custom ops answer with their fake implementations)."""
+    if not triton_available():
+        return False
+    return device.type in ("cuda", "meta") or (device.type == "cpu" and interpreter_active())
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, :data:`REFERENCE_SMS` for ``meta``, and 1 for
+    CPU tensors (the interpreter runs programs one after another, so more programs only cost
+    time there)."""
+    if device.type == "meta":
+        return REFERENCE_SMS
+    if device.type != "cuda":
+        return 1
+    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_SMS: dict[int, int] = {}
+
+
+def _num_sms_cached(index: int) -> int:
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+# --- block sizes and warps -----------------------------------------------------------------------
 
 
 def next_power_of_2(n: int) -> int:
@@ -46,79 +101,65 @@ def num_warps_for(block_elems: int) -> int:
     return 2
 
 
-def pairwise_tiles(n: int) -> tuple[int, int, int]:
+def tile_warps(block_elems: int, *, elems_per_thread: int = 8) -> int:
+    """Warps for a program holding ``block_elems``-element tiles of several live fp32 temporaries:
+    ``elems_per_thread`` elements per thread (a power of two in [1, 16] warps)."""
+    return max(1, min(16, next_power_of_2(max(1, block_elems // (32 * elems_per_thread)))))
+
+
+def pairwise_tiles(n: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_I, BLOCK_J, num_warps)`` for kernels that sweep a virtual ``[n, n]`` matrix in
     2-D tiles (a block of ``BLOCK_I`` rows against ``BLOCK_J`` columns at a time).
 
     The kernels accumulate up to seven sums element-wise into tile-shaped registers and reduce
-    them once per row block, so on a GPU the tile is kept at 1024 elements with 4 per thread
-    (8 warps; ptxas: <= 117 registers, no spills, for sm_90); under the interpreter larger tiles
-    mean fewer (slow) Python-level steps.
+    them once per row block, so on a GPU the tile is 1024 elements with 4 per thread (8 warps),
+    which keeps every sum in registers for sm_90 (``benchmarks/RESULTS.md``); under the
+    interpreter larger tiles mean fewer (slow) Python-level steps.
     """
-    if interpreter_active():
+    if not sized_for_gpu(device):
         bi, bj = block_for(n, cap=128), block_for(n, cap=512)
         return bi, bj, num_warps_for(bi * bj)
     bi, bj = block_for(n, cap=16), block_for(n, cap=64)
     return bi, bj, max(1, min(8, bi * bj // 128))
 
 
-#: Multiprocessor count of the GPU a launch plan is being recorded for
-#: (see :func:`gpu_launch_plan`); None in normal operation.
-_PLAN_SMS: int | None = None
+# --- token x column tiling (the token passes: kernels/stats.py, kernels/constraints.py) ----------
+
+#: Elements of one ``[BLOCK_N, BLOCK_D]`` tile a program holds at once. On a GPU this bounds the
+#: registers: about ten fp32 tiles are live in the token passes, and at 8 elements per thread
+#: (:func:`tile_warps`) they fit without spills for sm_90 with 2-3 programs per multiprocessor
+#: (``benchmarks/RESULTS.md``). Under the interpreter every Python-level loop iteration costs far
+#: more than the numpy work, so tiles are made as large as practical.
+TILE_ELEMS_GPU = 2048
+TILE_ELEMS_INTERPRETER = 1 << 16
+#: Widest row (feature dim D) a program holds in one block; wider rows are looped in chunks.
+ROW_BLOCK_CAP = 4096
+#: Tile budget on a GPU for kernels that keep ~10 fp32 tiles live *and* several row statistics
+#: (the token pass's forward): at 4 elements per thread and 8 warps two programs share a
+#: multiprocessor; twice the tile leaves room for one (compiler output for sm_90:
+#: ``benchmarks/RESULTS.md``).
+HEAVY_TILE_ELEMS_GPU = 1024
 
 
-@contextlib.contextmanager
-def gpu_launch_plan(sms: int = 132) -> Iterator[None]:
-    """Size every launch as for a CUDA device with ``sms`` multiprocessors, whatever the tensors'
-    device. Used (with the interpreter off) by ``benchmarks/kernel_resources.py`` to record the
-    exact kernel specialisations a GPU would compile, and compile them for sm_90 on a machine
-    without one."""
-    global _PLAN_SMS
-    previous, _PLAN_SMS = _PLAN_SMS, int(sms)
-    try:
-        yield
-    finally:
-        _PLAN_SMS = previous
+def tile_elems(device: torch.device) -> int:
+    """Elements per ``[BLOCK_N, BLOCK_D]`` tile of a launch on ``device``."""
+    return TILE_ELEMS_GPU if sized_for_gpu(device) else TILE_ELEMS_INTERPRETER
 
 
-def sized_for_gpu(device: torch.device) -> bool:
-    """Whether launches on ``device`` take the GPU tile sizes and grids (CUDA tensors, or inside
-    :func:`gpu_launch_plan`) rather than the interpreter's few large tiles."""
-    if _PLAN_SMS is not None:
-        return True
-    return device.type == "cuda" and not interpreter_active()
+def token_tile(n_tokens: int, n_cols: int, device: torch.device, *, col_cap: int = ROW_BLOCK_CAP,
+               elems: int | None = None) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_D)`` for a program that walks tokens (rows) of width ``n_cols``.
 
-
-def device_supports_triton(device: torch.device) -> bool:
-    """CUDA tensors always can; CPU tensors only through the interpreter (or while a
-    :func:`gpu_launch_plan` records launches instead of running them)."""
-    if not triton_available():
-        return False
-    if _PLAN_SMS is not None:
-        return True
-    return device.type == "cuda" or (device.type == "cpu" and interpreter_active())
-
-
-# --- GEMM-like kernels (contrastive InfoNCE): persistent-grid sizing -------------------------------
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 for CPU tensors (the interpreter runs programs
-    one after another, so more programs only cost time there)."""
-    if _PLAN_SMS is not None:
-        return _PLAN_SMS
-    if device.type != "cuda":
-        return 1
-    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_SMS: dict[int, int] = {}
-
-
-def _num_sms_cached(index: int) -> int:
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    ``BLOCK_D`` is the power of two covering ``n_cols`` up to ``col_cap`` (wider rows are looped in
+    ``BLOCK_D`` chunks; at least 16 on a GPU, so no block degenerates to one lane per row);
+    ``BLOCK_N`` fills the rest of ``elems`` (default :func:`tile_elems`), at most the tokens there
+    are (rounded up to a power of two), at least 1.
+    """
+    gpu = sized_for_gpu(device)
+    cap = max(1, next_power_of_2(col_cap))
+    block_d = block_for(n_cols, cap=cap, floor=min(16, cap) if gpu else 1)
+    block_n = max(1, min(next_power_of_2(n_tokens), (elems or tile_elems(device)) // block_d))
+    return block_n, block_d
 
 
 def split_count(n_main: int, n_splittable: int, target_programs: int) -> int:
@@ -133,76 +174,6 @@ def split_count(n_main: int, n_splittable: int, target_programs: int) -> int:
     want = max(1, min(n_splittable, -(-int(target_programs) // n_main)))
     per = -(-n_splittable // want)
     return -(-n_splittable // per)
-
-
-# --- token x column tiling (added for the stats / constraint kernels) ---------------------------
-
-#: Elements of one ``[BLOCK_N, BLOCK_D]`` tile a program holds at once. On a GPU this bounds the
-#: registers (about ten fp32 tiles are live in the constraint kernels; with 8 elements per thread,
-#: see :func:`tile_warps`, they compile to ~90-130 registers and no spills for sm_90, so 2-3
-#: programs share a multiprocessor); under the interpreter every Python-level loop iteration costs
-#: far more than the numpy work, so tiles are made as large as practical.
-TILE_ELEMS_GPU = 2048
-TILE_ELEMS_INTERPRETER = 1 << 16
-#: Widest row (feature dim D) a program holds in one block; wider rows are looped in chunks.
-ROW_BLOCK_CAP = 4096
-
-
-def tile_elems() -> int:
-    """Elements per ``[BLOCK_N, BLOCK_D]`` tile for the current execution mode."""
-    return TILE_ELEMS_INTERPRETER if interpreter_active() else TILE_ELEMS_GPU
-
-
-#: Tile budget on a GPU for kernels that keep ~10 fp32 tiles live *and* several row statistics
-#: (the constraint-loss forward): with 4 elements per thread at 8 warps ptxas gives ~125
-#: registers for sm_90 (triton 3.6 and 3.8), so two programs share a multiprocessor; the
-#: 2048-element tile at 8 per thread compiled to 172-254 registers, one program per
-#: multiprocessor (``benchmarks/kernel_resources.py``; not yet timed on a GPU).
-HEAVY_TILE_ELEMS_GPU = 1024
-
-
-def token_tile(n_tokens: int, n_cols: int, *, col_cap: int = ROW_BLOCK_CAP,
-               elems: int | None = None) -> tuple[int, int]:
-    """``(BLOCK_N, BLOCK_D)`` for a program that walks tokens (rows) of width ``n_cols``.
-
-    ``BLOCK_D`` is the power of two covering ``n_cols`` up to ``col_cap`` (wider rows are looped in
-    ``BLOCK_D`` chunks; at least 16 on a GPU); ``BLOCK_N`` fills the rest of ``elems`` (default
-    :func:`tile_elems`), at most the tokens there are (rounded up to a power of two), at least 1.
-    """
-    cap = max(1, next_power_of_2(col_cap))
-    # GPU: at least 16 lanes per row (no degenerate size-1 blocks); the interpreter takes any size
-    block_d = block_for(n_cols, cap=cap, floor=1 if interpreter_active() else min(16, cap))
-    block_n = max(1, min(next_power_of_2(n_tokens), (elems or tile_elems()) // block_d))
-    return block_n, block_d
-
-
-def tile_warps(block_elems: int, *, elems_per_thread: int = 8) -> int:
-    """Warps for a program holding ``block_elems``-element tiles of several live fp32 temporaries:
-    ``elems_per_thread`` elements per thread (a power of two in [1, 16] warps)."""
-    return max(1, min(16, next_power_of_2(max(1, block_elems // (32 * elems_per_thread)))))
-
-
-def target_programs(device: torch.device) -> int:
-    """How many programs a grid should offer to fill the device.
-
-    Twice the multiprocessor count on CUDA (two waves hide the tail); 1 under the interpreter,
-    where programs run one after another and fewer, larger programs are faster.
-    """
-    if sized_for_gpu(device):
-        return 2 * num_sms(device)
-    return 1
-
-
-def split_tokens(n_tokens: int, block_n: int, batch: int, device: torch.device) -> tuple[int, int]:
-    """Split each row's ``n_tokens`` among programs: returns ``(tokens_per_program, n_chunks)``.
-
-    ``tokens_per_program`` is a multiple of ``block_n``; ``batch * n_chunks`` reaches
-    :func:`target_programs` where the tokens allow (one tile per program at most).
-    """
-    tiles = -(-n_tokens // block_n)
-    want = max(1, min(tiles, -(-target_programs(device) // max(1, batch))))
-    per_program = -(-tiles // want) * block_n
-    return per_program, -(-n_tokens // per_program)
 
 
 # --- InfoNCE (kernels/contrastive.py): one rule picks the path, the tiles and the blocks ----------
@@ -255,9 +226,6 @@ class InfoNCEPlan:
     fwd_rows: int = 0
     bwd_rows: int = 0
     bwd_cols: int = 0
-
-    def tile(self, name: str) -> int:
-        return dict(self.tiles)[name]
 
 
 def info_nce_path(dtype: torch.dtype, m: int, n: int, d: int, allow_tf32: bool) -> str:
@@ -324,9 +292,8 @@ def _fused_tiles(dtype: torch.dtype, d: int, allow_tf32: bool, device: torch.dev
         # the interpreter pays per loop step, not per element: few, large tiles
         bk = min(dpow, 512)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=bk, num_warps=4, num_stages=1)
-    # ptxas for sm_90 at D = 512 (benchmarks/kernel_resources.py): 16-bit / TF32 forward 48
-    # registers, backward 126; IEEE fp32 52 / 127; no spills. Wider output chunks (fewer logit
-    # recomputes) or 64-row blocks spilled or reached 255 registers; not timed on a GPU yet.
+    # GPU: tiles that compile without spills for sm_90 (benchmarks/RESULTS.md); wider output
+    # chunks (fewer logit recomputes) or 64-row blocks spill or reach the 255-register ceiling
     if dtype != torch.float32 or allow_tf32:
         bk = min(dpow, 32)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 256), num_warps=8,
@@ -337,31 +304,9 @@ def _fused_tiles(dtype: torch.dtype, d: int, allow_tf32: bool, device: torch.dev
 
 
 def _epilogue_tiles(device: torch.device) -> dict:
-    """Tiles of the blocked path's element-wise kernels over fp32 logit blocks: 32 x 128 tiles
-    (16 fp32 per thread at 8 warps; ptxas for sm_90: forward epilogue <= 247 registers, the
-    ``G`` kernel <= 124, no spills; 64 x 128 spilled) on a GPU; the interpreter takes large
-    ones."""
+    """Tiles of the blocked path's element-wise kernels over fp32 logit blocks: on a GPU 32 x 128
+    (16 fp32 per thread at 8 warps), which compiles without spills for sm_90 where 64 x 128 spills
+    (``benchmarks/RESULTS.md``); the interpreter takes large ones."""
     if not sized_for_gpu(device):
         return dict(BLOCK_M=128, BLOCK_N=1024, num_warps=4)
     return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8)
-
-
-# --- scratch buffers ---------------------------------------------------------------------------
-
-#: Tests set this (``tests/conftest.py``) so that every buffer a kernel must fill starts as NaN
-#: instead of whatever the allocator returns: a slot a kernel forgets to write, or reads before
-#: writing, then shows up as NaN in the results.
-POISON_SCRATCH = False
-
-
-def scratch(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty(shape)`` for a buffer a kernel fills (NaN-filled under
-    :data:`POISON_SCRATCH`)."""
-    if POISON_SCRATCH:
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
-
-
-def scratch_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A contiguous :func:`scratch` buffer shaped like ``t``."""
-    return scratch(t.shape, dtype or t.dtype, t.device)

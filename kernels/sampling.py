@@ -22,7 +22,7 @@ first destination column, which keeps ``|colA|`` small), so the kernels use base
 ``y_ij = colA_j + w_ij colB_j`` with ``colA_j = -log2(sigma_j / sigma_0) / tau``,
 ``colB_j = -log2(e) / (2 tau sigma_j^2)`` (computed once per column by the forward program that
 owns the pair, together with ``1 / sigma_j^2``): one sub + two explicit FMAs per element,
-bit-identical in every kernel (the tie test below relies on it).
+bit-identical in every kernel (the tie tests of tests/test_sampling.py rely on it).
 ``Pr_ij = 2^(y_ij - m_i) / l_i``.
 
 Forward (``_related_sampling_fwd_kernel``, program = pair b x direction, looping over the rows in
@@ -135,7 +135,6 @@ from cdds_fast.kernels.launch import (
     device_supports_triton,
     num_warps_for,
     pairwise_tiles,
-    scratch,
 )
 from cdds_fast.kernels.stats import STD_EPS
 from cdds_fast.contract import check_hyper, check_same_device, check_tensor
@@ -156,19 +155,14 @@ N_SCRATCH = 6
 G_ALPHA, G_WS, G_WM = map(tl.constexpr, range(3))
 N_PART = 3
 
-# Tests and benchmarks only: (BLOCK_I, BLOCK_J, num_warps) for every kernel, or a dict
-# {"fwd" | "row" | "col": (BLOCK_I, BLOCK_J, num_warps)}; None = launch.pairwise_tiles. The column
-# kernel's tile is [BLOCK_J owned columns, BLOCK_I rows per step], rows along the fast axis.
-_TILE_OVERRIDE: tuple[int, int, int] | dict | None = None
 
-
-def _tiles(d: int, kernel: str) -> tuple[int, int, int]:
-    o = _TILE_OVERRIDE
-    if isinstance(o, dict):
-        o = o.get(kernel)
-    if o is not None:
-        return o
-    bi, bj, warps = pairwise_tiles(d)
+def _tiles(d: int, kernel: str, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_I, BLOCK_J, num_warps)`` of ``kernel`` (``"fwd"``, ``"row"`` or ``"col"``) from
+    :func:`launch.pairwise_tiles`. The column kernel's tile is ``[BLOCK_J owned columns, BLOCK_I
+    rows per step]`` with the rows along the fast axis, so it takes the two sides swapped. (Tests
+    reach the multi-tile paths at small ``D`` by replacing this function: the ``sampling_tiles``
+    fixture of ``tests/test_sampling.py``.)"""
+    bi, bj, warps = pairwise_tiles(d, device)
     return (bj, bi, warps) if kernel == "col" else (bi, bj, warps)
 
 
@@ -498,7 +492,8 @@ def _related_sampling_bwd_row_kernel(
         inv_q_c = 1.0 / tl.maximum(norm_c, NORM_EPS)
         # Pass A (elementwise): every row's gc, ga and direct mu, s terms, stashed where the
         # sweep loop reads them back (the rows' gc/Z, ga/Z scratch and the gradient rows it
-        # completes); interleaved with the sweep this work doubled the kernel's registers.
+        # completes); a pass of its own, as interleaved with the sweep this work would about
+        # double the kernel's registers (benchmarks/RESULTS.md).
         for i0 in range(0, D, BLOCK_I):
             rows = i0 + tl.arange(0, BLOCK_I)
             rmask = rows < D
@@ -773,11 +768,11 @@ def sampling_forward(
     returns None."""
     _, _, bsz, d = col.shape
     dev = col.device
-    bi, bj, warps = _tiles(d, "fwd")
+    bi, bj, warps = _tiles(d, "fwd", dev)
     block_p, _ = _prologue_block(d)
     if fused is None:
-        c = scratch((2, bsz, d), torch.float32, dev)
-        a = scratch((2, bsz, d), torch.float32, dev)
+        c = torch.empty((2, bsz, d), dtype=torch.float32, device=dev)
+        a = torch.empty((2, bsz, d), dtype=torch.float32, device=dev)
         extra = (col, col, col, col)  # unused pointers (FUSED is a constexpr)
     else:
         c = a = col
@@ -805,10 +800,11 @@ def sampling_backward(
     w_m_text)`` gradient buffers are written too."""
     _, _, bsz, d = col.shape
     dev = col.device
-    row_scratch = scratch((N_SCRATCH, 2, bsz, d), torch.float32, dev)
-    g_mu = scratch((2, bsz, d), torch.float32, dev)
-    g_sd = scratch((2, bsz, d), torch.float32, dev)
-    part = scratch((N_PART if fused is not None else 1, 2, bsz, d), torch.float32, dev)
+    row_scratch = torch.empty((N_SCRATCH, 2, bsz, d), dtype=torch.float32, device=dev)
+    g_mu = torch.empty((2, bsz, d), dtype=torch.float32, device=dev)
+    g_sd = torch.empty((2, bsz, d), dtype=torch.float32, device=dev)
+    part = torch.empty((N_PART if fused is not None else 1, 2, bsz, d), dtype=torch.float32,
+                       device=dev)
     block_p, _ = _prologue_block(d)
     if fused is None:
         g_c = g_c.float().contiguous()
@@ -818,14 +814,14 @@ def sampling_backward(
         g_c = g_a = col
         extra = (fused["coef"], fused["pair"], *fused["w_s"], fused["feat"], fused["dx"],
                  fused["dy"])
-    bi, bj, warps = _tiles(d, "row")
+    bi, bj, warps = _tiles(d, "row", dev)
     _related_sampling_bwd_row_kernel[(bsz, 2)](
         col, row, alpha_image, alpha_text, g_c, g_a, *extra, row_scratch, g_mu, g_sd, part,
         bsz, d, 1.0 / tau_kl, 1.0 - rho,
         FUSED=fused is not None, BLOCK_I=bi, BLOCK_J=bj, EVEN_J=d % bj == 0, BLOCK_P=block_p,
         num_warps=warps,
     )
-    bi, bj, warps = _tiles(d, "col")
+    bi, bj, warps = _tiles(d, "col", dev)
     n_blk = triton.cdiv(d, bj)
     _related_sampling_bwd_col_kernel[(bsz * n_blk, 2)](
         col, row, alpha_image, alpha_text, row_scratch, g_mu, g_sd, bsz, d, n_blk, 1.0 / tau_kl,
@@ -851,7 +847,7 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     bsz, d = mu_v.shape
     # one saved tensor: the statistics planes (MU, SD) followed by the forward's ``row`` planes
-    stats = scratch((2 + N_ROW, 2, bsz, d), torch.float32, mu_v.device)
+    stats = torch.empty((2 + N_ROW, 2, bsz, d), dtype=torch.float32, device=mu_v.device)
     # the one copy: inputs (any strides / float dtype) -> contiguous fp32 planes
     stats[MU.value, 0].copy_(mu_v)
     stats[MU.value, 1].copy_(mu_t)
@@ -867,7 +863,7 @@ def _backward(
     tau_kl: float, rho: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     d = stats.shape[3]
-    g_alpha = scratch((2, d), torch.float32, stats.device)
+    g_alpha = torch.empty((2, d), dtype=torch.float32, device=stats.device)
     g_mu, g_sd = sampling_backward(
         stats, stats[2:], alpha_image.contiguous(), alpha_text.contiguous(), tau_kl=tau_kl,
         rho=rho, g_c=g_c, g_a=g_a, g_alpha=(g_alpha[0], g_alpha[1]),

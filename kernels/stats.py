@@ -1,4 +1,5 @@
-"""Column statistics kernel (spec section 3): masked mean and std of every column of ``X^s``.
+"""Column statistics kernel (docs/method.md section 2): masked mean and std of every column of
+``X^s``.
 
 ``mu[b, d] = sum_n m[b,n] x[b,n,d] / count[b]``,
 ``s[b, d] = sqrt(sum_n m[b,n] (x[b,n,d] - mu[b,d])^2 / count[b] + 1e-5)``,
@@ -23,7 +24,9 @@ At ``(B, P, L, D) = (256, 50, 77, 512)`` bf16, image + text together: ``B*(P+L)*
 elements, forward 33 MB (~11 us at 3 TB/s), backward 67 MB (~22 us). Pure bandwidth.
 
 The op is registered as ``cdds_fast::column_stats`` (+ ``cdds_fast::column_stats_backward``) with
-``torch.library.custom_op`` so ``torch.compile`` treats it as one opaque, differentiable node.
+``torch.library.custom_op`` so ``torch.compile`` treats it as one opaque, differentiable node. The
+CDDS loss computes the same statistics inside its token pass (``kernels/constraints.py``, with this
+file's ``finish_column_stats`` and ``stats_grad``); :func:`column_stats` is the standalone op.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cdds_fast.kernels.launch import scratch, scratch_like, sized_for_gpu, tile_warps, token_tile
+from cdds_fast.contract import KERNEL_DTYPES
+from cdds_fast.kernels.launch import sized_for_gpu, tile_warps, token_tile
 from cdds_fast.kernels.tokens import valid_tokens
 
 STD_EPS = 1e-5  # inside the square root, as cdds_fast.reference.stats
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Columns per program on a GPU: a warp reads 64 contiguous bf16/fp32 values per token row
 # (128-256 B), and B * D / 64 programs fill the device at realistic shapes.
@@ -154,9 +157,11 @@ def _stats_bwd_kernel(
 
 
 def _check(x: Tensor, mask: Optional[Tensor]) -> None:
+    """:func:`column_stats`'s inputs, before any launch (the launchers below take them as
+    checked)."""
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise ValueError(f"x: expected a [B, N, D] tensor, got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x: expected dtype float32, bfloat16 or float16, got {x.dtype}")
     if min(x.shape) < 1:
         raise ValueError(f"x: expected B, N, D >= 1, got shape {list(x.shape)}")
@@ -177,10 +182,10 @@ def _mask_arg(mask: Optional[Tensor], x: Tensor) -> Tensor:
 
 
 def _fwd_blocks(n: int, d: int, device: torch.device) -> tuple[int, int]:
-    block_n, block_d = token_tile(n, d)
+    block_n, block_d = token_tile(n, d, device)
     if sized_for_gpu(device):
         block_d = min(block_d, _GPU_COLS_PER_PROGRAM)
-        block_n, _ = token_tile(n, block_d, col_cap=block_d)
+        block_n, _ = token_tile(n, block_d, device, col_cap=block_d)
     return block_n, block_d
 
 
@@ -190,13 +195,12 @@ def stats_forward(
     """Launch the forward kernel on ``x`` ``[B, N, D]``; returns fp32 ``(mu, s, mu_res, count)``:
     ``mu_res`` ``[B, D]`` is the part of the exact mean that fp32 ``mu`` cannot hold and ``count``
     ``[B]`` the valid tokens per pair (both for the backward)."""
-    _check(x, mask)
     x = x.contiguous()
     batch, n, d = x.shape
-    mu = scratch((batch, d), torch.float32, x.device)
-    s = scratch_like(mu)
-    mu_res = scratch_like(mu)
-    count = scratch((batch,), torch.float32, x.device)
+    mu = torch.empty((batch, d), dtype=torch.float32, device=x.device)
+    s = torch.empty_like(mu)
+    mu_res = torch.empty_like(mu)
+    count = torch.empty((batch,), dtype=torch.float32, device=x.device)
     block_n, block_d = _fwd_blocks(n, d, x.device)
     grid = (batch, triton.cdiv(d, block_d))
     _stats_fwd_kernel[grid](
@@ -211,22 +215,16 @@ def stats_backward(
     x: Tensor, mask: Optional[Tensor], mu: Tensor, mu_res: Tensor, s: Tensor, count: Tensor,
     grad_mu: Tensor, grad_s: Tensor,
 ) -> Tensor:
-    """Launch the backward kernel; returns ``grad_x`` in ``x``'s dtype."""
-    _check(x, mask)
+    """Launch the backward kernel; returns ``grad_x`` in ``x``'s dtype. The statistics are the
+    forward's (``[B, D]``, ``count`` ``[B]``), the gradients those of ``mu`` and ``s``."""
     x = x.contiguous()
     batch, n, d = x.shape
-    for name, t in (("mu", mu), ("mu_res", mu_res), ("s", s), ("grad_mu", grad_mu),
-                    ("grad_s", grad_s)):
-        if list(t.shape) != [batch, d]:
-            raise ValueError(f"{name}: expected shape [B, D] = {[batch, d]}, got {list(t.shape)}")
-    if list(count.shape) != [batch]:
-        raise ValueError(f"count: expected shape [B] = [{batch}], got {list(count.shape)}")
     f32 = torch.float32
     mu, s, mu_res = mu.to(f32).contiguous(), s.to(f32).contiguous(), mu_res.to(f32).contiguous()
     grad_mu, grad_s = grad_mu.to(f32).contiguous(), grad_s.to(f32).contiguous()
     count = count.to(f32).contiguous()
-    grad_x = scratch_like(x)
-    block_n, block_d = token_tile(n, d)
+    grad_x = torch.empty_like(x)
+    block_n, block_d = token_tile(n, d, x.device)
     grid = (batch, triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     _stats_bwd_kernel[grid](
         x, _mask_arg(mask, x), count, mu, mu_res, s, grad_mu, grad_s, grad_x, n, d,
@@ -289,7 +287,9 @@ _column_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def column_stats(x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Masked column mean and std (spec section 3), differentiable, on the Triton kernels.
+    """Masked column mean and std (docs/method.md section 2), differentiable, on the Triton
+    kernels (the loss computes them inside its token pass; this op is for the statistics
+    alone).
 
     Args:
         x: ``[B, N, D]`` float32/bfloat16/float16 semantic components (any strides).

@@ -21,12 +21,14 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-from cdds_fast.kernels import launch  # noqa: E402  (after TRITON_INTERPRET is decided)
-
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-# Every buffer a kernel must fill starts as NaN in the tests (kernels/launch.py: scratch): a slot
-# a kernel forgets to write, or reads before writing, shows up instead of passing unnoticed.
-launch.POISON_SCRATCH = True
+# Every buffer a kernel fills starts as NaN in the tests: with deterministic algorithms on,
+# PyTorch fills the memory torch.empty & co. return (floating point with NaN, integers with their
+# largest value: torch.utils.deterministic.fill_uninitialized_memory), so a slot a kernel forgets
+# to write, or reads before writing, shows up in the results instead of passing unnoticed.
+# warn_only: an op without a deterministic implementation warns instead of raising.
+torch.use_deterministic_algorithms(True, warn_only=True)
+torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 def pytest_addoption(parser):
@@ -45,3 +47,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+@pytest.fixture
+def row_block_cap(monkeypatch):
+    """``row_block_cap(width)``: the token passes (kernels/constraints.py) hold rows of at most
+    ``width`` features in one block for the rest of the test, so a small ``D`` reaches the
+    chunked-row path (row-LSE pass, ``D`` loops) that real widths reach above 2048 / 4096."""
+    from cdds_fast.kernels import constraints
+
+    def lower(width: int) -> None:
+        monkeypatch.setattr(constraints, "_row_block_cap", lambda device: width)
+
+    return lower

@@ -8,7 +8,8 @@ all 13 leaves (the tokens, both components, the six vectors) are what is compare
 is test_fused_loss's conditioned one: the fast path's error against the float64 reference within
 ``FACTOR`` times the fp32 reference's own (its rounding perturbed) + the table's atol. Inputs are
 fresh random tensors; test ids name shape, dtype and path (``cap``: the widest row the token pass
-holds in one block; lower than D reaches the chunked-row path with its row-LSE kernel).
+holds in one block, lowered through the ``row_block_cap`` fixture below D to reach the
+chunked-row path with its row-LSE kernel; None: the launch rule's).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import pytest
 import torch
 
 from cdds_fast.fused_loss import _fast_terms
-from cdds_fast.kernels.launch import ROW_BLOCK_CAP
 from tests._inputs import assert_close
 from tests.test_fused_loss import F32, check_conditioned, inputs, repair_alpha, run, text_mask
 
@@ -27,19 +27,15 @@ from tests.test_fused_loss import F32, check_conditioned, inputs, repair_alpha, 
 WEIGHTS = dict(a_c=0.0, a_s=0.0, a_m=0.7, a_f=0.4)
 
 
-def fast(block_d_cap: int = ROW_BLOCK_CAP):
-    """``cdds_loss_triton``'s kernels with the token pass's row block capped (no validation)."""
-    def terms(*args, logit_scale, a_c=1.0, a_s=1.0, a_m=0.1, a_f=0.5, tau_kl=1.0, rho=0.01,
-              contrastive=None, **params):
-        return _fast_terms(tuple(args[:6]), args[6], params, logit_scale, a_c=a_c, a_s=a_s,
-                           a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho, contrastive=contrastive,
-                           block_d_cap=block_d_cap)
-
-    return terms
+def fast(*args, logit_scale, a_c=1.0, a_s=1.0, a_m=0.1, a_f=0.5, tau_kl=1.0, rho=0.01,
+         contrastive=None, **params):
+    """``cdds_loss_triton``'s kernels without its validation."""
+    return _fast_terms(tuple(args[:6]), args[6], params, logit_scale, a_c=a_c, a_s=a_s, a_m=a_m,
+                       a_f=a_f, tau_kl=tau_kl, rho=rho, contrastive=contrastive)
 
 
-def check(tensors, params, *, cap=ROW_BLOCK_CAP, floors=None):
-    out, grads = check_conditioned(tensors, repair_alpha(tensors, params), fast=fast(cap),
+def check(tensors, params, *, floors=None):
+    out, grads = check_conditioned(tensors, repair_alpha(tensors, params), fast=fast,
                                    floors=floors, **WEIGHTS)
     mask = tensors[6]
     for name, g in (("text_tokens", grads["text_tokens"]),
@@ -51,10 +47,10 @@ def check(tensors, params, *, cap=ROW_BLOCK_CAP, floors=None):
 
 
 SHAPES = [
-    pytest.param(1, 1, 1, 1, ROW_BLOCK_CAP, id="B1-P1-L1-D1"),
-    pytest.param(3, 5, 7, 37, ROW_BLOCK_CAP, id="D37"),
-    pytest.param(2, 9, 4, 1, ROW_BLOCK_CAP, id="D1"),
-    pytest.param(3, 1, 5, 24, ROW_BLOCK_CAP, id="P1"),
+    pytest.param(1, 1, 1, 1, None, id="B1-P1-L1-D1"),
+    pytest.param(3, 5, 7, 37, None, id="D37"),
+    pytest.param(2, 9, 4, 1, None, id="D1"),
+    pytest.param(3, 1, 5, 24, None, id="P1"),
     # D wider than one block: per-token log-sum-exp kernel + D-chunk loops
     pytest.param(3, 6, 5, 37, 16, id="D37-chunked"),
     pytest.param(2, 33, 9, 70, 32, id="D70-chunked"),
@@ -65,9 +61,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,patches,length,dim,cap", SHAPES)
-def test_matches_reference(batch, patches, length, dim, cap, dtype, device):
+def test_matches_reference(batch, patches, length, dim, cap, dtype, device, row_block_cap):
+    if cap is not None:
+        row_block_cap(cap)
     tensors, params = inputs(batch, patches, length, dim, dtype, device)
-    check(tensors, params, cap=cap)
+    check(tensors, params)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -87,15 +85,17 @@ def test_mixed_input_dtypes(device):
     check(tensors, params)
 
 
-@pytest.mark.parametrize("cap", [ROW_BLOCK_CAP, 16], ids=["one-block", "chunked"])
-def test_one_valid_token_and_mostly_masked(cap, device):
+@pytest.mark.parametrize("cap", [None, 16], ids=["one-block", "chunked"])
+def test_one_valid_token_and_mostly_masked(cap, device, row_block_cap):
+    if cap is not None:
+        row_block_cap(cap)
     batch, length = 3, 77
     mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
     mask[0, 0] = True
     mask[1, 40] = True
     mask[2, :3] = True
     tensors, params = inputs(batch, 5, length, 37, torch.float32, device, mask=mask)
-    check(tensors, params, cap=cap)
+    check(tensors, params)
 
 
 def test_non_contiguous_inputs(device):
@@ -129,8 +129,8 @@ def test_large_magnitudes(dtype, device):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy log(0), 0 * inf
-@pytest.mark.parametrize("cap", [ROW_BLOCK_CAP, 16], ids=["one-block", "chunked"])
-def test_saturated_softmax_matches_reference_nan(cap, device):
+@pytest.mark.parametrize("cap", [None, 16], ids=["one-block", "chunked"])
+def test_saturated_softmax_matches_reference_nan(cap, device, row_block_cap):
     """X^m ~ 1e4: every softmax is one-hot, so some qbar_d underflows to exactly 0 and the
     reference's log(qbar) makes L_m NaN (and its X^m gradient NaN). The kernels reproduce that:
     L_m = sum q log q / Ntok - sum qbar log qbar is NaN for the same reason; the other terms and
@@ -142,7 +142,9 @@ def test_saturated_softmax_matches_reference_nan(cap, device):
         tensors[2] = (tensors[2].detach() * 1e4).requires_grad_()
         tensors[5] = (tensors[5].detach() * 1e4).requires_grad_()
     params = repair_alpha(tensors, params)
-    out, grads = run(fast(cap), tensors, params, **WEIGHTS)
+    if cap is not None:
+        row_block_cap(cap)
+    out, grads = run(fast, tensors, params, **WEIGHTS)
     ref, ref_grads = run(_reference, tensors, params, **WEIGHTS)
     assert torch.isnan(ref["modality_loss"]) and torch.isnan(out["modality_loss"])
     for k in ("completeness_loss", "x_completeness_loss"):

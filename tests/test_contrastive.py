@@ -438,8 +438,8 @@ def test_cost_table_is_the_docstring_table():
 
 
 def test_launches_and_scratch_match_the_model():
-    """Launches (Triton + aten, counted by benchmarks/kernel_resources.py as a GPU would issue
-    them) and the scratch buffers the launchers allocate, against launch_counts / scratch_bytes,
+    """Launches (Triton + aten, counted by benchmarks/kernel_resources.py as the reference GPU
+    gets them) and the buffers the launchers allocate, against launch_counts / scratch_bytes,
     including B = 65536, D = 512 (run on meta tensors: nothing is computed)."""
     import subprocess
     import sys
@@ -451,9 +451,9 @@ def test_launches_and_scratch_match_the_model():
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = json.loads(proc.stdout.strip().splitlines()[-1])
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    for b, n, d, dname, budget, n_prob, symmetric, dev, counts in cases:
+    for b, n, d, dname, budget, n_prob, symmetric, counts in cases:
         dtype = dtypes[dname]
-        plan = launch.info_nce_plan(dtype, b, n, d, torch.device("cuda"), budget=budget)
+        plan = launch.info_nce_plan(dtype, b, n, d, torch.device("meta"), budget=budget)
         assert counts["plan"] == [plan.path, plan.fwd_rows, plan.bwd_rows, plan.bwd_cols]
         fwd, bwd = K.launch_counts(plan, n_prob, b, n)
         where = (b, n, d, dname, budget)
@@ -466,7 +466,8 @@ def test_launches_and_scratch_match_the_model():
             logits = 4 * plan.bwd_rows * plan.bwd_cols
             assert logits in counts["backward"]["scratch"] and bwd_scratch <= budget
         if (b, dname) == (65536, "bf16"):
-            # everything the backward allocates, gradients included: the issue's 0.5 GB
+            # everything the backward allocates, gradients included, within 500 MiB (the
+            # module docstring's model: ~460 MiB)
             assert sum(counts["backward"]["scratch"]) <= 500 * 2**20, counts["backward"]
         if b == 65536:
             assert max(counts["forward"]["scratch"]) == fwd_scratch <= budget

@@ -16,7 +16,7 @@ rows no alpha fixes), and the boundaries themselves are tested with exact ties (
 duplicated columns), where every implementation sees the same tie.
 
 Multi-tile code paths (several column tiles, masked tails, several row blocks) are forced with
-small tiles through ``sampling._TILE_OVERRIDE``; the interpreter's default tile covers D <= 512.
+small tiles through the ``sampling_tiles`` fixture; the interpreter's tiles cover D <= 512.
 """
 
 from __future__ import annotations
@@ -192,10 +192,18 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, key: str, extra: st
     )
 
 
-def _check_parity(inputs, grads_out, device, *, tau=1.0, rho=0.01, prep=None, tiles=None,
-                  monkeypatch=None, compare_fp32_ref=False):
-    if tiles is not None:
-        monkeypatch.setattr(sampling_mod, "_TILE_OVERRIDE", tiles)
+@pytest.fixture
+def sampling_tiles(monkeypatch):
+    """``sampling_tiles((BLOCK_I, BLOCK_J, num_warps))``: every sampling kernel launches with
+    these tiles for the rest of the test instead of the launch rule's (``sampling._tiles``)."""
+    def use(tiles):
+        monkeypatch.setattr(sampling_mod, "_tiles", lambda d, kernel, device: tiles)
+
+    return use
+
+
+def _check_parity(inputs, grads_out, device, *, tau=1.0, rho=0.01, prep=None,
+                  compare_fp32_ref=False):
     k_out, k_grad, outs, _ = _run(related_sampling, inputs, grads_out, device, prep=prep,
                                    tau_kl=tau, rho=rho)
     for o in outs:
@@ -235,9 +243,11 @@ PARITY = [
 
 @pytest.mark.parametrize("seed", [0])
 @pytest.mark.parametrize("kind,b,d,tau,tiles", PARITY, ids=lambda v: str(v))
-def test_parity(kind, b, d, tau, tiles, seed, device, monkeypatch):
+def test_parity(kind, b, d, tau, tiles, seed, device, sampling_tiles):
     inputs, grads_out = _inputs(kind, b, d, seed + 1000 * b + d, tau, 0.01)
-    _check_parity(inputs, grads_out, device, tau=tau, tiles=tiles, monkeypatch=monkeypatch)
+    if tiles is not None:
+        sampling_tiles(tiles)
+    _check_parity(inputs, grads_out, device, tau=tau)
 
 
 @pytest.mark.slow
@@ -304,7 +314,7 @@ def test_constant_columns_uniform_ties(b, d, device):
 
 
 @pytest.mark.parametrize("alpha", [-1.0, 0.5, 3.0])
-def test_duplicated_columns_tie_at_max(alpha, device, monkeypatch):
+def test_duplicated_columns_tie_at_max(alpha, device, sampling_tiles):
     """Destination columns come in identical triples: ties at the max (the amax gradient split)
     and tied entries on both sides of the threshold; several column tiles. rho = 0.3 so that the
     (1 - rho) max threshold keeps more than the tied triple: otherwise the kept entries all have
@@ -315,8 +325,8 @@ def test_duplicated_columns_tie_at_max(alpha, device, monkeypatch):
     inputs = [t.repeat_interleave(3, dim=1) for t in base]  # rows come in equal triples too
     inputs += [torch.full((d,), alpha), torch.full((d,), alpha)]
     grads_out = [torch.randn(b, d, generator=g) for _ in range(4)]
-    _check_parity(inputs, grads_out, device, rho=0.3, tiles=(16, 16, 2), monkeypatch=monkeypatch,
-                  compare_fp32_ref=True)
+    sampling_tiles((16, 16, 2))
+    _check_parity(inputs, grads_out, device, rho=0.3, compare_fp32_ref=True)
 
 
 def test_identical_source_columns(device):

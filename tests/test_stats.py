@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdds_fast.kernels.stats import column_stats, stats_forward
+from cdds_fast.kernels.stats import column_stats
 from cdds_fast.reference import column_stats as ref_column_stats
 from tests._inputs import assert_close, make_mask, subnormal_ulp
 
@@ -168,7 +168,7 @@ def test_only_mu_or_only_s_needed(device):
 def test_bad_input_raises_before_launch(device):
     x = torch.randn(2, 3, 4, device=device)
     with pytest.raises(TypeError, match="x: expected dtype"):
-        stats_forward(x.to(torch.int32))
+        column_stats(x.to(torch.int32))
     with pytest.raises(TypeError, match="x: expected dtype"):
         column_stats(x.double())
     with pytest.raises(ValueError, match=r"x: expected a \[B, N, D\]"):
