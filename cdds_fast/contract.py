@@ -40,14 +40,18 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """``"float32, bfloat16, float16 or float64"`` for a dtype table, in error messages."""
+    *first, last = (str(d).removeprefix("torch.") for d in dtypes)
+    return f"{', '.join(first)} or {last}"
+
+
 def check_tensor(name: str, t: object, *, ndim: int | None = None) -> Tensor:
     """``t`` is a floating tensor of a supported dtype (and ``ndim`` dimensions)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected dtype float32, bfloat16, float16 or float64, got {t.dtype}"
-        )
+        raise TypeError(f"{name}: expected dtype {_dtype_names(FLOAT_DTYPES)}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {_shape(t)}")
     return t
