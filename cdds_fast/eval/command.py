@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from cdds_fast.cli import register_model_configs
 from cdds_fast.open_clip import eval_transform, quiet_random_init, register_sidecar_model
 from cdds_fast.open_clip.checkpoint import Checkpoint, read_checkpoint
 
@@ -135,10 +136,7 @@ def load_model(
     """
     import open_clip
 
-    for path in model_configs:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--cdds-model-config {path}: no such file or folder")
-        open_clip.add_model_config(path)
+    register_model_configs(model_configs)
     if checkpoint is not None:
         if pretrained:
             raise ValueError("--pretrained goes with --model alone; a --checkpoint has its own weights")
