@@ -158,7 +158,7 @@ def check_key_mask(name: str, mask: object, tokens_name: str, tokens: Tensor) ->
     return mask
 
 
-def check_same_device(tensors: Mapping[str, Tensor | float | None]) -> None:
+def check_same_device(tensors: Mapping[str, object]) -> None:
     items = [(n, t) for n, t in tensors.items() if isinstance(t, Tensor)]
     first_name, first = items[0]
     for name, t in items[1:]:
@@ -169,7 +169,7 @@ def check_same_device(tensors: Mapping[str, Tensor | float | None]) -> None:
             )
 
 
-def check_finite(tensors: Mapping[str, Tensor | float | None]) -> None:
+def check_finite(tensors: Mapping[str, object]) -> None:
     """Every floating tensor holds finite values only. Reads the values (a synchronisation),
     raising ValueError with the count of bad entries; while ``torch.compile`` traces, a
     device-side assertion per tensor instead (:func:`check_values`)."""
@@ -258,35 +258,15 @@ def check_head_settings(*, n_enc: int, n_dec: int, heads: int, mlp_ratio: float,
     check_number("sigma", sigma, low=0.0)
 
 
-def validate_cdds_inputs(
-    *,
-    image_tokens: Tensor,
-    image_semantic: Tensor,
-    image_modality: Tensor,
-    text_tokens: Tensor,
-    text_semantic: Tensor,
-    text_modality: Tensor,
-    text_mask: Tensor,
-    alpha_image: Tensor,
-    alpha_text: Tensor,
-    w_s_image: Tensor,
-    w_m_image: Tensor,
-    w_s_text: Tensor,
-    w_m_text: Tensor,
-    logit_scale: Tensor | float,
-    tau_kl: float,
-    rho: float,
-    a_c: float,
-    a_s: float,
-    a_m: float,
-    a_f: float,
-) -> None:
-    """docs/method.md section 7's checks for :func:`cdds_loss` that read no tensor values:
-    shapes, dtypes, devices, hyper-parameters and a number ``logit_scale``, on the host; raises
-    on the first violation. The value checks come after the backend is known:
-    :func:`check_cdds_values`."""
-    check_tensor("image_tokens", image_tokens, ndim=3)
-    check_tensor("text_tokens", text_tokens, ndim=3)
+#: The ``[D]`` parameter vectors of the loss, by their keyword names.
+VECTOR_NAMES = ("alpha_image", "alpha_text", "w_s_image", "w_m_image", "w_s_text", "w_m_text")
+
+
+def _check_token_tensors(inputs: Mapping[str, object]) -> tuple[int, int, int]:
+    """Image ``[B, P, D]`` and text ``[B, L, D]`` tokens, each component shaped as its tokens;
+    returns ``(B, L, D)``."""
+    image_tokens = check_tensor("image_tokens", inputs["image_tokens"], ndim=3)
+    text_tokens = check_tensor("text_tokens", inputs["text_tokens"], ndim=3)
     batch, patches, dim = image_tokens.shape
     t_batch, length, t_dim = text_tokens.shape
     if t_batch != batch:
@@ -302,46 +282,37 @@ def validate_cdds_inputs(
             f"image_tokens/text_tokens: expected B, P, L, D >= 1, got image {_shape(image_tokens)} "
             f"and text {_shape(text_tokens)}"
         )
-    for name, t, ref, ref_name in (
-        ("image_semantic", image_semantic, image_tokens, "image_tokens"),
-        ("image_modality", image_modality, image_tokens, "image_tokens"),
-        ("text_semantic", text_semantic, text_tokens, "text_tokens"),
-        ("text_modality", text_modality, text_tokens, "text_tokens"),
-    ):
-        check_tensor(name, t, ndim=3)
-        if t.shape != ref.shape:
-            raise ValueError(
-                f"{name}: expected shape {_shape(ref)} (same as {ref_name}), got {_shape(t)}"
-            )
-    vectors = {
-        "alpha_image": alpha_image,
-        "alpha_text": alpha_text,
-        "w_s_image": w_s_image,
-        "w_m_image": w_m_image,
-        "w_s_text": w_s_text,
-        "w_m_text": w_m_text,
-    }
-    for name, v in vectors.items():
-        check_tensor(name, v, ndim=1)
+    for modality in ("image", "text"):
+        ref_name = f"{modality}_tokens"
+        ref = inputs[ref_name]
+        for name in (f"{modality}_semantic", f"{modality}_modality"):
+            t = check_tensor(name, inputs[name], ndim=3)
+            if t.shape != ref.shape:
+                raise ValueError(
+                    f"{name}: expected shape {_shape(ref)} (same as {ref_name}), got {_shape(t)}"
+                )
+    return batch, length, dim
+
+
+def validate_cdds_inputs(inputs: Mapping[str, object], *, tau_kl: float, rho: float, a_c: float,
+                         a_s: float, a_m: float, a_f: float) -> None:
+    """docs/method.md section 7's checks for :func:`cdds_loss` that read no tensor values, on
+    its tensor arguments by name (``inputs``: the seven tokens and mask, the six vectors,
+    ``logit_scale``) and its hyper-parameters: shapes, dtypes, devices, the settings and a number
+    ``logit_scale``, on the host; raises on the first violation. The value checks come once the
+    backend is known: :func:`check_cdds_values`."""
+    batch, length, dim = _check_token_tensors(inputs)
+    for name in VECTOR_NAMES:
+        v = check_tensor(name, inputs[name], ndim=1)
         if v.shape[0] != dim:
             raise ValueError(f"{name}: expected shape [D] = [{dim}], got {_shape(v)}")
-    check_scale("logit_scale", logit_scale)
-    check_mask(text_mask, batch, length)
-    check_same_device({
-        "image_tokens": image_tokens,
-        "image_semantic": image_semantic,
-        "image_modality": image_modality,
-        "text_tokens": text_tokens,
-        "text_semantic": text_semantic,
-        "text_modality": text_modality,
-        "text_mask": text_mask,
-        **vectors,
-        "logit_scale": logit_scale,
-    })
+    check_scale("logit_scale", inputs["logit_scale"])
+    check_mask(inputs["text_mask"], batch, length)
+    check_same_device(inputs)
     check_hyper(tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
 
 
-def check_cdds_values(inputs: Mapping[str, Tensor | float], *, host: bool,
+def check_cdds_values(inputs: Mapping[str, object], *, host: bool,
                       mask_in_kernel: bool = False, scale_in_kernel: bool = False) -> None:
     """docs/method.md section 7's checks on the values of :func:`cdds_loss`'s ``inputs`` (its
     arguments by name, already through :func:`validate_cdds_inputs`).

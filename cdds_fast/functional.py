@@ -73,7 +73,7 @@ def cdds_loss(
                   w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text,
                   logit_scale=logit_scale)
     hyper = dict(a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho)
-    validate_cdds_inputs(**inputs, **hyper)
+    validate_cdds_inputs(inputs, **hyper)
     # the dtype every input promotes to: float64 anywhere takes the reference
     dtype = functools.reduce(torch.promote_types, (
         t.dtype for t in inputs.values() if isinstance(t, Tensor) and t.is_floating_point()))
