@@ -288,10 +288,9 @@ def train_run(
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_fn`` on the given step schedule; return the history.
 
-    ``images`` (uint8) and ``tokens`` live on ``device``. Every step: forward, ``loss_fn(**out,
-    output_dict=True)``, backward on the sum of the terms, AdamW step, then the trainer's clamp
-    ``logit_scale <= ln 100``. Returns ``{"loss": [...], <term>: [...], "lr": [...], "step_s":
-    [...], "train_s": float}``.
+    ``images`` (uint8) and ``tokens`` live on ``device``; each step is :func:`_train_step` with
+    AdamW at the schedule's learning rate. Returns ``{"loss": [...], <term>: [...], "lr": [...],
+    "step_s": [...], "train_s": float}``.
     """
     from tqdm.auto import tqdm
 
@@ -309,17 +308,8 @@ def train_run(
         for group in opt.param_groups:
             group["lr"] = lr_now
         img_idx, cap_idx = img_idx.to(device), cap_idx.to(device)
-        x = normalize(images[img_idx])
-        text = tokens[img_idx, cap_idx]
-        out = model(x, text)
-        terms = loss_fn(**out, output_dict=True)
-        total = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        values = {k: float(v.detach()) for k, v in terms.items()}  # syncs
+        values = _train_step(model, loss_fn, opt, normalize(images[img_idx]),
+                             tokens[img_idx, cap_idx])
         loss = float(sum(values.values()))
         if not math.isfinite(loss):
             raise FloatingPointError(f"{name}: loss is {loss} at step {step}: {values}")
@@ -335,6 +325,20 @@ def train_run(
     bar.close()
     model.eval()
     return hist
+
+
+def _train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
+                image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+    """One step on a batch: forward, ``loss_fn(**out, output_dict=True)``, backward on the sum of
+    the terms, the optimizer step, then open_clip_train's clamp ``logit_scale <= ln 100``.
+    Returns the terms' values (reading them waits for the device)."""
+    terms = loss_fn(**model(image, text), output_dict=True)
+    opt.zero_grad(set_to_none=True)
+    sum(terms.values()).backward()
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return {k: float(v.detach()) for k, v in terms.items()}
 
 
 def _step_time(hist: dict[str, Any]) -> float:
