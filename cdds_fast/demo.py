@@ -398,24 +398,11 @@ def _device_info(device: torch.device) -> dict[str, Any]:
 
 
 def format_report_table(metrics: dict[str, dict[str, float]], step_s: dict[str, float | None]) -> str:
-    """:func:`cdds_fast.eval.retrieval.format_table` plus a ``s / train step`` row (same layout)."""
+    """:func:`cdds_fast.eval.retrieval.format_table` plus a ``s / train step`` row."""
     from cdds_fast.eval.retrieval import format_table
 
-    lines = format_table(metrics).splitlines()
-    grid = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    del grid[1]  # the separator row, rebuilt below
-    grid.append(["s / train step"] + [
-        "-" if step_s.get(name) is None else f"{step_s[name]:.3f}" for name in metrics
-    ])
-    widths = [max(len(r[c]) for r in grid) for c in range(len(grid[0]))]
-    out = []
-    for n, r in enumerate(grid):
-        cells = [r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in range(1, len(r))]
-        out.append("| " + " | ".join(cells) + " |")
-        if n == 0:
-            sep = ["-" * widths[0]] + ["-" * (widths[c] - 1) + ":" for c in range(1, len(r))]
-            out.append("| " + " | ".join(sep) + " |")
-    return "\n".join(out)
+    seconds = {name: f"{s:.3f}" for name, s in step_s.items() if s is not None}
+    return format_table(metrics, extra_rows={"s / train step": seconds})
 
 
 def chance_metrics(num_images: int, captions_per_image: int = 5) -> dict[str, float]:

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
-from cdds_fast.data.captioned import CAPTIONS_PER_IMAGE, CaptionedImages
+from cdds_fast.data.captioned import CAPTIONS_PER_IMAGE, CaptionedImageFiles
 
 __all__ = ["COCO_1K_FOLDS", "COCO_1K_FOLD_SIZE", "COCO_5K_TEST_IMAGES", "KarpathyRetrieval",
            "coco_1k_folds"]
@@ -89,7 +88,7 @@ def _entry_captions(json_path: Path, n: int, entry: dict[str, Any]) -> list[str]
     return texts
 
 
-class KarpathyRetrieval(CaptionedImages):
+class KarpathyRetrieval(CaptionedImageFiles):
     """Flickr30K / MS-COCO in the Karpathy-split JSON format, 5 captions per image.
 
     The JSON is ``{"images": [{"filename": ..., "filepath": ... (COCO only), "split": "train" |
@@ -176,22 +175,9 @@ class KarpathyRetrieval(CaptionedImages):
         self.coco_1k_fold = int(fold)
         self._offsets = None
 
-    @property
-    def num_images(self) -> int:
-        """Number of images in the split (or fold)."""
-        return len(self.image_paths)
-
-    def captions(self, i: int) -> list[str]:
-        """The 5 captions of image ``i``."""
-        return list(self._captions[self._check_image_index(i)])
-
     def image_path(self, i: int) -> Path:
-        """Path of image ``i``."""
+        """Path of image ``i`` (``image_root/filepath/filename``)."""
         return Path(self.image_paths[self._check_image_index(i)])
-
-    def _load_image(self, i: int) -> Image.Image:
-        with Image.open(self.image_paths[i]) as im:
-            return im.convert("RGB")
 
 
 def coco_1k_folds(

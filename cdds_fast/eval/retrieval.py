@@ -434,19 +434,20 @@ _TABLE_ROWS: tuple[tuple[str, str, bool], ...] = (
 
 
 def format_table(
-    results: dict[str, dict[str, float]], digits: int = 1, highlight_best: bool = False
+    results: dict[str, dict[str, float]], digits: int = 1, highlight_best: bool = False,
+    extra_rows: dict[str, dict[str, str]] | None = None,
 ) -> str:
     """A markdown table comparing methods side by side.
 
     Rows: I->T R@1/5/10, T->I R@1/5/10, rSum, I->T and T->I mean rank; one column per method
     (``results = {method name: metrics dict}``, e.g. from :func:`retrieval_metrics`); a missing
     metric shows as ``-``. ``highlight_best`` bolds the best value of each row (highest recall /
-    rSum, lowest mean rank; all tied values). Columns are padded so the text lines up.
+    rSum, lowest mean rank; all tied values). ``extra_rows`` (``{label: {method name: cell}}``)
+    appends rows of cells already formatted. Columns are padded so the text lines up.
     """
     if not isinstance(results, dict) or not results:
         raise ValueError("results must be a non-empty dict {method name: metrics dict}")
-    names = [str(n) for n in results]
-    grid: list[list[str]] = [["metric", *names]]
+    grid: list[list[str]] = [["metric", *map(str, results)]]
     for label, key, higher in _TABLE_ROWS:
         vals = [m.get(key) for m in results.values()]
         present = [float(v) for v in vals if v is not None]
@@ -462,6 +463,8 @@ def format_table(
                 cell = f"**{cell}**"
             row.append(cell)
         grid.append(row)
+    for label, cells in (extra_rows or {}).items():
+        grid.append([label, *(cells.get(name, "-") for name in results)])
     widths = [max(len(r[c]) for r in grid) for c in range(len(grid[0]))]
     lines = []
     for n, r in enumerate(grid):
@@ -471,4 +474,3 @@ def format_table(
             sep = ["-" * widths[0]] + ["-" * (widths[c] - 1) + ":" for c in range(1, len(r))]
             lines.append("| " + " | ".join(sep) + " |")
     return "\n".join(lines)
-
