@@ -146,8 +146,7 @@ def choose_threads(requested: int | None = None) -> int:
     ``requested`` wins. Otherwise the cores other processes do not already keep busy (CPU count
     minus the 1-minute load average, rounded down), at least 1 and at most torch's default. The
     demo's ops are small, so a compute thread that has to share a core makes every op wait at
-    OpenMP barriers: with 2 threads on 2 cores shared with other jobs, steps were about 10x
-    slower than with 1 thread. On 2 cores this usually means 1 thread (the measured ~3 minute run).
+    OpenMP barriers (benchmarks/RESULTS.md, "CPU: the demo"); on 2 cores this usually means 1.
     """
     if requested is not None:
         return _check_positive("threads", requested)
