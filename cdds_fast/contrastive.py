@@ -14,6 +14,7 @@ Differences from ``ClipLoss`` (all deliberate):
 * features of different dtypes are promoted to a common dtype first (``torch.promote_types``).
 * float64 features, and CPU tensors without the Triton interpreter, use the plain-PyTorch
   reference (``cdds_fast.reference.contrastive``), which is exactly ``ClipLoss``'s math.
+* ``rank``, ``world_size`` and ``use_horovod`` are checked when the module is built.
 """
 
 from __future__ import annotations
@@ -256,7 +257,9 @@ class FusedClipLoss(nn.Module):
         local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod: as in
             ``ClipLoss``; features are gathered with ``open_clip.loss.gather_features`` (so
             gradient flow across ranks is exactly open_clip's). ``cache_labels`` is accepted for
-            compatibility (no label tensor exists here).
+            compatibility (no label tensor exists here); ``use_horovod=True`` is refused where
+            the installed open_clip has no horovod support. ``0 <= rank < world_size`` is checked
+            when the module is built.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
         allow_tf32: fp32 features on TF32 tensor cores (opt-in; the global
             ``torch.backends.cuda.matmul`` TF32 setting does not apply, so IEEE fp32 stays the

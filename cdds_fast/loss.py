@@ -57,7 +57,8 @@ class CDDSLoss(nn.Module):
         local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod: open_clip
             ``ClipLoss``'s distributed arguments; only the pooled features of the two contrastive
             terms are gathered (docs/method.md section 6). ``cache_labels`` is accepted for
-            compatibility.
+            compatibility; ``use_horovod=True`` is refused where the installed open_clip has no
+            horovod support.
 
     Nonsense settings are refused when the module is built (``ValueError`` / ``TypeError``
     naming the argument).
