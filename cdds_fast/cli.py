@@ -7,7 +7,9 @@ starts fast and a subcommand's heavy imports (open_clip_train, matplotlib) stay 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 SUBCOMMANDS = {
@@ -35,6 +37,17 @@ def refuse_settings(loss: dict[str, Any], head: dict[str, Any], flags: dict[str,
         name, _, rest = str(e).partition(":")
         return f"{flags.get(name, name)}:{rest}"
     return None
+
+
+def register_model_configs(paths: Iterable[str]) -> None:
+    """Register open_clip model config JSONs (files or folders), the ``--cdds-model-config``
+    flag of ``train`` and ``eval``; a missing path raises FileNotFoundError naming it."""
+    import open_clip
+
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--cdds-model-config {path}: no such file or folder")
+        open_clip.add_model_config(path)
 
 
 def missing_extra(module: str, extra: str = "train") -> str | None:

@@ -40,14 +40,18 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """``"float32, bfloat16, float16 or float64"`` for a dtype table, in error messages."""
+    *first, last = (str(d).removeprefix("torch.") for d in dtypes)
+    return f"{', '.join(first)} or {last}"
+
+
 def check_tensor(name: str, t: object, *, ndim: int | None = None) -> Tensor:
     """``t`` is a floating tensor of a supported dtype (and ``ndim`` dimensions)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected dtype float32, bfloat16, float16 or float64, got {t.dtype}"
-        )
+        raise TypeError(f"{name}: expected dtype {_dtype_names(FLOAT_DTYPES)}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {_shape(t)}")
     return t
@@ -154,7 +158,7 @@ def check_key_mask(name: str, mask: object, tokens_name: str, tokens: Tensor) ->
     return mask
 
 
-def check_same_device(tensors: Mapping[str, Tensor | None]) -> None:
+def check_same_device(tensors: Mapping[str, object]) -> None:
     items = [(n, t) for n, t in tensors.items() if isinstance(t, Tensor)]
     first_name, first = items[0]
     for name, t in items[1:]:
@@ -165,7 +169,7 @@ def check_same_device(tensors: Mapping[str, Tensor | None]) -> None:
             )
 
 
-def check_finite(tensors: Mapping[str, Tensor | None]) -> None:
+def check_finite(tensors: Mapping[str, object]) -> None:
     """Every floating tensor holds finite values only. Reads the values (a synchronisation),
     raising ValueError with the count of bad entries; while ``torch.compile`` traces, a
     device-side assertion per tensor instead (:func:`check_values`)."""
@@ -180,12 +184,8 @@ def check_finite(tensors: Mapping[str, Tensor | None]) -> None:
             raise ValueError(f"{name}: expected finite values, got {bad} non-finite entries")
 
 
-def check_mask(text_mask: object, batch: int, length: int, *, host: bool | None = True) -> Tensor:
-    """``text_mask`` is bool ``[B, L]`` with at least one valid token per row.
-
-    The per-row check reads values: ``host=True`` on the host (ValueError naming the rows),
-    ``host=False`` as a device-side assertion (:func:`check_values`), ``host=None`` not at all
-    (the caller checks inside a kernel that counts the tokens anyway)."""
+def check_mask(text_mask: object, batch: int, length: int) -> Tensor:
+    """``text_mask`` is bool ``[B, L]`` (its rows' values: :func:`check_mask_rows`)."""
     if not isinstance(text_mask, Tensor):
         raise TypeError(f"text_mask: expected a bool torch.Tensor, got {type(text_mask).__name__}")
     if text_mask.dtype != torch.bool:
@@ -195,17 +195,21 @@ def check_mask(text_mask: object, batch: int, length: int, *, host: bool | None 
             f"text_mask: expected shape [B, L] = {[batch, length]} (from text_tokens), "
             f"got {_shape(text_mask)}"
         )
-    if host is None:
-        return text_mask
+    return text_mask
+
+
+def check_mask_rows(text_mask: Tensor, *, host: bool) -> None:
+    """At least one valid token per row of a bool ``[B, L]`` mask: ``host=True`` reads it on the
+    host (ValueError naming the rows), ``host=False`` is a device-side assertion
+    (:func:`check_values`)."""
     valid = text_mask.any(1)
     message = "text_mask: expected at least one valid token per row"
     if host and not torch.compiler.is_compiling():
         if not bool(valid.all()):
             rows = torch.nonzero(~valid).flatten().tolist()
             raise ValueError(f"{message}, got rows {rows[:8]} with no valid token")
-        return text_mask
+        return
     check_values(valid, f"{message}, got a row with none", host=False)
-    return text_mask
 
 
 def check_number(name: str, value: object, *, low: float, high: float = math.inf,
@@ -254,42 +258,15 @@ def check_head_settings(*, n_enc: int, n_dec: int, heads: int, mlp_ratio: float,
     check_number("sigma", sigma, low=0.0)
 
 
-def validate_cdds_inputs(
-    *,
-    image_tokens: Tensor,
-    image_semantic: Tensor,
-    image_modality: Tensor,
-    text_tokens: Tensor,
-    text_semantic: Tensor,
-    text_modality: Tensor,
-    text_mask: Tensor,
-    alpha_image: Tensor,
-    alpha_text: Tensor,
-    w_s_image: Tensor,
-    w_m_image: Tensor,
-    w_s_text: Tensor,
-    w_m_text: Tensor,
-    logit_scale: Tensor | float,
-    tau_kl: float,
-    rho: float,
-    a_c: float,
-    a_s: float,
-    a_m: float,
-    a_f: float,
-    finite: bool,
-    values_in_kernel: bool = False,
-) -> None:
-    """All of docs/method.md section 7's checks for :func:`cdds_loss`; raises on the first
-    violation.
+#: The ``[D]`` parameter vectors of the loss, by their keyword names.
+VECTOR_NAMES = ("alpha_image", "alpha_text", "w_s_image", "w_m_image", "w_s_text", "w_m_text")
 
-    Shapes, dtypes, devices, hyper-parameters and a number ``logit_scale`` are checked on the
-    host without reading tensor values. The checks that read values run on the host only with
-    ``finite`` (non-finite inputs, the text mask's rows, a ``logit_scale`` tensor; a
-    synchronisation each); without it the text-mask and ``logit_scale`` checks are device-side
-    assertions, or, with ``values_in_kernel``, left to the caller's kernels (the fast path reads
-    every row's token count and the scale anyway: one assertion for both)."""
-    check_tensor("image_tokens", image_tokens, ndim=3)
-    check_tensor("text_tokens", text_tokens, ndim=3)
+
+def _check_token_tensors(inputs: Mapping[str, object]) -> tuple[int, int, int]:
+    """Image ``[B, P, D]`` and text ``[B, L, D]`` tokens, each component shaped as its tokens;
+    returns ``(B, L, D)``."""
+    image_tokens = check_tensor("image_tokens", inputs["image_tokens"], ndim=3)
+    text_tokens = check_tensor("text_tokens", inputs["text_tokens"], ndim=3)
     batch, patches, dim = image_tokens.shape
     t_batch, length, t_dim = text_tokens.shape
     if t_batch != batch:
@@ -305,48 +282,49 @@ def validate_cdds_inputs(
             f"image_tokens/text_tokens: expected B, P, L, D >= 1, got image {_shape(image_tokens)} "
             f"and text {_shape(text_tokens)}"
         )
-    for name, t, ref, ref_name in (
-        ("image_semantic", image_semantic, image_tokens, "image_tokens"),
-        ("image_modality", image_modality, image_tokens, "image_tokens"),
-        ("text_semantic", text_semantic, text_tokens, "text_tokens"),
-        ("text_modality", text_modality, text_tokens, "text_tokens"),
-    ):
-        check_tensor(name, t, ndim=3)
-        if t.shape != ref.shape:
-            raise ValueError(
-                f"{name}: expected shape {_shape(ref)} (same as {ref_name}), got {_shape(t)}"
-            )
-    vectors = {
-        "alpha_image": alpha_image,
-        "alpha_text": alpha_text,
-        "w_s_image": w_s_image,
-        "w_m_image": w_m_image,
-        "w_s_text": w_s_text,
-        "w_m_text": w_m_text,
-    }
-    for name, v in vectors.items():
-        check_tensor(name, v, ndim=1)
+    for modality in ("image", "text"):
+        ref_name = f"{modality}_tokens"
+        ref = inputs[ref_name]
+        for name in (f"{modality}_semantic", f"{modality}_modality"):
+            t = check_tensor(name, inputs[name], ndim=3)
+            if t.shape != ref.shape:
+                raise ValueError(
+                    f"{name}: expected shape {_shape(ref)} (same as {ref_name}), got {_shape(t)}"
+                )
+    return batch, length, dim
+
+
+def validate_cdds_inputs(inputs: Mapping[str, object], *, tau_kl: float, rho: float, a_c: float,
+                         a_s: float, a_m: float, a_f: float) -> None:
+    """docs/method.md section 7's checks for :func:`cdds_loss` that read no tensor values, on
+    its tensor arguments by name (``inputs``: the seven tokens and mask, the six vectors,
+    ``logit_scale``) and its hyper-parameters: shapes, dtypes, devices, the settings and a number
+    ``logit_scale``, on the host; raises on the first violation. The value checks come once the
+    backend is known: :func:`check_cdds_values`."""
+    batch, length, dim = _check_token_tensors(inputs)
+    for name in VECTOR_NAMES:
+        v = check_tensor(name, inputs[name], ndim=1)
         if v.shape[0] != dim:
             raise ValueError(f"{name}: expected shape [D] = [{dim}], got {_shape(v)}")
-    check_scale("logit_scale", logit_scale)
-    if finite or not values_in_kernel:
-        check_scale_values("logit_scale", logit_scale, host=finite)
-    check_mask(text_mask, batch, length,
-               host=True if finite else (None if values_in_kernel else False))
-    everything = {
-        "image_tokens": image_tokens,
-        "image_semantic": image_semantic,
-        "image_modality": image_modality,
-        "text_tokens": text_tokens,
-        "text_semantic": text_semantic,
-        "text_modality": text_modality,
-        "text_mask": text_mask,
-        **vectors,
-        "logit_scale": logit_scale if isinstance(logit_scale, Tensor) else None,
-    }
-    check_same_device(everything)
+    check_scale("logit_scale", inputs["logit_scale"])
+    check_mask(inputs["text_mask"], batch, length)
+    check_same_device(inputs)
     check_hyper(tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
-    if finite:
-        check_finite(everything)
-        if not isinstance(logit_scale, Tensor) and not math.isfinite(logit_scale):
-            raise ValueError(f"logit_scale: expected a finite value, got {logit_scale!r}")
+
+
+def check_cdds_values(inputs: Mapping[str, object], *, host: bool,
+                      mask_in_kernel: bool = False, scale_in_kernel: bool = False) -> None:
+    """docs/method.md section 7's checks on the values of :func:`cdds_loss`'s ``inputs`` (its
+    arguments by name, already through :func:`validate_cdds_inputs`).
+
+    ``host=True`` (``check_finite``): every floating tensor finite, at least one valid token per
+    text row and a ``logit_scale`` tensor finite and > 0, read on the host before any compute (a
+    synchronisation each), raising ValueError. ``host=False``: the text-mask and ``logit_scale``
+    checks are device-side assertions that nothing waits for, or are left to the kernels that
+    read the token counts (``mask_in_kernel``) and the scale (``scale_in_kernel``) anyway."""
+    if host or not scale_in_kernel:
+        check_scale_values("logit_scale", inputs["logit_scale"], host=host)
+    if host or not mask_in_kernel:
+        check_mask_rows(inputs["text_mask"], host=host)
+    if host:
+        check_finite(inputs)

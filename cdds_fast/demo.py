@@ -11,8 +11,8 @@ What it does, end to end (a few minutes on 2 CPU cores; seconds on a GPU):
    ``batch_size`` distinct images, each with one of its captions, so a batch has no false
    negatives), AdamW and a cosine schedule with linear warmup:
 
-   * ``clip``: the plain model with ``cdds_fast.contrastive.FusedClipLoss`` when importable, else
-     open_clip's ``ClipLoss`` (the same InfoNCE either way);
+   * ``clip``: the plain model with :class:`cdds_fast.FusedClipLoss` (open_clip's ``ClipLoss``
+     in O(B) memory);
    * ``cdds``: :class:`cdds_fast.open_clip.CDDSModel` around the same towers (CDDS head with
      ``z`` noise groups, ``n_enc`` / ``n_dec`` blocks per decoupler) and :class:`cdds_fast.CDDSLoss`.
 
@@ -22,9 +22,10 @@ What it does, end to end (a few minutes on 2 CPU cores; seconds on a GPU):
 5. Prints the table side by side (I->T / T->I R@1/5/10, rSum, mean ranks, seconds per training
    step) and writes ``<out>/report.json`` and ``<out>/report.png``.
 
-Backends: ``--backend auto`` (default) runs the losses' Triton kernels on CUDA and the plain-PyTorch
-reference on CPU. (The Triton interpreter, which ``backend="auto"`` would otherwise pick for CPU
-tensors under ``TRITON_INTERPRET=1``, is a correctness tool; ``--backend triton`` still forces it.)
+Backends: ``--backend auto`` (default) picks as the library does
+(:func:`cdds_fast.dispatch.resolve_backend`): the losses' Triton kernels on CUDA, and on CPU the
+plain-PyTorch reference, or the Triton interpreter under ``TRITON_INTERPRET=1`` (a correctness
+tool, far slower).
 
 How to read the table: docs/demo.md.
 """
@@ -41,11 +42,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from cdds_fast.cli import missing_extra, refuse_settings
+from cdds_fast.dispatch import BACKENDS, resolve_backend
 from cdds_fast.open_clip import quiet_random_init
 
 __all__ = ["DEMO_MODEL", "MODEL_CONFIG", "build_parser", "main", "run_demo"]
@@ -91,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
-        "--backend", default="auto", choices=("auto", "triton", "reference"),
-        help="loss backend: auto = Triton kernels on CUDA, plain-PyTorch reference on CPU",
+        "--backend", default="auto", choices=BACKENDS,
+        help="loss backend: auto = Triton kernels on CUDA, plain-PyTorch reference on CPU (the "
+        "Triton interpreter under TRITON_INTERPRET=1)",
     )
     p.add_argument("--z", type=int, default=2, help="CDDS noise groups in training (default 2)")
     p.add_argument("--n-enc", type=int, default=1, help="CDDS encoder blocks per decoupler (default 1)")
@@ -137,20 +140,13 @@ def _resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto" and device.type != "cuda":
-        return "reference"
-    return backend
-
-
 def choose_threads(requested: int | None = None) -> int:
     """Intra-op CPU threads for the demo.
 
     ``requested`` wins. Otherwise the cores other processes do not already keep busy (CPU count
     minus the 1-minute load average, rounded down), at least 1 and at most torch's default. The
     demo's ops are small, so a compute thread that has to share a core makes every op wait at
-    OpenMP barriers: with 2 threads on 2 cores shared with other jobs, steps were about 10x
-    slower than with 1 thread. On 2 cores this usually means 1 thread (the measured ~3 minute run).
+    OpenMP barriers (benchmarks/RESULTS.md, "CPU: the demo"); on 2 cores this usually means 1.
     """
     if requested is not None:
         return _check_positive("threads", requested)
@@ -268,18 +264,6 @@ class _FeaturesOnly(torch.nn.Module):
         return self.loss(image_features, text_features, logit_scale, output_dict=output_dict)
 
 
-def _baseline_loss(backend: str) -> tuple[torch.nn.Module, str]:
-    try:
-        from cdds_fast.contrastive import FusedClipLoss
-    except ImportError:
-        FusedClipLoss = None  # noqa: N806
-    if FusedClipLoss is not None:
-        return FusedClipLoss(backend=backend), "cdds_fast.contrastive.FusedClipLoss"
-    from open_clip.loss import ClipLoss
-
-    return ClipLoss(), "open_clip.loss.ClipLoss"
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -303,10 +287,9 @@ def train_run(
 ) -> dict[str, Any]:
     """Train ``model`` with ``loss_fn`` on the given step schedule; return the history.
 
-    ``images`` (uint8) and ``tokens`` live on ``device``. Every step: forward, ``loss_fn(**out,
-    output_dict=True)``, backward on the sum of the terms, AdamW step, then the trainer's clamp
-    ``logit_scale <= ln 100``. Returns ``{"loss": [...], <term>: [...], "lr": [...], "step_s":
-    [...], "train_s": float}``.
+    ``images`` (uint8) and ``tokens`` live on ``device``; each step is :func:`_train_step` with
+    AdamW at the schedule's learning rate. Returns ``{"loss": [...], <term>: [...], "lr": [...],
+    "step_s": [...], "train_s": float}``.
     """
     from tqdm.auto import tqdm
 
@@ -324,17 +307,8 @@ def train_run(
         for group in opt.param_groups:
             group["lr"] = lr_now
         img_idx, cap_idx = img_idx.to(device), cap_idx.to(device)
-        x = normalize(images[img_idx])
-        text = tokens[img_idx, cap_idx]
-        out = model(x, text)
-        terms = loss_fn(**out, output_dict=True)
-        total = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        values = {k: float(v.detach()) for k, v in terms.items()}  # syncs
+        values = _train_step(model, loss_fn, opt, normalize(images[img_idx]),
+                             tokens[img_idx, cap_idx])
         loss = float(sum(values.values()))
         if not math.isfinite(loss):
             raise FloatingPointError(f"{name}: loss is {loss} at step {step}: {values}")
@@ -350,6 +324,20 @@ def train_run(
     bar.close()
     model.eval()
     return hist
+
+
+def _train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
+                image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+    """One step on a batch: forward, ``loss_fn(**out, output_dict=True)``, backward on the sum of
+    the terms, the optimizer step, then open_clip_train's clamp ``logit_scale <= ln 100``.
+    Returns the terms' values (reading them waits for the device)."""
+    terms = loss_fn(**model(image, text), output_dict=True)
+    opt.zero_grad(set_to_none=True)
+    sum(terms.values()).backward()
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return {k: float(v.detach()) for k, v in terms.items()}
 
 
 def _step_time(hist: dict[str, Any]) -> float:
@@ -409,24 +397,11 @@ def _device_info(device: torch.device) -> dict[str, Any]:
 
 
 def format_report_table(metrics: dict[str, dict[str, float]], step_s: dict[str, float | None]) -> str:
-    """:func:`cdds_fast.eval.retrieval.format_table` plus a ``s / train step`` row (same layout)."""
+    """:func:`cdds_fast.eval.retrieval.format_table` plus a ``s / train step`` row."""
     from cdds_fast.eval.retrieval import format_table
 
-    lines = format_table(metrics).splitlines()
-    grid = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    del grid[1]  # the separator row, rebuilt below
-    grid.append(["s / train step"] + [
-        "-" if step_s.get(name) is None else f"{step_s[name]:.3f}" for name in metrics
-    ])
-    widths = [max(len(r[c]) for r in grid) for c in range(len(grid[0]))]
-    out = []
-    for n, r in enumerate(grid):
-        cells = [r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in range(1, len(r))]
-        out.append("| " + " | ".join(cells) + " |")
-        if n == 0:
-            sep = ["-" * widths[0]] + ["-" * (widths[c] - 1) + ":" for c in range(1, len(r))]
-            out.append("| " + " | ".join(sep) + " |")
-    return "\n".join(out)
+    seconds = {name: f"{s:.3f}" for name, s in step_s.items() if s is not None}
+    return format_table(metrics, extra_rows={"s / train step": seconds})
 
 
 def chance_metrics(num_images: int, captions_per_image: int = 5) -> dict[str, float]:
@@ -517,145 +492,207 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class _RunSettings(NamedTuple):
+    """The run's settings: every flag checked, every default (or ``--quick`` preset) filled in."""
+
+    steps: int
+    batch_size: int
+    train_images: int
+    test_images: int
+    warmup: int
+    head_cfg: dict[str, Any]
+    device: torch.device
+    backend: str
+    threads: int
+
+
+def _run_settings(args: argparse.Namespace) -> _RunSettings:
+    """Check the flags and fill in the defaults (raises ValueError naming the flag)."""
+    preset = QUICK if args.quick else {}
+
+    def pick(name: str) -> int:
+        value = getattr(args, name)
+        return _check_positive(name, value if value is not None else preset.get(name, DEFAULTS[name]))
+
+    steps, batch_size = pick("steps"), pick("batch_size")
+    train_images, test_images = pick("train_images"), pick("test_images")
+    head_cfg = _checked_settings(args)
+    warmup = int(round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
+    device = _resolve_device(args.device)
+    backend = resolve_backend(args.backend, device, torch.float32)  # the demo trains in fp32
+    return _RunSettings(steps, batch_size, train_images, test_images, warmup, head_cfg, device,
+                        backend, choose_threads(args.threads))
+
+
+class _DemoData(NamedTuple):
+    tokenizer: Callable
+    train: Any  #: SceneCaptions, the train split
+    test: Any  #: SceneCaptions, the test split (images rendered already)
+    train_images: torch.Tensor | None  #: uint8 ``[N, 3, H, W]`` on the run's device
+    train_tokens: torch.Tensor | None  #: ``[N, 5, L]`` caption tokens on the run's device
+
+
+def _make_data(model_name: str, run: _RunSettings, seed: int) -> _DemoData:
+    """Both splits of the embedded scenes at the model's image size, every caption tokenised
+    once; the test images are rendered here so that rendering counts as data time, not eval."""
+    import open_clip
+
+    from cdds_fast.data import SceneCaptions
+
+    tokenizer = open_clip.get_tokenizer(model_name)
+    image_size = MODEL_CONFIG["vision_cfg"]["image_size"]
+    train = SceneCaptions("train", size=run.train_images, image_size=image_size, seed=seed)
+    test = SceneCaptions("test", size=run.test_images, image_size=image_size, seed=seed)
+    images, tokens = _render(train, tokenizer)
+    for i in range(test.num_images):
+        test.image_array(i)
+        test.captions(i)
+    return _DemoData(tokenizer, train, test, images.to(run.device), tokens.to(run.device))
+
+
+def _train_all(init: torch.nn.Module, run: _RunSettings, data: _DemoData, normalize: _Normalize,
+               args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    """The runs, each from a copy of ``init`` with the same batches, optimizer, schedule and
+    noise seed: ``clip`` (FusedClipLoss), ``cdds`` (CDDSModel + CDDSLoss) and, with
+    ``--ablation``, ``head-only`` (CDDSModel + InfoNCE on its pooled features). Returns the
+    trained models and their histories by run name."""
+    from cdds_fast.contrastive import FusedClipLoss
+    from cdds_fast.loss import CDDSLoss
+    from cdds_fast.open_clip import CDDSModel
+
+    clip_loss = FusedClipLoss(backend=run.backend)
+
+    def cdds_model() -> torch.nn.Module:
+        torch.manual_seed(args.seed + 2)  # the head's init: the same in every CDDS-architecture run
+        return CDDSModel(copy.deepcopy(init), **run.head_cfg, output_dict=True)
+
+    plan: list[tuple[str, Callable[[], torch.nn.Module], torch.nn.Module]] = [
+        ("clip", lambda: copy.deepcopy(init), clip_loss),
+        ("cdds", cdds_model, CDDSLoss(**LOSS_CFG, backend=run.backend, check_finite=False)),
+    ]
+    if args.ablation:
+        plan.append(("head-only", cdds_model, _FeaturesOnly(clip_loss)))
+    schedule = batch_schedule(run.train_images, data.train.captions_per_image, run.batch_size,
+                              run.steps, args.seed)
+    models: dict[str, torch.nn.Module] = {}
+    hists: dict[str, dict[str, Any]] = {}
+    for name, make, loss_fn in plan:
+        models[name] = make()
+        hists[name] = train_run(
+            name, models[name], loss_fn, data.train_images, data.train_tokens, schedule, normalize,
+            lr=args.lr, wd=args.wd, warmup=run.warmup, seed=args.seed + 1, device=run.device,
+            progress=not args.no_progress,
+        )
+    return models, hists
+
+
+def _evaluate(models: dict[str, torch.nn.Module], data: _DemoData, transform: Callable,
+              run: _RunSettings, progress: bool) -> dict[str, dict[str, float]]:
+    """Test-split retrieval metrics of every model, by name."""
+    from cdds_fast.eval.retrieval import encode_dataset, retrieval_metrics
+
+    metrics = {}
+    for name, model in models.items():
+        encoded = encode_dataset(model, data.test, batch_size=256, device=run.device,
+                                 transform=transform, tokenizer=data.tokenizer,
+                                 disable=not progress)
+        metrics[name] = retrieval_metrics(*encoded)
+    return metrics
+
+
+def _report_config(args: argparse.Namespace, run: _RunSettings, model_name: str,
+                   models: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    return {
+        "model": model_name,
+        "model_config": MODEL_CONFIG,
+        "steps": run.steps,
+        "batch_size": run.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.wd,
+        "warmup_steps": run.warmup,
+        "schedule": "linear warmup, then cosine to 0 (open_clip_train cosine_lr)",
+        "optimizer": "AdamW(betas=(0.9, 0.98), eps=1e-6), no decay on gains/biases/logit_scale",
+        "seed": args.seed,
+        "quick": bool(args.quick),
+        "ablation": bool(args.ablation),
+        "backend": run.backend,
+        "threads": run.threads,
+        "baseline_loss": "cdds_fast.contrastive.FusedClipLoss",
+        "cdds_head": run.head_cfg,
+        "cdds_loss": dict(LOSS_CFG),
+        "params": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+    }
+
+
+def _report_data(data: _DemoData) -> dict[str, Any]:
+    return {
+        "dataset": "cdds_fast.data.SceneCaptions",
+        "train_images": data.train.num_images,
+        "train_captions": data.train.num_captions,
+        "test_images": data.test.num_images,
+        "test_captions": data.test.num_captions,
+        "image_size": MODEL_CONFIG["vision_cfg"]["image_size"],
+        "context_length": MODEL_CONFIG["text_cfg"]["context_length"],
+    }
+
+
+def _losses_and_timings(hists: dict[str, dict[str, Any]]) -> tuple[dict, dict]:
+    """Per run: the losses by step (total, the CDDS terms, the learning rate) and the timings."""
+    losses = {name: {"loss": h["loss"], **{t: h[t] for t in _TERMS if t in h}, "lr": h["lr"]}
+              for name, h in hists.items()}
+    timings = {
+        "s_per_step": {name: _step_time(h) for name, h in hists.items()},
+        "train_s": {name: h["train_s"] for name, h in hists.items()},
+        "step_s": {name: h["step_s"] for name, h in hists.items()},
+    }
+    return losses, timings
+
+
 def run_demo(args: argparse.Namespace, t_start: float | None = None) -> dict[str, Any]:
     """Run the demo for parsed arguments; returns the report dict (also written to ``args.out``)."""
     t_start = time.perf_counter() if t_start is None else t_start
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from cdds_fast.data import SceneCaptions
-    from cdds_fast.loss import CDDSLoss
-    from cdds_fast.open_clip import CDDSModel
-    from cdds_fast.eval.retrieval import encode_dataset, retrieval_metrics
-
     t_import = time.perf_counter() - t_start
-    preset = QUICK if args.quick else {}
-    pick = lambda name, default: _check_positive(  # noqa: E731
-        name, getattr(args, name) if getattr(args, name) is not None else preset.get(name, default)
-    )
-    steps = pick("steps", DEFAULTS["steps"])
-    batch_size = pick("batch_size", DEFAULTS["batch_size"])
-    n_train = pick("train_images", DEFAULTS["train_images"])
-    n_test = pick("test_images", DEFAULTS["test_images"])
-    head_cfg = _checked_settings(args)
-    warmup = int(round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
-    device = _resolve_device(args.device)
-    backend = _resolve_backend(args.backend, device)
+    run = _run_settings(args)
     load_at_start = _load_average()
-    threads = choose_threads(args.threads)
-    torch.set_num_threads(threads)
-    progress = not args.no_progress
+    torch.set_num_threads(run.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # -- model config, data ---------------------------------------------------------------------
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cdds_demo_cfg_") as tmp:
         model_name = register_model_config(tmp)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    image_size = MODEL_CONFIG["vision_cfg"]["image_size"]
-    train_ds = SceneCaptions("train", size=n_train, image_size=image_size, seed=args.seed)
-    test_ds = SceneCaptions("test", size=n_test, image_size=image_size, seed=args.seed)
-    train_images, train_tokens = _render(train_ds, tokenizer)
-    train_images, train_tokens = train_images.to(device), train_tokens.to(device)
-    for i in range(test_ds.num_images):  # render the test images now: data time, not eval time
-        test_ds.image_array(i)
-        test_ds.captions(i)
+    data = _make_data(model_name, run, args.seed)
     t_data = time.perf_counter() - t0
 
-    # -- one init, two (three) runs ---------------------------------------------------------------------
     torch.manual_seed(args.seed)
     with quiet_random_init():
-        init = open_clip.create_model(model_name, device=device, output_dict=True)
+        init = open_clip.create_model(model_name, device=run.device, output_dict=True)
     init.eval()
     pre_cfg = PreprocessCfg(**init.visual.preprocess_cfg)
-    normalize = _Normalize(pre_cfg.mean, pre_cfg.std, device)
-    eval_transform = image_transform_v2(pre_cfg, is_train=False)
-    schedule = batch_schedule(n_train, train_ds.captions_per_image, batch_size, steps, args.seed)
-    # every run: the same init, batches, optimizer, schedule and noise seed
-    common = dict(lr=args.lr, wd=args.wd, warmup=warmup, seed=args.seed + 1, device=device,
-                  progress=progress)  # fmt: skip
+    models, hists = _train_all(init, run, data, _Normalize(pre_cfg.mean, pre_cfg.std, run.device),
+                               args)
+    data = data._replace(train_images=None, train_tokens=None)  # free them before evaluating
 
-    loss_cfg = dict(LOSS_CFG)
-    clip_loss, clip_loss_name = _baseline_loss(backend)
-
-    def cdds_model() -> torch.nn.Module:
-        torch.manual_seed(args.seed + 2)  # the head's init: the same in every CDDS-architecture run
-        return CDDSModel(copy.deepcopy(init), **head_cfg, output_dict=True)
-
-    plan: list[tuple[str, Callable[[], torch.nn.Module], torch.nn.Module]] = [
-        ("clip", lambda: copy.deepcopy(init), clip_loss),
-        ("cdds", cdds_model, CDDSLoss(**loss_cfg, backend=backend, check_finite=False)),
-    ]
-    if args.ablation:
-        plan.append(("head-only", cdds_model, _FeaturesOnly(clip_loss)))
-    models: dict[str, torch.nn.Module] = {}
-    hists: dict[str, dict[str, Any]] = {}
-    for name, make, loss_fn in plan:
-        models[name] = make()
-        hists[name] = train_run(name, models[name], loss_fn, train_images, train_tokens, schedule,
-                                normalize, **common)  # fmt: skip
-    del train_images, train_tokens
-
-    # -- evaluation -----------------------------------------------------------------------------
     t0 = time.perf_counter()
-    metrics: dict[str, dict[str, float]] = {}
-    for name, model in {"untrained": init, **models}.items():
-        enc = encode_dataset(model, test_ds, batch_size=256, device=device,
-                             transform=eval_transform, tokenizer=tokenizer, disable=not progress)  # fmt: skip
-        metrics[name] = retrieval_metrics(*enc)
+    metrics = _evaluate({"untrained": init, **models}, data,
+                        image_transform_v2(pre_cfg, is_train=False), run, not args.no_progress)
     t_eval = time.perf_counter() - t0
 
-    # -- report ---------------------------------------------------------------------------------
-    step_s = {name: _step_time(h) for name, h in hists.items()}
-    losses: dict[str, dict[str, list[float]]] = {}
-    for name, h in hists.items():
-        losses[name] = {"loss": h["loss"], **{t: h[t] for t in _TERMS if t in h}, "lr": h["lr"]}
+    losses, timings = _losses_and_timings(hists)
     report: dict[str, Any] = {
-        "config": {
-            "model": model_name,
-            "model_config": MODEL_CONFIG,
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": args.lr,
-            "weight_decay": args.wd,
-            "warmup_steps": warmup,
-            "schedule": "linear warmup, then cosine to 0 (open_clip_train cosine_lr)",
-            "optimizer": "AdamW(betas=(0.9, 0.98), eps=1e-6), no decay on gains/biases/logit_scale",
-            "seed": args.seed,
-            "quick": bool(args.quick),
-            "ablation": bool(args.ablation),
-            "backend": backend,
-            "threads": threads,
-            "baseline_loss": clip_loss_name,
-            "cdds_head": head_cfg,
-            "cdds_loss": loss_cfg,
-            "params": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
-        },
-        "data": {
-            "dataset": "cdds_fast.data.SceneCaptions",
-            "train_images": n_train,
-            "train_captions": n_train * train_ds.captions_per_image,
-            "test_images": n_test,
-            "test_captions": test_ds.num_captions,
-            "image_size": image_size,
-            "context_length": MODEL_CONFIG["text_cfg"]["context_length"],
-        },
+        "config": _report_config(args, run, model_name, models),
+        "data": _report_data(data),
         "losses": losses,
         "metrics": metrics,
-        "chance": chance_metrics(n_test, test_ds.captions_per_image),
-        "timings": {
-            "s_per_step": step_s,
-            "train_s": {name: h["train_s"] for name, h in hists.items()},
-            "step_s": {name: h["step_s"] for name, h in hists.items()},
-            "import_s": t_import,
-            "data_s": t_data,
-            "eval_s": t_eval,
-        },
+        "chance": chance_metrics(run.test_images, data.test.captions_per_image),
+        "timings": {**timings, "import_s": t_import, "data_s": t_data, "eval_s": t_eval},
         "versions": _versions(),
-        "device": {**_device_info(device), "load_average_1m_at_start": load_at_start},
+        "device": {**_device_info(run.device), "load_average_1m_at_start": load_at_start},
+        "table": format_report_table(metrics, timings["s_per_step"]),
     }
-    report["table"] = format_report_table(metrics, step_s)
     if not args.no_plot:
         t0 = time.perf_counter()
         plot_report(report, out_dir / "report.png")

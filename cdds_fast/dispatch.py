@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cdds_fast.contract import KERNEL_DTYPES
 from cdds_fast.kernels.launch import device_supports_triton
 
 BACKENDS = ("auto", "triton", "reference")
@@ -13,14 +14,15 @@ BACKENDS = ("auto", "triton", "reference")
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Return ``"triton"`` or ``"reference"`` for tensors on ``device``.
 
-    float64 always takes the reference (docs/method.md decision 4; the kernels are fp32/bf16/fp16).
+    ``dtype`` is the one the inputs promote to: outside ``KERNEL_DTYPES`` (float64) it always takes
+    the reference (docs/method.md decision 4).
     ``backend="triton"`` on a device Triton cannot run on is an error, not a silent fallback.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
-    if dtype == torch.float64:
+    if dtype is not None and dtype not in KERNEL_DTYPES:
         return "reference"
     ok = device_supports_triton(device)
     if backend == "triton" and not ok:

@@ -1,19 +1,19 @@
-"""Functional API: ``cdds_loss`` and ``info_nce`` with backend dispatch."""
+"""Functional API: ``cdds_loss`` and ``info_nce``, each checking its inputs once and picking
+the backend with :func:`cdds_fast.dispatch.resolve_backend`."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
 
-from cdds_fast.contract import Contrastive, check_scale, check_tensor, validate_cdds_inputs
+from cdds_fast.contract import Contrastive, check_cdds_values, validate_cdds_inputs
 from cdds_fast.contrastive import info_nce, info_nce_gathered
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.reference import cdds_loss as _reference_cdds_loss
 
 __all__ = ["cdds_loss", "info_nce", "info_nce_gathered"]
-
-_TENSOR_NAMES = ("image_tokens", "image_semantic", "image_modality", "text_tokens",
-                 "text_semantic", "text_modality", "text_mask")
 
 
 def cdds_loss(
@@ -66,27 +66,31 @@ def cdds_loss(
         dict ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss`` of 0-d float32 tensors whose sum is the total loss.
     """
-    check_tensor("image_tokens", image_tokens, ndim=3)
-    chosen = resolve_backend(backend, image_tokens.device, image_tokens.dtype)
+    inputs = dict(image_tokens=image_tokens, image_semantic=image_semantic,
+                  image_modality=image_modality, text_tokens=text_tokens,
+                  text_semantic=text_semantic, text_modality=text_modality, text_mask=text_mask,
+                  alpha_image=alpha_image, alpha_text=alpha_text, w_s_image=w_s_image,
+                  w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text,
+                  logit_scale=logit_scale)
+    hyper = dict(a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho)
+    validate_cdds_inputs(inputs, **hyper)
+    # the dtype every input promotes to: float64 anywhere takes the reference
+    dtype = functools.reduce(torch.promote_types, (
+        t.dtype for t in inputs.values() if isinstance(t, Tensor) and t.is_floating_point()))
+    chosen = resolve_backend(backend, image_tokens.device, dtype)
     if check_finite is None:
         check_finite = chosen == "reference"
-    check_scale("logit_scale", logit_scale)
-    params = dict(
-        alpha_image=alpha_image, alpha_text=alpha_text, w_s_image=w_s_image,
-        w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text, logit_scale=logit_scale,
-        a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho,
-    )
-    tensors = (image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
-               text_modality, text_mask)
+    # the fast path's kernels count every row's valid tokens and read the scale anyway, and
+    # assert both in one flag; a caller's contrastive leaves the scale out of the kernels
+    fast = chosen == "triton"
+    check_cdds_values(inputs, host=check_finite, mask_in_kernel=fast,
+                      scale_in_kernel=fast and contrastive is None)
     # Callers often sit inside an autocast region (open_clip's trainer does); the loss handles
     # precision itself (fp32 statistics and reductions, docs/method.md decision 4), so autocast
     # is off here.
     with torch.autocast(device_type=image_tokens.device.type, enabled=False):
         if chosen == "reference":
-            validate_cdds_inputs(**dict(zip(_TENSOR_NAMES, tensors)), **params,
-                                 finite=check_finite)
-            return _reference_cdds_loss(*tensors, **params, contrastive=contrastive)
+            return _reference_cdds_loss(**inputs, **hyper, contrastive=contrastive)
         from cdds_fast.fused_loss import cdds_loss_triton
 
-        return cdds_loss_triton(*tensors, **params, check_finite=check_finite,
-                                contrastive=contrastive)
+        return cdds_loss_triton(**inputs, **hyper, contrastive=contrastive)

@@ -34,20 +34,18 @@ sum of the five terms (5 aten adds) = 11; backward autograd's ``ones_like`` + 5 
 batched InfoNCE backward (one kernel + the ``dscale`` sum) = 8. With ``D > 2048`` on a GPU
 (``kernels/constraints.py``) the forward adds one row-LSE launch.
 
-Checks (which run when)
------------------------
-* Always, before any launch, on shapes, dtypes, devices and hyper-parameters (no tensor values
-  are read): ``cdds_fast.contract.validate_cdds_inputs``.
-* At least one valid token per text row, and a ``logit_scale`` tensor finite and > 0: by default
-  folded into the finalize kernel (it has every row's token count, and reads the scale) and
-  raised by ONE device-side ``torch._assert_async``: no synchronisation, CUDA-graph capturable,
-  traced by ``torch.compile(fullgraph=True)``. A failure surfaces at the device's next
-  synchronisation (on CPU tensors at once) as a RuntimeError naming both (one flag).
-  (With a ``contrastive`` of the caller's, e.g. under DDP, the scale is its to check.)
-* ``check_finite=True`` (off by default here): the finite-value check of every input, the
-  text-mask and the ``logit_scale`` checks on the host before any launch, raising ValueError
-  naming the argument; they read tensor values, i.e. synchronise with the device.
-float64 inputs are routed to the reference (docs/method.md, decision 4).
+Checks
+------
+This module checks nothing: :func:`cdds_fast.functional.cdds_loss` has checked every argument
+once (``cdds_fast.contract``) and routed float64 inputs to the reference (docs/method.md decision
+4) before it calls :func:`cdds_loss_triton`. Two value checks it leaves to the kernels here: at
+least one valid token per text row, and a ``logit_scale`` tensor finite and > 0, folded into the
+finalize kernel (it has every row's token count, and reads the scale) and raised by ONE
+device-side ``torch._assert_async``: no synchronisation, CUDA-graph capturable, traced by
+``torch.compile(fullgraph=True)``. A failure surfaces at the device's next synchronisation (on CPU
+tensors at once) as a RuntimeError naming both (one flag). With ``check_finite=True`` the caller
+reads those values on the host instead, before any launch; with a ``contrastive`` of the caller's
+the op never sees the scale, and the caller asserts it.
 
 Traffic and memory model (a model, not a measurement; :func:`hbm_traffic`, :func:`memory_model`)
 -------------------------------------------------------------------------------------------------
@@ -105,12 +103,10 @@ from cdds_fast.kernels.sampling import (
     sampling_backward,
     sampling_forward,
 )
-from cdds_fast.reference import cdds_loss as _reference_cdds_loss
 from cdds_fast.contract import LOSS_KEYS, Contrastive
-from cdds_fast.contract import validate_cdds_inputs
 
 #: The fast path's one device-side assertion (``_constraints_finalize_kernel``'s flag): the two
-#: value checks validate_cdds_inputs leaves to the kernels without ``check_finite``.
+#: value checks ``contract.check_cdds_values`` leaves to the kernels without ``check_finite``.
 _VALUES_MESSAGE = ("text_mask: expected at least one valid token per row, or logit_scale: "
                    "expected a finite value > 0 (the exponentiated scale, "
                    "model.logit_scale.exp()): one of them does not hold")
@@ -354,38 +350,25 @@ def cdds_loss_triton(
     a_f: float = 0.5,
     tau_kl: float = 1.0,
     rho: float = 0.01,
-    check_finite: bool = False,
     contrastive: Contrastive | None = None,
 ) -> dict[str, Tensor]:
     """The CDDS loss terms, already weighted, on the Triton kernels.
 
     Arguments, shapes and returns as :func:`cdds_fast.reference.cdds_loss` (image ``[B, P, D]``,
     text ``[B, L, D]``, ``text_mask`` bool ``[B, L]``, the six parameter vectors ``[D]``,
-    ``logit_scale`` 0-d or a number); tensors may be fp32/bf16/fp16 (mixed), any strides.
-    ``check_finite`` defaults to False here: it reads tensor values on the host (see "Checks" in
-    the module docstring). ``contrastive`` (e.g. ``CDDSLoss``'s gathering InfoNCE under DDP)
-    replaces the three fused InfoNCE problems; by default they run inside the op.
+    ``logit_scale`` 0-d or a number); tensors may be fp32/bf16/fp16 (mixed), any strides. The
+    arguments are those :func:`cdds_fast.functional.cdds_loss` has checked (see "Checks" in the
+    module docstring); call that, not this, with inputs of unknown shape. ``contrastive`` (e.g.
+    ``CDDSLoss``'s gathering InfoNCE under DDP) replaces the three fused InfoNCE problems; by
+    default they run inside the op.
 
     Returns:
         dict ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss`` of 0-d float32 tensors whose sum is the total loss.
     """
-    validate_cdds_inputs(
-        image_tokens=image_tokens, image_semantic=image_semantic, image_modality=image_modality,
-        text_tokens=text_tokens, text_semantic=text_semantic, text_modality=text_modality,
-        text_mask=text_mask, alpha_image=alpha_image, alpha_text=alpha_text,
-        w_s_image=w_s_image, w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text,
-        logit_scale=logit_scale, tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f,
-        finite=check_finite, values_in_kernel=True,
-    )
     tensors = (image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
                text_modality)
     params = dict(alpha_image=alpha_image, alpha_text=alpha_text, w_s_image=w_s_image,
                   w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text)
     hyper = dict(a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho)
-    if any(t.dtype == torch.float64 for t in (*tensors, *params.values())) or (
-        isinstance(logit_scale, Tensor) and logit_scale.dtype == torch.float64
-    ):
-        return _reference_cdds_loss(*tensors, text_mask, **params, logit_scale=logit_scale,
-                                    **hyper, contrastive=contrastive)
     return _fast_terms(tensors, text_mask, params, logit_scale, **hyper, contrastive=contrastive)

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from cdds_fast.contract import check_head_settings, check_key_mask, check_number, check_tokens
+from cdds_fast.contract import (
+    VECTOR_NAMES,
+    check_head_settings,
+    check_key_mask,
+    check_number,
+    check_tokens,
+)
 
 
 class Block(nn.Module):
@@ -135,7 +141,7 @@ class CDDSHead(nn.Module):
     ``w_s_image``, ``w_m_image``, ``w_s_text``, ``w_m_text`` ``[D]`` (init 1.0).
     """
 
-    PARAM_NAMES = ("alpha_image", "alpha_text", "w_s_image", "w_m_image", "w_s_text", "w_m_text")
+    PARAM_NAMES = VECTOR_NAMES
 
     def __init__(
         self,

@@ -3,9 +3,12 @@ CDDS training step (docs/method.md sections 5-6)."""
 
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor, nn
 
-from cdds_fast.contract import LOSS_KEYS, check_hyper, check_number
+from cdds_fast.contract import LOSS_KEYS, Contrastive, check_hyper
+from cdds_fast.contrastive import _check_distributed, _gathered_info_nce
 from cdds_fast.dispatch import BACKENDS
 from cdds_fast.functional import cdds_loss
 
@@ -54,7 +57,8 @@ class CDDSLoss(nn.Module):
         local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod: open_clip
             ``ClipLoss``'s distributed arguments; only the pooled features of the two contrastive
             terms are gathered (docs/method.md section 6). ``cache_labels`` is accepted for
-            compatibility.
+            compatibility; ``use_horovod=True`` is refused where the installed open_clip has no
+            horovod support.
 
     Nonsense settings are refused when the module is built (``ValueError`` / ``TypeError``
     naming the argument).
@@ -84,8 +88,7 @@ class CDDSLoss(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if check_finite not in (None, True, False):
             raise TypeError(f"check_finite: expected None, True or False, got {check_finite!r}")
-        check_number("world_size", world_size, low=1, integer=True)
-        check_number("rank", rank, low=0, high=world_size, integer=True)
+        _check_distributed(rank=rank, world_size=world_size, use_horovod=use_horovod)
         self.a_c, self.a_s, self.a_m, self.a_f = a_c, a_s, a_m, a_f
         self.tau_kl, self.rho = tau_kl, rho
         self.backend, self.check_finite = backend, check_finite
@@ -93,25 +96,17 @@ class CDDSLoss(nn.Module):
         self.cache_labels = cache_labels
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
 
-    def _contrastive(self, backend: str):
-        """InfoNCE for the two contrastive terms; gathers pooled features under DDP."""
+    def _contrastive(self) -> Contrastive | None:
+        """Under DDP, the InfoNCE of the two contrastive terms over the pooled features of every
+        rank (docs/method.md section 6); None: the backend's local one. The features it gets are
+        the loss's own pooled ones, of inputs :func:`cdds_loss` has checked."""
         if self.world_size <= 1:
             return None
-        from open_clip.loss import gather_features
-
-        from cdds_fast.contrastive import info_nce_gathered
-
-        def gathered(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
-            all_a, all_b = gather_features(
-                a, b, self.local_loss, self.gather_with_grad, self.rank, self.world_size,
-                self.use_horovod,
-            )
-            return info_nce_gathered(
-                a, b, all_a, all_b, logit_scale, local_loss=self.local_loss, rank=self.rank,
-                backend=backend,
-            )
-
-        return gathered
+        return functools.partial(
+            _gathered_info_nce, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+            rank=self.rank, world_size=self.world_size, use_horovod=self.use_horovod,
+            backend=self.backend,
+        )
 
     def forward(
         self,
@@ -158,7 +153,7 @@ class CDDSLoss(nn.Module):
             w_m_text=_as_vector("w_m_text", w_m_text, shape),
             logit_scale=logit_scale, a_c=self.a_c, a_s=self.a_s, a_m=self.a_m, a_f=self.a_f,
             tau_kl=self.tau_kl, rho=self.rho, backend=self.backend,
-            check_finite=self.check_finite, contrastive=self._contrastive(self.backend),
+            check_finite=self.check_finite, contrastive=self._contrastive(),
         )
         if output_dict:
             return terms

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cdds_fast import demo
+from cdds_fast.dispatch import resolve_backend
 
 TERMS = ("contrastive_loss", "semantic_loss", "modality_loss", "completeness_loss",
          "x_completeness_loss")  # fmt: skip
@@ -18,8 +19,12 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_me
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """The default ``--backend auto`` on CUDA (the kernels); on CPU the reference, since the test
+    runs set TRITON_INTERPRET=1 and the interpreter would take the run from seconds to a minute
+    (the kernels' parity has its own tests)."""
     out = tmp_path_factory.mktemp("demo_out")
-    rc = demo.main(["--quick", "--out", str(out), "--no-progress"])
+    backend = "auto" if torch.cuda.is_available() else "reference"
+    rc = demo.main(["--quick", "--out", str(out), "--no-progress", "--backend", backend])
     return rc, out
 
 
@@ -32,7 +37,9 @@ def test_quick_demo_writes_report(quick_run, capsys):
     cfg, data = report["config"], report["data"]
     steps = cfg["steps"]
     assert cfg["quick"] and steps == demo.QUICK["steps"]
-    assert cfg["backend"] in ("reference", "triton")
+    device = torch.device(report["device"]["device"])
+    assert cfg["backend"] == resolve_backend("auto" if device.type == "cuda" else "reference",
+                                             device, torch.float32)
     assert set(cfg["cdds_head"]) >= {"z", "n_enc", "n_dec", "heads", "sigma"}
     assert cfg["params"]["cdds"] > cfg["params"]["clip"]
 
@@ -139,6 +146,15 @@ def test_choose_threads(monkeypatch):
     assert demo.choose_threads() == 5
     monkeypatch.setattr(demo.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
     assert demo.choose_threads() == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_backend_is_the_library_rule(backend):
+    """``--backend`` resolves as the losses resolve it (dispatch.resolve_backend: under
+    TRITON_INTERPRET=1 "auto" on CPU is the interpreter), not by a rule of the demo's own."""
+    args = demo.build_parser().parse_args(["--quick", "--device", "cpu", "--backend", backend])
+    expected = resolve_backend(backend, torch.device("cpu"), torch.float32)
+    assert demo._run_settings(args).backend == expected
 
 
 def test_bad_arguments(tmp_path, capsys):

@@ -155,6 +155,32 @@ def test_cdds_checkpoint_without_sidecar(cdds_run, tmp_path, capsys):
         assert res["metrics"][key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.parametrize("kind", ["cdds", "plain"])
+def test_checkpoint_file_is_read_once(kind, cdds_run, plain_ckpt, monkeypatch):
+    """One torch.load per checkpoint, CDDS (through CDDSModel.from_checkpoint) or plain."""
+    from cdds_fast.eval.command import load_model
+
+    path = (cdds_run if kind == "cdds" else plain_ckpt)["path"]
+    reads = []
+    load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(Path(f))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    model, _, info = load_model(checkpoint=path, model=TINY_MODEL)
+    assert reads == [Path(path)] and info["kind"] == {"cdds": "cdds", "plain": "clip"}[kind]
+
+
+def test_checkpoint_of_another_layout_is_refused(tmp_path, capsys):
+    path = tmp_path / "epoch_1.pt"
+    torch.save([torch.zeros(2)], path)
+    assert eval_main(["--checkpoint", str(path), "--model", TINY_MODEL, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint {path}: expected an open_clip checkpoint" in err and "got list" in err
+
+
 def test_plain_open_clip_model(tmp_path):
     res = _run(["--model", TINY_MODEL, "--model-config", str(tiny_config_dir()),
                 "--embedded-size", str(N_EMBEDDED)], tmp_path)  # fmt: skip

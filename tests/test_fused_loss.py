@@ -32,6 +32,8 @@ rounded once to the leaf's dtype.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -458,8 +460,10 @@ def test_mixed_dtypes(device):
 
 
 def test_float64_routes_to_reference(device):
+    from cdds_fast.functional import cdds_loss
+
     tensors, params = inputs(2, 3, 4, 5, torch.float64, device)
-    out, grads = run(cdds_loss_triton, tensors, params)
+    out, grads = run(functools.partial(cdds_loss, backend="triton"), tensors, params)
     ref, ref_grads = run(reference_cdds_loss, tensors, params)
     for k in LOSS_KEYS:
         assert out[k].dtype == torch.float64
@@ -493,25 +497,29 @@ def test_custom_contrastive_is_used(device):
 
 
 def test_bad_input_raises_before_launch(device):
+    """Through the public entry, which checks the inputs once (cdds_loss_triton checks nothing)."""
+    from cdds_fast.functional import cdds_loss
+
+    fast = functools.partial(cdds_loss, backend="triton")
     tensors, params = inputs(2, 3, 4, 5, torch.float32, device)
     bad_mask = tensors[6].float()
     with pytest.raises(TypeError, match="text_mask: expected dtype torch.bool"):
-        cdds_loss_triton(*tensors[:6], bad_mask, **params)
+        fast(*tensors[:6], bad_mask, **params)
     empty = tensors[6].clone()
     empty[1] = False
     # by default a device-side assertion (no synchronisation; on CPU tensors it raises at once),
     # with check_finite the host check before any launch
     with pytest.raises(RuntimeError, match="text_mask: expected at least one valid token"):
-        cdds_loss_triton(*tensors[:6], empty, **params)
+        fast(*tensors[:6], empty, **params)
     with pytest.raises(ValueError, match=r"text_mask: expected at least one valid token per "
                                          r"row, got rows \[1\]"):
-        cdds_loss_triton(*tensors[:6], empty, **params, check_finite=True)
+        fast(*tensors[:6], empty, **params, check_finite=True)
     with pytest.raises(ValueError, match="text_tokens: expected feature dim D = 5"):
-        cdds_loss_triton(*tensors[:3], tensors[3][..., :4], *tensors[4:], **params)
+        fast(*tensors[:3], tensors[3][..., :4], *tensors[4:], **params)
     nan = tensors[0].detach().clone()
     nan[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="image_tokens: expected finite values"):
-        cdds_loss_triton(nan, *tensors[1:], **params, check_finite=True)
+        fast(nan, *tensors[1:], **params, check_finite=True)
 
 
 def test_functional_dispatch(device):

@@ -2,7 +2,12 @@
 default of the demo and the tests), the Karpathy-split Flickr30K / MS-COCO files and open_clip's CSV
 format."""
 
-from cdds_fast.data.captioned import CAPTIONS_PER_IMAGE, CaptionedImages, pil_to_tensor
+from cdds_fast.data.captioned import (
+    CAPTIONS_PER_IMAGE,
+    CaptionedImageFiles,
+    CaptionedImages,
+    pil_to_tensor,
+)
 from cdds_fast.data.csv_pairs import CsvRetrieval
 from cdds_fast.data.karpathy import (
     COCO_1K_FOLD_SIZE,
@@ -18,6 +23,7 @@ __all__ = [
     "COCO_1K_FOLDS",
     "COCO_1K_FOLD_SIZE",
     "COCO_5K_TEST_IMAGES",
+    "CaptionedImageFiles",
     "CaptionedImages",
     "CsvRetrieval",
     "KarpathyRetrieval",

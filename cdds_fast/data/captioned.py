@@ -19,6 +19,7 @@ which gives one interface to training and to evaluation:
 from __future__ import annotations
 
 import bisect
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["CAPTIONS_PER_IMAGE", "CaptionedImages", "pil_to_tensor"]
+__all__ = ["CAPTIONS_PER_IMAGE", "CaptionedImageFiles", "CaptionedImages", "pil_to_tensor"]
 
 #: Captions per image in the standard Flickr30K / MS-COCO retrieval protocol.
 CAPTIONS_PER_IMAGE = 5
@@ -35,6 +36,18 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> float32 tensor ``[3, H, W]`` in ``[0, 1]`` (converted to RGB first)."""
     arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _checked_index(k: object, n: int, what: str, items: str) -> int:
+    """``k`` as an index into ``n`` items (negative ones count from the end)."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+        raise TypeError(f"{what} must be an int, got {type(k).__name__}")
+    k = int(k)
+    if k < 0:
+        k += n
+    if not 0 <= k < n:
+        raise IndexError(f"{what} {k} out of range for {n} {items}")
+    return k
 
 
 class CaptionedImages(Dataset):
@@ -74,15 +87,7 @@ class CaptionedImages(Dataset):
 
     # -- shared ---------------------------------------------------------------------------------
     def _check_image_index(self, i: int) -> int:
-        n = self.num_images
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
-            raise TypeError(f"image index must be an int, got {type(i).__name__}")
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"image index {i} out of range for {n} images")
-        return i
+        return _checked_index(i, self.num_images, "image index", "images")
 
     def images(self, i: int) -> Image.Image:
         """Image ``i`` as an RGB PIL image (no transform applied)."""
@@ -120,14 +125,7 @@ class CaptionedImages(Dataset):
 
     def pair_index(self, k: int) -> tuple[int, int]:
         """Flat caption index ``k`` -> ``(image index, caption index within that image)``."""
-        n = len(self)
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
-            raise TypeError(f"index must be an int, got {type(k).__name__}")
-        k = int(k)
-        if k < 0:
-            k += n
-        if not 0 <= k < n:
-            raise IndexError(f"index {k} out of range for {n} image-caption pairs")
+        k = _checked_index(k, len(self), "index", "image-caption pairs")
         if self.captions_per_image is not None:
             return divmod(k, self.captions_per_image)
         offsets = self._caption_offsets()
@@ -149,3 +147,27 @@ class CaptionedImages(Dataset):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_images={self.num_images}, num_captions={len(self)})"
 
+
+class CaptionedImageFiles(CaptionedImages):
+    """Images stored as files, captions held in memory (the Karpathy and CSV datasets): a
+    subclass sets ``image_paths`` (one per image) and ``_captions`` (each image's captions) and
+    says in :meth:`image_path` where a path points."""
+
+    image_paths: list[str]
+    _captions: list[list[str]]
+
+    @property
+    def num_images(self) -> int:
+        """Number of images (one per entry of ``image_paths``)."""
+        return len(self.image_paths)
+
+    def captions(self, i: int) -> list[str]:
+        return list(self._captions[self._check_image_index(i)])
+
+    def image_path(self, i: int) -> Path:
+        """The file of image ``i``."""
+        raise NotImplementedError
+
+    def _load_image(self, i: int) -> Image.Image:
+        with Image.open(self.image_path(i)) as im:
+            return im.convert("RGB")

@@ -9,14 +9,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
-
-from cdds_fast.data.captioned import CaptionedImages
+from cdds_fast.data.captioned import CaptionedImageFiles
 
 __all__ = ["CsvRetrieval"]
 
 
-class CsvRetrieval(CaptionedImages):
+class CsvRetrieval(CaptionedImageFiles):
     """open_clip's CSV format (``--dataset-type csv``) as a retrieval dataset.
 
     One row per image-caption pair; rows with the same image path are grouped into one image whose
@@ -87,22 +85,9 @@ class CsvRetrieval(CaptionedImages):
                 f"folder they are relative to as image_root (cdds-fast eval --image-root DIR)"
             )
 
-    @property
-    def num_images(self) -> int:
-        """Number of distinct image paths."""
-        return len(self.image_paths)
-
-    def captions(self, i: int) -> list[str]:
-        """The captions of image ``i`` (rows of the CSV with its path, in row order)."""
-        return list(self._captions[self._check_image_index(i)])
-
     def image_path(self, i: int) -> Path:
         """Resolved path of image ``i``."""
         p = Path(self.image_paths[self._check_image_index(i)])
         if self.image_root is not None and not p.is_absolute():
             p = self.image_root / p
         return p
-
-    def _load_image(self, i: int) -> Image.Image:
-        with Image.open(self.image_path(i)) as im:
-            return im.convert("RGB")

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
-from cdds_fast.data.captioned import CAPTIONS_PER_IMAGE, CaptionedImages
+from cdds_fast.data.captioned import CAPTIONS_PER_IMAGE, CaptionedImageFiles
 
 __all__ = ["COCO_1K_FOLDS", "COCO_1K_FOLD_SIZE", "COCO_5K_TEST_IMAGES", "KarpathyRetrieval",
            "coco_1k_folds"]
@@ -43,7 +42,53 @@ def _parse_splits(split: str) -> tuple[str, ...]:
     return parts
 
 
-class KarpathyRetrieval(CaptionedImages):
+def _read_split(json_path: Path, image_root: Path,
+                split: str) -> tuple[str | None, list[str], list[list[str]]]:
+    """``(dataset name, image paths, captions per image)`` of the images of ``split`` in a
+    Karpathy JSON file (the first :data:`CAPTIONS_PER_IMAGE` captions of each)."""
+    splits = _parse_splits(split)
+    with open(json_path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{json_path}: expected a Karpathy-split JSON object with an 'images' list")
+    paths: list[str] = []
+    captions: list[list[str]] = []
+    for n, entry in enumerate(data["images"]):
+        if entry.get("split") not in splits:
+            continue
+        if "filename" not in entry:
+            raise ValueError(f"{json_path}: image entry {n} has no 'filename'")
+        paths.append(os.path.join(str(image_root), entry.get("filepath", ""), entry["filename"]))
+        captions.append(_entry_captions(json_path, n, entry))
+    if not paths:
+        raise ValueError(f"{json_path}: no images in split {split!r}")
+    return data.get("dataset"), paths, captions
+
+
+def _entry_captions(json_path: Path, n: int, entry: dict[str, Any]) -> list[str]:
+    """The captions of image entry ``n``: each sentence's ``raw`` text, else its joined
+    ``tokens``."""
+    sentences = entry.get("sentences", [])
+    if len(sentences) < CAPTIONS_PER_IMAGE:
+        raise ValueError(
+            f"{json_path}: image {entry['filename']!r} (entry {n}) has {len(sentences)} "
+            f"captions; the retrieval protocol needs {CAPTIONS_PER_IMAGE} per image"
+        )
+    texts = []
+    for sentence in sentences[:CAPTIONS_PER_IMAGE]:
+        if "raw" in sentence:
+            texts.append(str(sentence["raw"]).strip())
+        elif "tokens" in sentence:
+            texts.append(" ".join(sentence["tokens"]))
+        else:
+            raise ValueError(
+                f"{json_path}: a sentence of image {entry['filename']!r} has neither 'raw' nor "
+                f"'tokens'"
+            )
+    return texts
+
+
+class KarpathyRetrieval(CaptionedImageFiles):
     """Flickr30K / MS-COCO in the Karpathy-split JSON format, 5 captions per image.
 
     The JSON is ``{"images": [{"filename": ..., "filepath": ... (COCO only), "split": "train" |
@@ -97,55 +142,18 @@ class KarpathyRetrieval(CaptionedImages):
         self.image_root = Path(image_root)
         self.split = split
         self.coco_1k_fold: int | None = None
-        splits = _parse_splits(split)
-        with open(self.json_path, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise ValueError(
-                f"{self.json_path}: expected a Karpathy-split JSON object with an 'images' list"
-            )
-        self.dataset_name: str | None = data.get("dataset")
-
-        root = str(self.image_root)
-        paths: list[str] = []
-        caps: list[list[str]] = []
-        for n, entry in enumerate(data["images"]):
-            if entry.get("split") not in splits:
-                continue
-            if "filename" not in entry:
-                raise ValueError(f"{self.json_path}: image entry {n} has no 'filename'")
-            path = os.path.join(root, entry.get("filepath", ""), entry["filename"])
-            sentences = entry.get("sentences", [])
-            if len(sentences) < CAPTIONS_PER_IMAGE:
-                raise ValueError(
-                    f"{self.json_path}: image {entry['filename']!r} (entry {n}) has "
-                    f"{len(sentences)} captions; the retrieval protocol needs "
-                    f"{CAPTIONS_PER_IMAGE} per image"
-                )
-            texts = []
-            for sent in sentences[:CAPTIONS_PER_IMAGE]:
-                if "raw" in sent:
-                    texts.append(str(sent["raw"]).strip())
-                elif "tokens" in sent:
-                    texts.append(" ".join(sent["tokens"]))
-                else:
-                    raise ValueError(
-                        f"{self.json_path}: a sentence of image {entry['filename']!r} has "
-                        f"neither 'raw' nor 'tokens'"
-                    )
-            paths.append(path)
-            caps.append(texts)
-        if not paths:
-            raise ValueError(f"{self.json_path}: no images in split {split!r}")
+        self.dataset_name: str | None
         #: image file paths (strings: ``image_root/filepath/filename``), one per image
-        self.image_paths: list[str] = paths
-        self._captions: list[list[str]] = caps
+        self.image_paths: list[str]
+        self._captions: list[list[str]]
+        self.dataset_name, self.image_paths, self._captions = _read_split(
+            self.json_path, self.image_root, split)
         if coco_1k_fold is not None:
             self._select_fold(coco_1k_fold)
         if check_files and not os.path.isfile(self.image_paths[0]):
             raise FileNotFoundError(
-                f"image file {self.image_paths[0]} not found (image_root={root!r}; for MS-COCO "
-                f"image_root is the folder holding train2014/ and val2014/)"
+                f"image file {self.image_paths[0]} not found (image_root={str(self.image_root)!r}; "
+                f"for MS-COCO image_root is the folder holding train2014/ and val2014/)"
             )
 
     def _select_fold(self, fold: int) -> None:
@@ -167,22 +175,9 @@ class KarpathyRetrieval(CaptionedImages):
         self.coco_1k_fold = int(fold)
         self._offsets = None
 
-    @property
-    def num_images(self) -> int:
-        """Number of images in the split (or fold)."""
-        return len(self.image_paths)
-
-    def captions(self, i: int) -> list[str]:
-        """The 5 captions of image ``i``."""
-        return list(self._captions[self._check_image_index(i)])
-
     def image_path(self, i: int) -> Path:
-        """Path of image ``i``."""
+        """Path of image ``i`` (``image_root/filepath/filename``)."""
         return Path(self.image_paths[self._check_image_index(i)])
-
-    def _load_image(self, i: int) -> Image.Image:
-        with Image.open(self.image_paths[i]) as im:
-            return im.convert("RGB")
 
 
 def coco_1k_folds(

@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 
+from cdds_fast.cli import register_model_configs
 from cdds_fast.open_clip import eval_transform, quiet_random_init, register_sidecar_model
-from cdds_fast.open_clip.checkpoint import read_cdds_config
+from cdds_fast.open_clip.checkpoint import Checkpoint, read_checkpoint
 
 __all__ = ["build_parser", "evaluate", "load_model", "main"]
 
@@ -110,20 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
-    from cdds_fast.open_clip import strip_state_dict_prefixes
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        ckpt = ckpt["state_dict"]
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError(
-            f"--checkpoint {path}: expected an open_clip checkpoint ({{'state_dict': ...}}) or a "
-            f"state dict, got {type(ckpt).__name__}"
-        )
-    return strip_state_dict_prefixes(ckpt)
-
-
 def load_model(
     *,
     checkpoint: str | os.PathLike | None = None,
@@ -149,27 +136,30 @@ def load_model(
     """
     import open_clip
 
+    register_model_configs(model_configs)
+    if checkpoint is not None:
+        if pretrained:
+            raise ValueError("--pretrained goes with --model alone; a --checkpoint has its own weights")
+        return _checkpoint_model(read_checkpoint(checkpoint, argument="--checkpoint"), model,
+                                 device, cdds_heads)
+    if not model:
+        raise ValueError("a model is needed: pass --checkpoint PATH or --model NAME")
+    clip = open_clip.create_model(model, pretrained, device=device)
+    return clip.eval(), model, {"kind": "clip", "model": model, "pretrained": pretrained}
+
+
+def _checkpoint_model(
+    checkpoint: Checkpoint, model: str | None, device: str | torch.device, cdds_heads: int | None
+) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    """:func:`load_model` for a checkpoint: with a CDDS head a :class:`CDDSModel` (its settings
+    from the side-car), without one (``--cdds-off``) the plain open_clip model."""
+    import open_clip
+
     from cdds_fast.open_clip import CDDS_CONFIG_FILENAME, CDDSModel
 
-    for path in model_configs:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--cdds-model-config {path}: no such file or folder")
-        open_clip.add_model_config(path)
-    if checkpoint is None:
-        if not model:
-            raise ValueError("a model is needed: pass --checkpoint PATH or --model NAME")
-        clip = open_clip.create_model(model, pretrained, device=device)
-        info = {"kind": "clip", "model": model, "pretrained": pretrained}
-        return clip.eval(), model, info
-    if pretrained:
-        raise ValueError("--pretrained goes with --model alone; a --checkpoint has its own weights")
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file")
-    sidecar = read_cdds_config(path)
-    state = _checkpoint_state(path)
-    name = model or sidecar.get("model")
-    if any(k.startswith("head.") for k in state):
+    path = checkpoint.path
+    name = model or checkpoint.sidecar.get("model")
+    if checkpoint.has_head:
         if not name:
             raise ValueError(
                 f"--checkpoint {path}: no {CDDS_CONFIG_FILENAME} beside it to name the model: pass "
@@ -178,7 +168,7 @@ def load_model(
             )
         extra = {} if cdds_heads is None else {"heads": cdds_heads}
         with quiet_random_init():
-            wrapper = CDDSModel.from_checkpoint(path, model_name=name, device=device, **extra)
+            wrapper = CDDSModel.from_checkpoint(checkpoint, model_name=name, device=device, **extra)
         info = {"kind": "cdds", "model": name, "checkpoint": str(path),
                 "cdds_head": dict(wrapper.cdds_config)}  # fmt: skip
         return wrapper.eval(), name, info
@@ -187,10 +177,10 @@ def load_model(
             f"--checkpoint {path} has no CDDS head (a --cdds-off run) and no cdds_config.json "
             f"beside it: pass --model NAME"
         )
-    register_sidecar_model(sidecar)
+    register_sidecar_model(checkpoint.sidecar)
     with quiet_random_init():
         clip = open_clip.create_model(name, None, device=device)
-    clip.load_state_dict(state)
+    clip.load_state_dict(checkpoint.state)
     return clip.eval(), name, {"kind": "clip", "model": name, "checkpoint": str(path)}
 
 

@@ -360,10 +360,7 @@ def encode_dataset(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = _model_device(model) if device is None else torch.device(device)
     transform = transform or getattr(dataset, "transform", None) or _default_transform
     tokenizer = tokenizer or getattr(dataset, "tokenizer", None)
     if tokenizer is None:
@@ -371,48 +368,52 @@ def encode_dataset(
             "encode_dataset needs a tokenizer (e.g. open_clip.get_tokenizer(model_name)): pass "
             "tokenizer=... or set dataset.tokenizer; got None for both"
         )
-
-    n_img = dataset.num_images
-    texts: list[str] = []
-    t2i: list[int] = []
-    for i in range(n_img):
-        caps = dataset.captions(i)
-        texts.extend(caps)
-        t2i.extend([i] * len(caps))
-    text_to_image = torch.tensor(t2i, dtype=torch.long, device=device)
-
-    img_loader = DataLoader(
+    texts, text_to_image = _flat_captions(dataset)
+    images = DataLoader(
         _ImageView(dataset, transform), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
-    txt_loader = DataLoader(
+    tokens = DataLoader(
         _TextView(texts), batch_size=batch_size, shuffle=False, collate_fn=_Tokenize(tokenizer)
     )
-
-    def autocast():
-        if autocast_dtype is None:
-            return torch.autocast(device.type, enabled=False)
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
     was_training = model.training
     model.eval()
-    img_feats: list[torch.Tensor] = []
-    txt_feats: list[torch.Tensor] = []
     try:
-        with tqdm(total=len(img_loader) + len(txt_loader), desc="encode", disable=disable) as bar:
-            for images in img_loader:
-                with autocast():
-                    f = model.encode_image(images.to(device, non_blocking=True), normalize=True)
-                img_feats.append(f.float())
-                bar.update()
-            for tokens in txt_loader:
-                with autocast():
-                    f = model.encode_text(tokens.to(device, non_blocking=True), normalize=True)
-                txt_feats.append(f.float())
-                bar.update()
+        with tqdm(total=len(images) + len(tokens), desc="encode", disable=disable) as bar:
+            image_features = _encode(model.encode_image, images, device, autocast_dtype, bar)
+            text_features = _encode(model.encode_text, tokens, device, autocast_dtype, bar)
     finally:
         model.train(was_training)
-    return EncodedDataset(torch.cat(img_feats), torch.cat(txt_feats), text_to_image)
+    return EncodedDataset(image_features, text_features,
+                          torch.tensor(text_to_image, dtype=torch.long, device=device))
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _flat_captions(dataset: RetrievalDataset) -> tuple[list[str], list[int]]:
+    """Every caption in the flat order (image 0's, then image 1's, ...) and its image's index."""
+    texts: list[str] = []
+    owners: list[int] = []
+    for i in range(dataset.num_images):
+        captions = dataset.captions(i)
+        texts.extend(captions)
+        owners.extend([i] * len(captions))
+    return texts, owners
+
+
+def _encode(encode: Callable, loader: DataLoader, device: torch.device,
+            autocast_dtype: torch.dtype | None, bar: Any) -> torch.Tensor:
+    """``encode(batch, normalize=True)`` over every batch of ``loader``, as one float32 tensor;
+    under ``torch.autocast`` with ``autocast_dtype``, else with autocast off."""
+    features = []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            features.append(encode(batch.to(device, non_blocking=True), normalize=True).float())
+        bar.update()
+    return torch.cat(features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,19 +434,20 @@ _TABLE_ROWS: tuple[tuple[str, str, bool], ...] = (
 
 
 def format_table(
-    results: dict[str, dict[str, float]], digits: int = 1, highlight_best: bool = False
+    results: dict[str, dict[str, float]], digits: int = 1, highlight_best: bool = False,
+    extra_rows: dict[str, dict[str, str]] | None = None,
 ) -> str:
     """A markdown table comparing methods side by side.
 
     Rows: I->T R@1/5/10, T->I R@1/5/10, rSum, I->T and T->I mean rank; one column per method
     (``results = {method name: metrics dict}``, e.g. from :func:`retrieval_metrics`); a missing
     metric shows as ``-``. ``highlight_best`` bolds the best value of each row (highest recall /
-    rSum, lowest mean rank; all tied values). Columns are padded so the text lines up.
+    rSum, lowest mean rank; all tied values). ``extra_rows`` (``{label: {method name: cell}}``)
+    appends rows of cells already formatted. Columns are padded so the text lines up.
     """
     if not isinstance(results, dict) or not results:
         raise ValueError("results must be a non-empty dict {method name: metrics dict}")
-    names = [str(n) for n in results]
-    grid: list[list[str]] = [["metric", *names]]
+    grid: list[list[str]] = [["metric", *map(str, results)]]
     for label, key, higher in _TABLE_ROWS:
         vals = [m.get(key) for m in results.values()]
         present = [float(v) for v in vals if v is not None]
@@ -461,6 +463,8 @@ def format_table(
                 cell = f"**{cell}**"
             row.append(cell)
         grid.append(row)
+    for label, cells in (extra_rows or {}).items():
+        grid.append([label, *(cells.get(name, "-") for name in results)])
     widths = [max(len(r[c]) for r in grid) for c in range(len(grid[0]))]
     lines = []
     for n, r in enumerate(grid):
@@ -470,4 +474,3 @@ def format_table(
             sep = ["-" * widths[0]] + ["-" * (widths[c] - 1) + ":" for c in range(1, len(r))]
             lines.append("| " + " | ".join(sep) + " |")
     return "\n".join(lines)
-

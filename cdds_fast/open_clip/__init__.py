@@ -4,7 +4,9 @@
 
 from cdds_fast.open_clip.checkpoint import (
     CDDS_CONFIG_FILENAME,
+    Checkpoint,
     load_cdds_checkpoint,
+    read_checkpoint,
     register_sidecar_model,
     strip_state_dict_prefixes,
 )
@@ -13,9 +15,11 @@ from cdds_fast.open_clip.model import CDDSModel, eval_transform, quiet_random_in
 __all__ = [
     "CDDSModel",
     "CDDS_CONFIG_FILENAME",
+    "Checkpoint",
     "eval_transform",
     "load_cdds_checkpoint",
     "quiet_random_init",
+    "read_checkpoint",
     "register_sidecar_model",
     "strip_state_dict_prefixes",
     "text_valid_mask",

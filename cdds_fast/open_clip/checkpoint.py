@@ -8,17 +8,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "CDDS_CONFIG_FILENAME",
+    "Checkpoint",
     "infer_depths",
     "load_cdds_checkpoint",
-    "load_state",
     "read_cdds_config",
+    "read_checkpoint",
     "register_sidecar_model",
     "strip_state_dict_prefixes",
 ]
@@ -36,15 +37,6 @@ def strip_state_dict_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor
                 key = key[len(prefix):]
         out[key] = value
     return out
-
-
-def load_state(path: Path) -> dict[str, Tensor]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"path: expected a checkpoint dict with a state dict, got {type(checkpoint).__name__}")
-    return checkpoint
 
 
 def read_cdds_config(path: Path) -> dict[str, Any]:
@@ -79,11 +71,42 @@ def infer_depths(state: dict[str, Tensor]) -> dict[str, int]:
     return found
 
 
+class Checkpoint(NamedTuple):
+    """A checkpoint file as :func:`read_checkpoint` leaves it: read once, checked once."""
+
+    path: Path
+    #: the model's state dict, DDP / ``torch.compile`` key prefixes stripped
+    state: dict[str, Tensor]
+    #: the ``cdds_config.json`` beside it (:func:`read_cdds_config`), ``{}`` without one
+    sidecar: dict[str, Any]
+
+    @property
+    def has_head(self) -> bool:
+        """Whether it holds a CDDS head (a ``--cdds-off`` run's checkpoint does not)."""
+        return any(key.startswith("head.") for key in self.state)
+
+
+def read_checkpoint(path: str | os.PathLike, *, argument: str = "path") -> Checkpoint:
+    """Read a ``cdds-fast train`` checkpoint: open_clip's ``{"state_dict": ...}`` layout or a bare
+    state dict, with or without DDP / ``torch.compile`` key prefixes; ``argument`` names the path
+    in errors (``--checkpoint`` for the eval command)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument} {path}: no such file")
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    state = loaded["state_dict"] if isinstance(loaded, dict) and "state_dict" in loaded else loaded
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"{argument} {path}: expected an open_clip checkpoint ({{'state_dict': ...}}) or a "
+            f"state dict of tensors, got {type(loaded).__name__}"
+        )
+    return Checkpoint(path, strip_state_dict_prefixes(state), read_cdds_config(path))
+
+
 def load_cdds_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load a ``cdds-fast train`` checkpoint into an existing :class:`CDDSModel` (or plain CLIP).
 
-    Handles the trainer's ``{"state_dict": ...}`` layout and DDP's ``module.`` prefixes.
-    Returns ``model`` (unchanged mode).
+    Reads it with :func:`read_checkpoint`. Returns ``model`` (unchanged mode).
     """
-    model.load_state_dict(strip_state_dict_prefixes(load_state(Path(path))), strict=strict)
+    model.load_state_dict(read_checkpoint(path).state, strict=strict)
     return model

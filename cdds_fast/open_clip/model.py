@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,11 +38,10 @@ from cdds_fast.contract import check_placement, check_tensor
 from cdds_fast.head import CDDSHead
 from cdds_fast.open_clip.checkpoint import (
     CDDS_CONFIG_FILENAME,
+    Checkpoint,
     infer_depths,
-    load_state,
-    read_cdds_config,
+    read_checkpoint,
     register_sidecar_model,
-    strip_state_dict_prefixes,
 )
 
 __all__ = ["CDDSModel", "eval_transform", "quiet_random_init", "text_valid_mask"]
@@ -475,7 +473,7 @@ class CDDSModel(nn.Module):
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | Checkpoint,
         model_name: str | None = None,
         *,
         pretrained: str | None = None,
@@ -488,7 +486,10 @@ class CDDSModel(nn.Module):
 
         Args:
             path: an open_clip training checkpoint (``{"state_dict": ...}``, with or without
-                DDP's ``module.`` prefixes) or a bare state dict of a :class:`CDDSModel`.
+                DDP's ``module.`` prefixes) or a bare state dict of a :class:`CDDSModel`; or the
+                :class:`~cdds_fast.open_clip.checkpoint.Checkpoint` that
+                :func:`~cdds_fast.open_clip.checkpoint.read_checkpoint` made of one (not read
+                again).
             model_name: open_clip model name. Default: read from the ``cdds_config.json`` the
                 launcher writes next to the checkpoints, which also holds the model's config
                 (registered with open_clip here, so a custom config needs no file of its own and
@@ -504,23 +505,22 @@ class CDDSModel(nn.Module):
         """
         import open_clip
 
-        path = Path(path)
-        sidecar = read_cdds_config(path)
+        checkpoint = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+        sidecar = checkpoint.sidecar
         register_sidecar_model(sidecar)
         if model_name is None:
             model_name = sidecar.get("model")
         if model_name is None:
             raise ValueError(
                 f"model_name: expected an open_clip model name (no {CDDS_CONFIG_FILENAME} found "
-                f"next to {path}), got None"
+                f"next to {checkpoint.path}), got None"
             )
-        state = strip_state_dict_prefixes(load_state(path))
         kwargs = {k: v for k, v in (sidecar.get("cdds") or {}).items() if k in _HEAD_KEYS}
-        kwargs.update(infer_depths(state))
+        kwargs.update(infer_depths(checkpoint.state))
         kwargs.update(cdds_kwargs)
         clip = open_clip.create_model(model_name, pretrained, precision=precision, device=device)
         model = cls(clip, **kwargs, output_dict=True)
-        model.load_state_dict(state, strict=strict)
+        model.load_state_dict(checkpoint.state, strict=strict)
         return model.eval()
 
 

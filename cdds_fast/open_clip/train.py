@@ -13,8 +13,8 @@ run (and restored afterwards):
   ``torchrun`` on CPU works.
 
 Usage: ``cdds-fast train <open_clip_train flags> [--cdds-* flags]``; ``--cdds-off`` trains plain
-CLIP on the same pipeline (with ``cdds_fast.contrastive.FusedClipLoss`` when available, else
-open_clip's ``ClipLoss``). See docs/open_clip.md for complete commands.
+CLIP on the same pipeline (with :class:`cdds_fast.FusedClipLoss`; distillation, CoCa and SigLIP
+runs with open_clip's own loss). See docs/open_clip.md for complete commands.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
+from unittest import mock
 
 import torch
 
-from cdds_fast.cli import missing_extra, refuse_settings
+from cdds_fast.cli import missing_extra, refuse_settings, register_model_configs
 from cdds_fast.open_clip import CDDS_CONFIG_FILENAME, CDDSModel
 
 __all__ = ["build_parser", "main", "patched_open_clip_train", "write_sidecar"]
@@ -100,21 +101,17 @@ def _clip_dist_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _baseline_loss(args: argparse.Namespace, backend: str = "auto") -> torch.nn.Module:
+def _baseline_loss(args: argparse.Namespace, backend: str) -> torch.nn.Module:
     """``--cdds-off``: the contrastive loss open_clip would use, fused where we have one."""
     import open_clip
 
-    plain_clip = not (args.distill or "coca" in args.model.lower() or args.siglip)
-    if plain_clip:
-        try:
-            from cdds_fast.contrastive import FusedClipLoss
-        except ImportError:
-            FusedClipLoss = None
-        if FusedClipLoss is not None:
-            logging.info(f"cdds-fast: --cdds-off, loss = cdds_fast.contrastive.FusedClipLoss(backend={backend!r})")
-            return FusedClipLoss(**_clip_dist_kwargs(args), backend=backend)
-    logging.info("cdds-fast: --cdds-off, loss = open_clip.create_loss(args)")
-    return open_clip.create_loss(args)
+    if args.distill or "coca" in args.model.lower() or args.siglip:
+        logging.info("cdds-fast: --cdds-off, loss = open_clip.create_loss(args)")
+        return open_clip.create_loss(args)
+    from cdds_fast.contrastive import FusedClipLoss
+
+    logging.info(f"cdds-fast: --cdds-off, loss = cdds_fast.contrastive.FusedClipLoss(backend={backend!r})")
+    return FusedClipLoss(**_clip_dist_kwargs(args), backend=backend)
 
 
 def _refuse_unsupported(args: argparse.Namespace) -> None:
@@ -157,16 +154,6 @@ class _CpuSafeDDP(torch.nn.parallel.DistributedDataParallel):
 
 
 @contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
-@contextlib.contextmanager
 def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
     """Patch ``open_clip_train.main`` for a CDDS run (see the module docstring); yields the module.
 
@@ -196,10 +183,9 @@ def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
         logging.info(f"cdds-fast: loss = CDDSLoss({_loss_kwargs(cfg)}), head = {_head_kwargs(cfg)}")
         return loss
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_patched(oc_main, "create_model_and_transforms", create_model_and_transforms))
-        stack.enter_context(_patched(oc_main, "create_loss", create_loss))
-        stack.enter_context(_patched(torch.nn.parallel, "DistributedDataParallel", _CpuSafeDDP))
+    with (mock.patch.object(oc_main, "create_model_and_transforms", create_model_and_transforms),
+          mock.patch.object(oc_main, "create_loss", create_loss),
+          mock.patch.object(torch.nn.parallel, "DistributedDataParallel", _CpuSafeDDP)):
         yield oc_main
 
 
@@ -240,6 +226,35 @@ def _refuse_heads(rest: list[str], cfg: argparse.Namespace, open_clip: Any) -> s
     return None
 
 
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Undo what open_clip's ``setup_logging`` does on every call (root handlers added, every
+    logger's level set), so that a second in-process run does not write into this run's log."""
+    handlers_before = list(logging.root.handlers)
+    levels_before = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    root_level = logging.root.level
+    try:
+        yield
+    finally:
+        for handler in list(logging.root.handlers):
+            if handler not in handlers_before:
+                logging.root.removeHandler(handler)
+                handler.close()
+        logging.root.setLevel(root_level)
+        for name, level in levels_before.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> None:
+    """The ``--cdds-*`` flags, then open_clip_train's own."""
+    from open_clip_train.params import parse_args
+
+    parser.print_help()
+    print("\nopen_clip_train flags:\n")
+    with contextlib.suppress(SystemExit):
+        parse_args(["--help"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cdds-fast train``.
 
@@ -256,48 +271,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cdds-fast train: {missing}", file=sys.stderr)
         return 2
     if getattr(cfg, "help", False):
-        parser.print_help()
-        print("\nopen_clip_train flags:\n")
-        from open_clip_train.params import parse_args
-
-        with contextlib.suppress(SystemExit):
-            parse_args(["--help"])
+        _print_help(parser)
         return 0
-    problem = _refuse_flags(rest, cfg)
-    if problem:
-        print(f"cdds-fast train: {problem}", file=sys.stderr)
-        return 2
     import open_clip
 
-    for path in cfg.cdds_model_config:
-        if not os.path.exists(path):
-            print(f"cdds-fast train: --cdds-model-config {path}: no such file or folder", file=sys.stderr)
-            return 2
-        open_clip.add_model_config(path)
-    problem = _refuse_heads(rest, cfg, open_clip)
+    try:
+        problem = _refuse_flags(rest, cfg)
+        if not problem:
+            register_model_configs(cfg.cdds_model_config)
+            problem = _refuse_heads(rest, cfg, open_clip)
+    except FileNotFoundError as e:
+        problem = str(e)
     if problem:
         print(f"cdds-fast train: {problem}", file=sys.stderr)
         return 2
-
-    handlers_before = list(logging.root.handlers)
-    levels_before = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
-    root_level = logging.root.level
-    try:
-        with patched_open_clip_train(cfg) as oc_main:
-            rc = oc_main.main(rest)
-    finally:
-        # open_clip's setup_logging adds root handlers and sets every logger's level on each call:
-        # undo both, so that a second in-process run does not write into this run's log file.
-        for handler in list(logging.root.handlers):
-            if handler not in handlers_before:
-                logging.root.removeHandler(handler)
-                handler.close()
-        logging.root.setLevel(root_level)
-        for name, level in levels_before.items():
-            logging.getLogger(name).setLevel(level)
-    if rc is None or rc == 0:
-        return 0
-    return 1
+    with _logging_restored(), patched_open_clip_train(cfg) as oc_main:
+        rc = oc_main.main(rest)
+    return 0 if rc is None or rc == 0 else 1
 
 
 if __name__ == "__main__":  # pragma: no cover
