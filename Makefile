@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[dev,train]'
 	touch $(STAMP)
 
+# lint (ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade) and format check first: seconds
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -1,6 +1,6 @@
 """CDDS loss forward+backward: fast path (Triton) vs eager reference vs torch.compile(reference).
 
-    python benchmarks/bench_cdds.py                 # the issue's GPU shapes
+    python benchmarks/bench_cdds.py                 # (256|1024, 50, 77, 512), (256, 50, 77, 1024)
     python benchmarks/bench_cdds.py --quick         # small shapes (CPU smoke run)
 
 Times are medians of CUDA-event timings after warm-up (``benchmarks/common.py``); memory is the
@@ -24,8 +24,14 @@ from benchmarks.common import Measurement, environment, fmt, measure  # noqa: E4
 
 GPU_SHAPES = [(256, 50, 77, 512), (1024, 50, 77, 512), (256, 50, 77, 1024)]
 QUICK_SHAPES = [(4, 10, 12, 32)]
-POSITIONAL = ("image_tokens", "image_semantic", "image_modality", "text_tokens", "text_semantic",
-              "text_modality")
+POSITIONAL = (
+    "image_tokens",
+    "image_semantic",
+    "image_modality",
+    "text_tokens",
+    "text_semantic",
+    "text_modality",
+)
 PARAMS = ("alpha_image", "alpha_text", "w_s_image", "w_m_image", "w_s_text", "w_m_text")
 
 
@@ -37,11 +43,15 @@ def make_problem(batch, patches, length, dim, dtype, device):
         t = torch.randn(*shape, generator=g, device=device) * scale + shift
         return t.to(dt).requires_grad_(True)
 
-    tensors = [leaf(batch, patches, dim) for _ in range(3)] + [leaf(batch, length, dim) for _ in range(3)]
+    tensors = [leaf(batch, patches, dim) for _ in range(3)] + [
+        leaf(batch, length, dim) for _ in range(3)
+    ]
     lengths = torch.randint(min(5, length), length + 1, (batch,), generator=g, device=device)
     mask = torch.arange(length, device=device)[None] < lengths[:, None]
-    params = {n: leaf(dim, scale=0.1, shift=0.5 if n.startswith("alpha") else 1.0, dt=torch.float32)
-              for n in PARAMS}
+    params = {
+        n: leaf(dim, scale=0.1, shift=0.5 if n.startswith("alpha") else 1.0, dt=torch.float32)
+        for n in PARAMS
+    }
     params["logit_scale"] = torch.tensor(14.3, device=device, requires_grad=True)
     return tensors, mask, params
 
@@ -72,7 +82,11 @@ def implementations():
         return reference.cdds_loss(*a, **k)
 
     compiled_inner = torch.compile(eager)
-    return {"fast (triton)": fast, "eager reference": eager, "torch.compile(reference)": compiled_inner}
+    return {
+        "fast (triton)": fast,
+        "eager reference": eager,
+        "torch.compile(reference)": compiled_inner,
+    }
 
 
 def run(shapes, dtypes, names=None, *, skip_compile_for=()):
@@ -93,9 +107,12 @@ def run(shapes, dtypes, names=None, *, skip_compile_for=()):
                 except torch.cuda.OutOfMemoryError:
                     full = fwd = Measurement(float("nan"), None)
                 row = {
-                    "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
-                    "impl": name, "forward_ms": fwd.median_ms,
-                    "backward_ms": full.median_ms - fwd.median_ms, "full_ms": full.median_ms,
+                    "shape": "x".join(map(str, shape)),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "impl": name,
+                    "forward_ms": fwd.median_ms,
+                    "backward_ms": full.median_ms - fwd.median_ms,
+                    "full_ms": full.median_ms,
                     "peak_mb": full.peak_extra_mb,
                 }
                 if name.startswith("fast"):
@@ -112,33 +129,48 @@ def _model(shape, dtype, mask, full_ms) -> dict:
     elem = torch.finfo(dtype).bits // 8
     tokens, state = hbm_traffic(*shape, elem_bytes=elem, text_valid=float(mask.float().mean()))
     moved = tokens + state
-    return {"model_mb": moved / 1e6, "model_peak_mb": memory_model(*shape, elem).peak / 2**20,
-            "model_gbps": moved / full_ms / 1e6}
+    return {
+        "model_mb": moved / 1e6,
+        "model_peak_mb": memory_model(*shape, elem).peak / 2**20,
+        "model_gbps": moved / full_ms / 1e6,
+    }
 
 
 def to_markdown(rows) -> str:
-    lines = ["| B x P x L x D | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | peak extra MB | speed-up vs eager | model: MB moved, GB/s, peak MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| B x P x L x D | dtype | implementation | fwd ms | bwd ms | fwd+bwd ms | peak extra MB "
+        "| speed-up vs eager | model: MB moved, GB/s, peak MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     eager = {(r["shape"], r["dtype"]): r["full_ms"] for r in rows if r["impl"] == "eager reference"}
     for r in rows:
         base = eager.get((r["shape"], r["dtype"]))
         speed = f"{base / r['full_ms']:.1f}x" if base and r["full_ms"] == r["full_ms"] else "n/a"
-        model = (f"{r['model_mb']:.0f}, {r['model_gbps']:.0f}, {r['model_peak_mb']:.0f}"
-                 if "model_mb" in r else "")
+        model = (
+            f"{r['model_mb']:.0f}, {r['model_gbps']:.0f}, {r['model_peak_mb']:.0f}"
+            if "model_mb" in r
+            else ""
+        )
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['impl']} | {fmt(r['forward_ms'])} | "
-            f"{fmt(r['backward_ms'])} | {fmt(r['full_ms'])} | {fmt(r['peak_mb'], '.1f')} | {speed} | "
+            f"{fmt(r['backward_ms'])} | {fmt(r['full_ms'])} | {fmt(r['peak_mb'], '.1f')} | "
+            f"{speed} | "
             f"{model} |"
         )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes (works on CPU)")
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--compile-dtypes", default="bfloat16,float32",
-                        help="dtypes for which torch.compile(reference) is measured (compiles are slow)")
+    parser.add_argument(
+        "--compile-dtypes",
+        default="bfloat16,float32",
+        help="dtypes for which torch.compile(reference) is measured (compiles are slow)",
+    )
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     compile_dtypes = {getattr(torch, d) for d in args.compile_dtypes.split(",") if d}

@@ -1,5 +1,5 @@
-"""Benchmark: symmetric InfoNCE forward + backward, every path of ``FusedClipLoss`` against open_clip
-``ClipLoss``, ``torch.compile(ClipLoss)`` and Inf-CL.
+"""Benchmark: symmetric InfoNCE forward + backward, every path of ``FusedClipLoss`` against
+open_clip ``ClipLoss``, ``torch.compile(ClipLoss)`` and Inf-CL.
 
 For each dtype and batch size it reports the median time of one forward + backward step (after
 warm-up, ``triton.testing.do_bench``), the peak extra device memory of that step
@@ -87,18 +87,22 @@ def _methods(args):
 
     def ours(path, allow_tf32):
         def factory(dtype, b):
-            if (allow_tf32 and dtype != torch.float32) or (path == "fused" and
-                                                           b > args.fused_max_b):
+            if (allow_tf32 and dtype != torch.float32) or (
+                path == "fused" and b > args.fused_max_b
+            ):
                 return None
-            return FusedClipLoss(backend="triton", allow_tf32=allow_tf32,
-                                 max_scratch_bytes=args.budget << 20)
+            return FusedClipLoss(
+                backend="triton", allow_tf32=allow_tf32, max_scratch_bytes=args.budget << 20
+            )
+
         return factory
 
     out = {name: ours(*spec) for name, spec in OURS.items()}
     out["ClipLoss"] = lambda dtype, b: ClipLoss()
     compile_dtypes = {DTYPES[name] for name in args.compile_dtypes}
-    out["compiled ClipLoss"] = lambda dtype, b: (torch.compile(ClipLoss())
-                                                 if dtype in compile_dtypes else None)
+    out["compiled ClipLoss"] = lambda dtype, b: (
+        torch.compile(ClipLoss()) if dtype in compile_dtypes else None
+    )
     try:
         from inf_cl import cal_inf_loss  # type: ignore
 
@@ -121,6 +125,7 @@ def _cleanup():
 
 def measure(loss_fn, a, t, s, *, warmup_ms: int, rep_ms: int):
     """(median ms of fwd+bwd, peak extra MiB, loss value), via ``benchmarks.common.measure``."""
+
     def step():
         loss = loss_fn(a, t, s)
         loss.backward()
@@ -169,8 +174,10 @@ def run_table(args) -> list[dict]:
     methods = _methods(args)
     records = []
     d = args.dim
-    print("| dtype | B | method | fwd+bwd ms (median) | peak extra MiB | TFLOP/s (8 B^2 D) "
-          "| model fraction | loss rel. diff vs ClipLoss |")
+    print(
+        "| dtype | B | method | fwd+bwd ms (median) | peak extra MiB | TFLOP/s (8 B^2 D) "
+        "| model fraction | loss rel. diff vs ClipLoss |"
+    )
     print("|" + "---|" * 8, flush=True)
     for dname in args.dtypes:
         dtype = DTYPES[dname]
@@ -182,20 +189,33 @@ def run_table(args) -> list[dict]:
                     results[name] = out
             ref = results.get("ClipLoss", (None, None, None))[2]
             for name, (ms, peak, value) in results.items():
-                rec = {"dtype": dname, "batch": b, "method": name, "full_ms": None,
-                       "peak_mb": peak, "tflops": None, "model_fraction": None,
-                       "note": ms if isinstance(ms, str) else ""}
+                rec = {
+                    "dtype": dname,
+                    "batch": b,
+                    "method": name,
+                    "full_ms": None,
+                    "peak_mb": peak,
+                    "tflops": None,
+                    "model_fraction": None,
+                    "note": ms if isinstance(ms, str) else "",
+                }
                 if isinstance(ms, str):
                     print(f"| {dname} | {b} | {name} | {ms} | - | - | - | - |", flush=True)
                 else:
                     model = _model_ms(name, dtype, b, d, args.budget)
-                    rec.update(full_ms=ms, tflops=8 * b * b * d / (ms * 1e-3) / 1e12,
-                               model_fraction=None if model is None else model / ms)
+                    rec.update(
+                        full_ms=ms,
+                        tflops=8 * b * b * d / (ms * 1e-3) / 1e12,
+                        model_fraction=None if model is None else model / ms,
+                    )
                     rel = abs(value - ref) / abs(ref) if ref not in (None, 0.0) else None
                     frac = "-" if model is None else f"{100 * model / ms:.0f}%"
-                    print(f"| {dname} | {b} | {name} | {ms:.3f} | {fmt(peak, '.1f')} | "
-                          f"{rec['tflops']:.1f} | {frac} | "
-                          f"{'-' if rel is None else f'{rel:.1e}'} |", flush=True)
+                    print(
+                        f"| {dname} | {b} | {name} | {ms:.3f} | {fmt(peak, '.1f')} | "
+                        f"{rec['tflops']:.1f} | {frac} | "
+                        f"{'-' if rel is None else f'{rel:.1e}'} |",
+                        flush=True,
+                    )
                 records.append(rec)
     return records
 
@@ -213,7 +233,7 @@ def run_budgets(args) -> list[dict]:
             for budget in args.budgets:
                 loss_fn = FusedClipLoss(backend="triton", max_scratch_bytes=budget << 20)
                 saved, args.budget = args.budget, budget
-                out = _run_case("blocked path", lambda *_: loss_fn, dtype, b, args)
+                out = _run_case("blocked path", lambda *_, fn=loss_fn: fn, dtype, b, args)
                 args.budget = saved
                 ms, peak, _ = out
                 if isinstance(ms, str):
@@ -221,10 +241,22 @@ def run_budgets(args) -> list[dict]:
                     continue
                 model = _model_ms("blocked path", dtype, b, args.dim, budget)
                 tflops = 8 * b * b * args.dim / (ms * 1e-3) / 1e12
-                print(f"| {dname} | {b} | {budget} | {ms:.3f} | {fmt(peak, '.1f')} | {tflops:.1f} | "
-                      f"{100 * model / ms:.0f}% |", flush=True)
-                records.append({"dtype": dname, "batch": b, "budget_mib": budget, "full_ms": ms,
-                                "peak_mb": peak, "tflops": tflops, "model_fraction": model / ms})
+                print(
+                    f"| {dname} | {b} | {budget} | {ms:.3f} | {fmt(peak, '.1f')} | {tflops:.1f} | "
+                    f"{100 * model / ms:.0f}% |",
+                    flush=True,
+                )
+                records.append(
+                    {
+                        "dtype": dname,
+                        "batch": b,
+                        "budget_mib": budget,
+                        "full_ms": ms,
+                        "peak_mb": peak,
+                        "tflops": tflops,
+                        "model_fraction": model / ms,
+                    }
+                )
     return records
 
 
@@ -278,29 +310,57 @@ def run_tune(args) -> None:
         x, y = a[None], t[None]
         grad = torch.ones(1, device=DEVICE)
         default = _plan_for_path("fused", dtype, b, b, d, a.device, False, 0)
-        for kind, candidates, flop in (("fwd", FWD_CANDIDATES[fam], 4), ("bwd", BWD_CANDIDATES[fam],
-                                                                          8)):
+        for kind, candidates, flop in (
+            ("fwd", FWD_CANDIDATES[fam], 4),
+            ("bwd", BWD_CANDIDATES[fam], 8),
+        ):
             for cfg in [None] + candidates:
-                plan = default if cfg is None else dataclasses.replace(
-                    default, tiles=tuple({**dict(default.tiles), **cfg}.items()))
+                plan = (
+                    default
+                    if cfg is None
+                    else dataclasses.replace(
+                        default, tiles=tuple({**dict(default.tiles), **cfg}.items())
+                    )
+                )
                 name = ("default " if cfg is None else "") + str(dict(plan.tiles))
                 try:
-                    _, sr, sc = K._forward(x, y, s, symmetric=True, label_offset=0,
-                                           allow_tf32=False, plan=plan)
+                    _, sr, sc = K._forward(
+                        x, y, s, symmetric=True, label_offset=0, allow_tf32=False, plan=plan
+                    )
 
-                    def run(plan=plan, sr=sr, sc=sc, kind=kind, s=s):
+                    def run(plan=plan, sr=sr, sc=sc, kind=kind, x=x, y=y, s=s, grad=grad):
                         if kind == "fwd":
-                            return K._forward(x, y, s, symmetric=True, label_offset=0,
-                                              allow_tf32=False, plan=plan)
-                        return K._backward(grad, x, y, s, sr, sc, symmetric=True,
-                                           label_offset=0, allow_tf32=False, need_dx=True,
-                                           need_dy=True, need_dscale=True, plan=plan)
+                            return K._forward(
+                                x, y, s, symmetric=True, label_offset=0, allow_tf32=False, plan=plan
+                            )
+                        return K._backward(
+                            grad,
+                            x,
+                            y,
+                            s,
+                            sr,
+                            sc,
+                            symmetric=True,
+                            label_offset=0,
+                            allow_tf32=False,
+                            need_dx=True,
+                            need_dy=True,
+                            need_dscale=True,
+                            plan=plan,
+                        )
+
                     ms = common_measure(run, warmup_ms=args.warmup, rep_ms=args.rep).median_ms
-                    print(f"| {kind} | {dname} | {b} | {name} | {ms:.3f} | "
-                          f"{flop * b * b * d / ms / 1e9:.1f} |", flush=True)
+                    print(
+                        f"| {kind} | {dname} | {b} | {name} | {ms:.3f} | "
+                        f"{flop * b * b * d / ms / 1e9:.1f} |",
+                        flush=True,
+                    )
                 except Exception as exc:  # noqa: BLE001
-                    print(f"| {kind} | {dname} | {b} | {name} | error {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:60]} | - |", flush=True)
+                    print(
+                        f"| {kind} | {dname} | {b} | {name} | error {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:60]} | - |",
+                        flush=True,
+                    )
         del a, t, s
         _cleanup()
 
@@ -311,32 +371,58 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=None)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of: " + ", ".join([*OURS, "ClipLoss", "compiled ClipLoss",
-                                                   "Inf-CL"]))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="subset of: " + ", ".join([*OURS, "ClipLoss", "compiled ClipLoss", "Inf-CL"]),
+    )
     p.add_argument("--budget", type=int, default=192, help="max_scratch_bytes, MiB")
-    p.add_argument("--budgets", type=int, nargs="+", default=None,
-                   help="sweep the blocked path over these budgets (MiB) instead of the table")
-    p.add_argument("--fused-max-b", type=int, default=16384,
-                   help="skip the forced all-Triton path above this B")
-    p.add_argument("--compile-dtypes", nargs="*", default=["bf16"], choices=list(DTYPES),
-                   help="dtypes to time torch.compile(ClipLoss) at (each B and dtype compiles "
-                        "anew, ~20 s)")
-    p.add_argument("--clip-max-b", type=int, default=1 << 30,
-                   help="skip ClipLoss above this B (it is guarded against OOM anyway)")
+    p.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sweep the blocked path over these budgets (MiB) instead of the table",
+    )
+    p.add_argument(
+        "--fused-max-b",
+        type=int,
+        default=16384,
+        help="skip the forced all-Triton path above this B",
+    )
+    p.add_argument(
+        "--compile-dtypes",
+        nargs="*",
+        default=["bf16"],
+        choices=list(DTYPES),
+        help="dtypes to time torch.compile(ClipLoss) at (each B and dtype compiles anew, ~20 s)",
+    )
+    p.add_argument(
+        "--clip-max-b",
+        type=int,
+        default=1 << 30,
+        help="skip ClipLoss above this B (it is guarded against OOM anyway)",
+    )
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     p.add_argument("--tune", action="store_true", help="sweep tile configs of the fused kernels")
     p.add_argument("--tune-b", type=int, default=1024)
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu: a smoke run of the script itself (tests), under TRITON_INTERPRET=1")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: a smoke run of the script itself (tests), under TRITON_INTERPRET=1",
+    )
     args = p.parse_args(argv)
     global DEVICE
     DEVICE = args.device
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_contrastive: no CUDA device found; this benchmark times GPU kernels, "
-              "nothing to do on CPU.")
+        print(
+            "bench_contrastive: no CUDA device found; this benchmark times GPU kernels, "
+            "nothing to do on CPU."
+        )
         return 0
     if args.sizes is None:
         args.sizes = [1024, 4096] if args.quick else [4096, 16384, 65536]

@@ -33,7 +33,9 @@ def block_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=256)
@@ -59,8 +61,12 @@ def main(argv=None) -> int:
     size = size[0] if isinstance(size, (tuple, list)) else size
     images = torch.randn(args.batch, 3, size, size, device=device)
     tokenizer = open_clip.get_tokenizer(args.model)
-    words = "a photo of a small red square left of a large blue circle on a striped background".split()
-    texts = tokenizer([" ".join(words[: 4 + i % (len(words) - 4)]) for i in range(args.batch)]).to(device)
+    words = (
+        "a photo of a small red square left of a large blue circle on a striped background".split()
+    )
+    texts = tokenizer([" ".join(words[: 4 + i % (len(words) - 4)]) for i in range(args.batch)]).to(
+        device
+    )
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -96,8 +102,14 @@ def main(argv=None) -> int:
 
     with torch.no_grad(), autocast:
         out = model(images, texts)
-    detached = {k: (v.detach().requires_grad_(v.is_floating_point()) if torch.is_tensor(v) and k != "logit_scale" else v)
-                for k, v in out.items()}
+    detached = {
+        k: (
+            v.detach().requires_grad_(v.is_floating_point())
+            if torch.is_tensor(v) and k != "logit_scale"
+            else v
+        )
+        for k, v in out.items()
+    }
     detached["logit_scale"] = out["logit_scale"].detach().requires_grad_(True)
 
     def loss_only(backend):
@@ -115,8 +127,11 @@ def main(argv=None) -> int:
     with torch.no_grad(), autocast:
         v_tokens = model.image_tokens(images)
         t_tokens, t_mask = model.text_tokens(texts)
-    head_inputs = (v_tokens.detach().requires_grad_(True), t_tokens.detach().requires_grad_(True),
-                   t_mask)
+    head_inputs = (
+        v_tokens.detach().requires_grad_(True),
+        t_tokens.detach().requires_grad_(True),
+        t_mask,
+    )
     components = ("image_semantic", "image_modality", "text_semantic", "text_modality")
 
     def head_step(head):
@@ -132,36 +147,50 @@ def main(argv=None) -> int:
         return run
 
     # fullgraph: a graph break inside a block would fail here, not just run slower
-    compiled_head = torch.compile(model.head, fullgraph=True,
-                                  backend="inductor" if cuda else "aot_eager")
+    compiled_head = torch.compile(
+        model.head, fullgraph=True, backend="inductor" if cuda else "aot_eager"
+    )
 
     fast = "triton" if cuda else "reference"
-    rows = [("ClipLoss (plain CLIP)", timed(clip_step)),
-            ("CDDS, fast loss", timed(cdds_step(fast))),
-            ("CDDS, reference loss", timed(cdds_step("reference"))),
-            ("  towers only (fwd+bwd)", timed(towers_step)),
-            ("  CDDS head only, eager", timed(head_step(model.head))),
-            ("  CDDS head only, torch.compile", timed(head_step(compiled_head))),
-            ("  CDDS loss ops only, fast", timed(loss_only(fast))),
-            ("  CDDS loss ops only, reference", timed(loss_only("reference")))]
+    rows = [
+        ("ClipLoss (plain CLIP)", timed(clip_step)),
+        ("CDDS, fast loss", timed(cdds_step(fast))),
+        ("CDDS, reference loss", timed(cdds_step("reference"))),
+        ("  towers only (fwd+bwd)", timed(towers_step)),
+        ("  CDDS head only, eager", timed(head_step(model.head))),
+        ("  CDDS head only, torch.compile", timed(head_step(compiled_head))),
+        ("  CDDS loss ops only, fast", timed(loss_only(fast))),
+        ("  CDDS loss ops only, reference", timed(loss_only("reference"))),
+    ]
     rows_by = dict(rows)
-    decoupler_ms = rows_by["CDDS, fast loss"].median_ms - rows_by["  towers only (fwd+bwd)"].median_ms \
+    decoupler_ms = (
+        rows_by["CDDS, fast loss"].median_ms
+        - rows_by["  towers only (fwd+bwd)"].median_ms
         - rows_by["  CDDS loss ops only, fast"].median_ms
+    )
 
     v, t = clip.visual, clip
     vis_tokens = (size // v.patch_size[0]) ** 2 + 1 if hasattr(v, "patch_size") else 50
     backbone = args.batch * (
         len(v.transformer.resblocks) * block_flops(vis_tokens, v.transformer.width)
-        + len(t.transformer.resblocks) * block_flops(texts.shape[1], t.transformer.width))
+        + len(t.transformer.resblocks) * block_flops(texts.shape[1], t.transformer.width)
+    )
     dim = model.head.dim
     z = model.head.image_decoupler.z
-    n_blocks = len(model.head.image_decoupler.encoder) + 2 * z * len(model.head.image_decoupler.semantic_decoder)
-    decoupler = args.batch * n_blocks * (block_flops(vis_tokens - 1, dim) + block_flops(texts.shape[1], dim))
+    n_blocks = len(model.head.image_decoupler.encoder) + 2 * z * len(
+        model.head.image_decoupler.semantic_decoder
+    )
+    decoupler = (
+        args.batch
+        * n_blocks
+        * (block_flops(vis_tokens - 1, dim) + block_flops(texts.shape[1], dim))
+    )
 
     print(environment())
     print(f"model {args.model}, batch {args.batch}, bf16 autocast={cuda}, z={z}")
     print("| part | ms | peak extra MB | TFLOP/s (blocks, fwd+bwd) |")
     print("| --- | --- | --- | --- |")
+
     def tflops(flops: float, ms: float) -> str:
         return f"{3 * flops / ms / 1e9:.1f}"
 
@@ -172,8 +201,10 @@ def main(argv=None) -> int:
         elif name.strip().startswith("CDDS head"):
             tf = tflops(decoupler, m.median_ms)
         print(f"| {name} | {fmt(m.median_ms, '.2f')} | {fmt(m.peak_extra_mb, '.0f')} | {tf} |")
-    print(f"| decoupler blocks (CDDS fast step - towers - loss ops) | {decoupler_ms:.2f} | | "
-          f"{tflops(decoupler, decoupler_ms)} |")
+    print(
+        f"| decoupler blocks (CDDS fast step - towers - loss ops) | {decoupler_ms:.2f} | | "
+        f"{tflops(decoupler, decoupler_ms)} |"
+    )
     share = rows_by["  CDDS loss ops only, fast"].median_ms / rows_by["CDDS, fast loss"].median_ms
     print(f"CDDS loss ops share of the fast CDDS step: {100 * share:.1f}%")
     print("| z | CDDS fast step ms | head only ms (eager) | head TFLOP/s |")
@@ -181,11 +212,14 @@ def main(argv=None) -> int:
     for zz in (1, 2, 4):
         model.head.image_decoupler.z = model.head.text_decoupler.z = zz
         blocks_z = len(model.head.image_decoupler.encoder) + 2 * zz * len(
-            model.head.image_decoupler.semantic_decoder)
+            model.head.image_decoupler.semantic_decoder
+        )
         flops_z = decoupler / n_blocks * blocks_z
         head_ms = timed(head_step(model.head)).median_ms
-        print(f"| {zz} | {fmt(timed(cdds_step(fast)).median_ms, '.2f')} | {head_ms:.2f} | "
-              f"{tflops(flops_z, head_ms)} |")
+        print(
+            f"| {zz} | {fmt(timed(cdds_step(fast)).median_ms, '.2f')} | {head_ms:.2f} | "
+            f"{tflops(flops_z, head_ms)} |"
+        )
     return 0
 
 

@@ -28,12 +28,19 @@ class Measurement:
         return None if self.peak_extra_bytes is None else self.peak_extra_bytes / 2**20
 
 
-def measure(fn: Callable[[], object], *, warmup_ms: float = 200, rep_ms: float = 1000,
-            cpu_reps: int = 5, grad_to_none: list[torch.Tensor] | None = None) -> Measurement:
+def measure(
+    fn: Callable[[], object],
+    *,
+    warmup_ms: float = 200,
+    rep_ms: float = 1000,
+    cpu_reps: int = 5,
+    grad_to_none: list[torch.Tensor] | None = None,
+) -> Measurement:
     """Median time of ``fn()`` and its peak extra device memory.
 
     ``grad_to_none``: leaves whose ``.grad`` is reset before every call, so each backward
     allocates its gradients afresh (they count in the peak) instead of accumulating."""
+
     def reset():
         for t in grad_to_none or ():
             t.grad = None
@@ -51,8 +58,9 @@ def measure(fn: Callable[[], object], *, warmup_ms: float = 200, rep_ms: float =
         result = fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
-                      return_mode="median")
+        ms = do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"
+        )
         return Measurement(float(ms), int(peak), result)
     reset()
     result = fn()
@@ -77,7 +85,10 @@ def environment() -> dict[str, str]:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info["device"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+        info["device"] = (
+            f"{props.name} ({props.total_memory / 2**30:.0f} GiB, "
+            f"{props.multi_processor_count} SMs)"
+        )
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()})"
     return info

@@ -1,4 +1,4 @@
-"""pytest-benchmark suites: small sizes on the CPU reference paths, the issue's sizes on CUDA.
+"""pytest-benchmark suites: small sizes on the CPU reference paths, the GPU sizes on CUDA.
 
 Every timed call synchronises the device before returning, so CUDA timings are real.
 """

@@ -47,7 +47,9 @@ def _batch(model_name: str, batch: int, size: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     words = "a photo of a small red square left of a large blue circle on a striped floor".split()
     captions = [" ".join(words[: 4 + (7 * i) % 12]) for i in range(batch)]
-    return torch.randn(batch, 3, size, size, generator=gen), open_clip.get_tokenizer(model_name)(captions)
+    return torch.randn(batch, 3, size, size, generator=gen), open_clip.get_tokenizer(model_name)(
+        captions
+    )
 
 
 def build_steps(model_name: str, batch: int) -> tuple[dict, dict]:
@@ -101,8 +103,9 @@ def run(model_name: str, batch: int, reps: int) -> list[tuple[str, int, float]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
@@ -119,14 +122,18 @@ def main(argv=None) -> int:
     rows = run(args.model, args.batch, args.reps)
     base_params, base_s = rows[0][1], rows[0][2]
     print(environment())
-    print(f"model {args.model} (random init, fp32), batch {args.batch}, {args.threads} threads, "
-          f"median of {args.reps} steps each, load average at the end {os.getloadavg()[0]:.2f}")
+    print(
+        f"model {args.model} (random init, fp32), batch {args.batch}, {args.threads} threads, "
+        f"median of {args.reps} steps each, load average at the end {os.getloadavg()[0]:.2f}"
+    )
     print("| run | parameters | added | s / step | x ClipLoss step |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, n, seconds in rows:
         added = f"+{(n - base_params) / 1e6:.1f}M (+{100 * (n - base_params) / base_params:.0f}%)"
-        print(f"| {name} | {n / 1e6:.1f}M | {added if n != base_params else '-'} | "
-              f"{seconds:.2f} | {seconds / base_s:.2f} |")
+        print(
+            f"| {name} | {n / 1e6:.1f}M | {added if n != base_params else '-'} | "
+            f"{seconds:.2f} | {seconds / base_s:.2f} |"
+        )
     return 0
 
 

@@ -61,6 +61,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class Spec:
     """One distinct kernel specialisation a launch plan asked for."""
+
     kernel: str
     constexprs: dict
     signature: dict
@@ -75,8 +76,11 @@ class Spec:
     error: str | None = None
 
     def label(self) -> str:
-        blocks = ", ".join(f"{k}={v}" for k, v in self.constexprs.items()
-                           if k.startswith("BLOCK") or k in ("SINGLE_K", "PRECISION"))
+        blocks = ", ".join(
+            f"{k}={v}"
+            for k, v in self.constexprs.items()
+            if k.startswith("BLOCK") or k in ("SINGLE_K", "PRECISION")
+        )
         dtypes = sorted({v for v in self.signature.values() if v.startswith("*")} - {"*i8", "*u8"})
         return f"{self.kernel} [{', '.join(dtypes)}] {blocks}"
 
@@ -104,18 +108,34 @@ class Recorder:
         binder = self.binders.get(fn)
         if binder is None:
             binder = self.binders[fn] = create_function_from_signature(
-                fn.signature, fn.params, self.backend)
+                fn.signature, fn.params, self.backend
+            )
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(
-            self.backend, kwargs, bound, specialization, options)
+            self.backend, kwargs, bound, specialization, options
+        )
         names = [p.name for p in fn.params]
         named_constexprs = {names[path[0]]: value for path, value in constexprs.items()}
-        key = repr((fn.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()),
-                    options.num_warps, options.num_stages))
+        key = repr(
+            (
+                fn.__name__,
+                signature,
+                sorted(constexprs.items()),
+                sorted(attrs.items()),
+                options.num_warps,
+                options.num_stages,
+            )
+        )
         if key not in self.specs:
             grid = grid(bound) if callable(grid) else tuple(grid)
-            self.specs[key] = Spec(fn.__name__, named_constexprs, dict(signature),
-                                   options.num_warps, options.num_stages, tuple(grid))
+            self.specs[key] = Spec(
+                fn.__name__,
+                named_constexprs,
+                dict(signature),
+                options.num_warps,
+                options.num_stages,
+                tuple(grid),
+            )
             self.sources[key] = (fn, signature, constexprs, attrs, options)
         if self.plan not in self.specs[key].plans:
             self.specs[key].plans.append(self.plan)
@@ -128,16 +148,21 @@ class Recorder:
             fn, signature, constexprs, attrs, options = self.sources[key]
             start = time.perf_counter()
             try:
-                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                          target=self.target, options=options.__dict__)
+                compiled = triton.compile(
+                    ASTSource(fn, signature, constexprs, attrs),
+                    target=self.target,
+                    options=options.__dict__,
+                )
                 spec.regs, spec.stack, spec.smem = _resources(compiled)
             except Exception as err:  # report every failure, not just the first
                 spec.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
             spec.compile_s = time.perf_counter() - start
-            log(f"[{i + 1}/{len(self.specs)}] {spec.label()}  warps={spec.num_warps} "
+            log(
+                f"[{i + 1}/{len(self.specs)}] {spec.label()}  warps={spec.num_warps} "
                 f"stages={spec.num_stages}: "
                 + (spec.error or f"regs={spec.regs} stack={spec.stack} smem={spec.smem}")
-                + f" ({spec.compile_s:.1f} s)")
+                + f" ({spec.compile_s:.1f} s)"
+            )
 
 
 def _resources(compiled) -> tuple[int, int, int]:
@@ -148,8 +173,12 @@ def _resources(compiled) -> tuple[int, int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [str(cuobjdump), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if not found:
         raise RuntimeError(f"cuobjdump: no resource line in {out!r}")
@@ -171,8 +200,10 @@ def _refuse_interpreter() -> None:
     from cdds_fast.kernels.launch import interpreter_active
 
     if interpreter_active():
-        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (the interpreter replaces the "
-                         "functions this script compiles)")
+        raise SystemExit(
+            "kernel_resources: unset TRITON_INTERPRET (the interpreter replaces the "
+            "functions this script compiles)"
+        )
 
 
 META = torch.device("meta")
@@ -183,9 +214,13 @@ class _Allocations(TorchDispatchMode):
     ``[shape, dtype name, bytes]``: the launchers' scratch, outputs and gradients (what aten ops
     allocate for their own results is not listed)."""
 
-    EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-             torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default,
-             torch.ops.aten.new_empty_strided.default}
+    EMPTY = {
+        torch.ops.aten.empty.memory_format,
+        torch.ops.aten.empty_strided.default,
+        torch.ops.aten.empty_like.default,
+        torch.ops.aten.new_empty.default,
+        torch.ops.aten.new_empty_strided.default,
+    }
 
     def __init__(self, into: list):
         super().__init__()
@@ -194,8 +229,13 @@ class _Allocations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in self.EMPTY:
-            self.into.append([list(out.shape), str(out.dtype).removeprefix("torch."),
-                              out.numel() * out.element_size()])
+            self.into.append(
+                [
+                    list(out.shape),
+                    str(out.dtype).removeprefix("torch."),
+                    out.numel() * out.element_size(),
+                ]
+            )
         return out
 
 
@@ -213,6 +253,7 @@ def _ops_run_on_meta(into: list | None = None) -> Iterator[None]:
         def kernel(*args, **kwargs):
             with _Allocations(into) if into is not None else contextlib.nullcontext():
                 return fn(*args, **kwargs)
+
         return kernel
 
     lib = torch.library.Library("cdds_fast", "IMPL")
@@ -261,13 +302,16 @@ def plan_units(recorder: Recorder, shape: tuple, dtype: torch.dtype) -> None:
     mask = torch.empty(batch, length, dtype=torch.bool, device=META)
     mu, s = column_stats(x, mask)
     (mu.sum() + s.sum()).backward()
-    leaves = [torch.empty(*size, device=META, requires_grad=True)
-              for size in [(batch, dim)] * 4 + [(dim,)] * 2]
+    leaves = [
+        torch.empty(*size, device=META, requires_grad=True)
+        for size in [(batch, dim)] * 4 + [(dim,)] * 2
+    ]
     sum(o.sum() for o in related_sampling(*leaves)).backward()
 
 
-def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
-                  allow_tf32: bool = False) -> None:
+def plan_info_nce(
+    recorder: Recorder, batch: int, dim: int, dtype: torch.dtype, allow_tf32: bool = False
+) -> None:
     """Forward + backward of the symmetric and the rectangular (``local_loss``) InfoNCE on both
     paths (two problems at once, as the CDDS loss runs them), every kernel specialisation a GPU
     would compile."""
@@ -277,33 +321,80 @@ def plan_info_nce(recorder: Recorder, batch: int, dim: int, dtype: torch.dtype,
     tag = _name(dtype) + (" tf32" if allow_tf32 else "")
     for path in ("fused", "blocked"):
         for symmetric in (True, False):
-            recorder.plan = (f"info_nce B={batch} D={dim} {tag} "
-                             f"{'sym' if symmetric else 'rect'} {path}")
+            recorder.plan = (
+                f"info_nce B={batch} D={dim} {tag} {'sym' if symmetric else 'rect'} {path}"
+            )
             n = batch if symmetric else 2 * batch
             x = torch.empty(2, batch, dim, dtype=dtype, device=META)
             y = torch.empty(2, n, dim, dtype=dtype, device=META)
             scale = torch.empty((), device=META)
             offset = 0 if symmetric else batch // 2
-            plan = _plan_for_path(path, dtype, batch, n, dim, META, allow_tf32,
-                                  4 * batch * n)  # budget: two blocks per side
-            loss, stats_r, stats_c = K._forward(x, y, scale, symmetric=symmetric,
-                                                label_offset=offset, allow_tf32=allow_tf32,
-                                                plan=plan)
-            K._backward(torch.empty(2, device=META), x, y, scale, stats_r, stats_c,
-                        symmetric=symmetric, label_offset=offset, allow_tf32=allow_tf32,
-                        need_dx=True, need_dy=True, need_dscale=True, plan=plan)
+            plan = _plan_for_path(
+                path, dtype, batch, n, dim, META, allow_tf32, 4 * batch * n
+            )  # budget: two blocks per side
+            loss, stats_r, stats_c = K._forward(
+                x,
+                y,
+                scale,
+                symmetric=symmetric,
+                label_offset=offset,
+                allow_tf32=allow_tf32,
+                plan=plan,
+            )
+            K._backward(
+                torch.empty(2, device=META),
+                x,
+                y,
+                scale,
+                stats_r,
+                stats_c,
+                symmetric=symmetric,
+                label_offset=offset,
+                allow_tf32=allow_tf32,
+                need_dx=True,
+                need_dy=True,
+                need_dscale=True,
+                plan=plan,
+            )
 
 
 #: aten ops that launch no device work (views, metadata, allocation; ``aten::to`` of a tensor
 #: already in the wanted dtype and device, all a step's are)
 _NO_LAUNCH = {
-    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::view",
-    "aten::_unsafe_view", "aten::_reshape_alias", "aten::reshape", "aten::select", "aten::slice",
-    "aten::narrow", "aten::t", "aten::transpose", "aten::permute", "aten::as_strided",
-    "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze", "aten::flatten",
-    "aten::unflatten", "aten::unbind", "aten::split", "aten::chunk", "aten::detach",
-    "aten::alias", "aten::lift_fresh", "aten::result_type", "aten::promote_types",
-    "aten::contiguous", "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::_to_copy",
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::new_empty",
+    "aten::view",
+    "aten::_unsafe_view",
+    "aten::_reshape_alias",
+    "aten::reshape",
+    "aten::select",
+    "aten::slice",
+    "aten::narrow",
+    "aten::t",
+    "aten::transpose",
+    "aten::permute",
+    "aten::as_strided",
+    "aten::expand",
+    "aten::expand_as",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::flatten",
+    "aten::unflatten",
+    "aten::unbind",
+    "aten::split",
+    "aten::chunk",
+    "aten::detach",
+    "aten::alias",
+    "aten::lift_fresh",
+    "aten::result_type",
+    "aten::promote_types",
+    "aten::contiguous",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::to",
+    "aten::_to_copy",
 }
 
 
@@ -341,8 +432,11 @@ def count_launches(shape: tuple = (256, 50, 77, 512), dtype: torch.dtype = torch
                 total = sum(terms.values())
             else:
                 total.backward()
-        out[phase] = {"triton": sum(triton_calls.values()), "aten": _top_level_aten(prof),
-                      "scratch": allocated}
+        out[phase] = {
+            "triton": sum(triton_calls.values()),
+            "aten": _top_level_aten(prof),
+            "scratch": allocated,
+        }
     return out
 
 
@@ -360,8 +454,16 @@ def _top_level_aten(prof) -> int:
     return aten
 
 
-def count_info_nce(b: int, n: int, d: int, dtype: torch.dtype, budget: int, *, n_prob: int = 1,
-                   symmetric: bool = True) -> dict:
+def count_info_nce(
+    b: int,
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    budget: int,
+    *,
+    n_prob: int = 1,
+    symmetric: bool = True,
+) -> dict:
     """Launches and buffers of one InfoNCE forward and backward (``P = n_prob`` problems of
     ``[b, d]`` rows against ``[n, d]`` columns) as the reference GPU gets them: Triton launches
     recorded (not run), aten launches from the profiler as in :func:`count_launches`, and the
@@ -385,22 +487,35 @@ def count_info_nce(b: int, n: int, d: int, dtype: torch.dtype, budget: int, *, n
         allocated: list = []
         with profile(activities=[ProfilerActivity.CPU]) as prof, _Allocations(allocated):
             if phase == "forward":
-                _, stats_r, stats_c = K.nce_forward(x, y, scale, symmetric=symmetric,
-                                                    label_offset=offset, max_scratch_bytes=budget)
+                _, stats_r, stats_c = K.nce_forward(
+                    x, y, scale, symmetric=symmetric, label_offset=offset, max_scratch_bytes=budget
+                )
             else:
-                K.nce_backward(grad, x, y, scale, stats_r, stats_c, symmetric=symmetric,
-                               label_offset=offset, max_scratch_bytes=budget)
-        out[phase] = {"triton": sum(triton_calls.values()), "aten": _top_level_aten(prof),
-                      "scratch": [nbytes for *_, nbytes in allocated]}
+                K.nce_backward(
+                    grad,
+                    x,
+                    y,
+                    scale,
+                    stats_r,
+                    stats_c,
+                    symmetric=symmetric,
+                    label_offset=offset,
+                    max_scratch_bytes=budget,
+                )
+        out[phase] = {
+            "triton": sum(triton_calls.values()),
+            "aten": _top_level_aten(prof),
+            "scratch": [nbytes for *_, nbytes in allocated],
+        }
     return out
 
 
 #: InfoNCE cases ``--count-info-nce`` reports: (B, N, D, dtype, budget, P, symmetric)
 INFO_NCE_CASES = [
-    (256, 256, 512, "fp32", 256 * 2**20, 3, True),         # the CDDS step's three terms
+    (256, 256, 512, "fp32", 256 * 2**20, 3, True),  # the CDDS step's three terms
     (4096, 4096, 512, "bf16", 192 * 2**20, 1, True),
-    (4096, 4096, 512, "bf16", 24 * 2**20, 1, True),        # several blocks and chunks
-    (1500, 3000, 64, "fp32", 2**20, 2, False),             # rectangular, short blocks
+    (4096, 4096, 512, "bf16", 24 * 2**20, 1, True),  # several blocks and chunks
+    (1500, 3000, 64, "fp32", 2**20, 2, False),  # rectangular, short blocks
     (65536, 65536, 512, "bf16", 192 * 2**20, 1, True),
     (65536, 65536, 512, "fp32", 192 * 2**20, 1, True),
 ]
@@ -429,8 +544,10 @@ def record(quick: bool, arch: int = 90) -> Recorder:
 
 
 def markdown(specs: list[Spec]) -> str:
-    rows = ["| kernel | warps | stages | regs | stack B | smem KiB | programs | first plan |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| kernel | warps | stages | regs | stack B | smem KiB | programs | first plan |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for s in specs:
         programs = 1
         for g in s.grid:
@@ -439,8 +556,9 @@ def markdown(specs: list[Spec]) -> str:
             res = f"**error** {s.error} | | "
         else:
             res = f"{s.regs} | {s.stack} | {s.smem / 1024:.1f}"
-        rows.append(f"| {s.label()} | {s.num_warps} | {s.num_stages} | {res} | {programs} | "
-                    f"{s.plans[0]} |")
+        rows.append(
+            f"| {s.label()} | {s.num_warps} | {s.num_stages} | {res} | {programs} | {s.plans[0]} |"
+        )
     return "\n".join(rows)
 
 
@@ -456,8 +574,9 @@ def problems(specs: list[Spec]) -> list[str]:
         if s.smem > SM90_SMEM:
             out.append(f"{s.label()}: {s.smem} bytes of shared memory > {SM90_SMEM}")
         if s.regs * 32 * s.num_warps > SM90_REGS:
-            out.append(f"{s.label()}: {s.regs} registers x {32 * s.num_warps} threads > "
-                       f"{SM90_REGS}")
+            out.append(
+                f"{s.label()}: {s.regs} registers x {32 * s.num_warps} threads > {SM90_REGS}"
+            )
     return out
 
 
@@ -466,18 +585,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="odd shapes only")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100)")
     parser.add_argument("--json", type=Path, help="write the specs and resources here")
-    parser.add_argument("--allow-spills", action="store_true",
-                        help="exit 0 even if some kernel spills (compile errors still fail)")
-    parser.add_argument("--count-launches", action="store_true",
-                        help="only count the device launches of one CDDS loss step, print JSON")
-    parser.add_argument("--count-info-nce", action="store_true",
-                        help="only count the launches and scratch of the InfoNCE cases "
-                             "(INFO_NCE_CASES), print JSON")
+    parser.add_argument(
+        "--allow-spills",
+        action="store_true",
+        help="exit 0 even if some kernel spills (compile errors still fail)",
+    )
+    parser.add_argument(
+        "--count-launches",
+        action="store_true",
+        help="only count the device launches of one CDDS loss step, print JSON",
+    )
+    parser.add_argument(
+        "--count-info-nce",
+        action="store_true",
+        help="only count the launches and scratch of the InfoNCE cases "
+        "(INFO_NCE_CASES), print JSON",
+    )
     args = parser.parse_args(argv)
     if args.count_info_nce:
         _refuse_interpreter()
-        cases = [[*case, count_info_nce(b, n, d, DTYPES[dt], budget, n_prob=p, symmetric=sym)]
-                 for case in INFO_NCE_CASES for b, n, d, dt, budget, p, sym in [case]]
+        cases = [
+            [*case, count_info_nce(b, n, d, DTYPES[dt], budget, n_prob=p, symmetric=sym)]
+            for case in INFO_NCE_CASES
+            for b, n, d, dt, budget, p, sym in [case]
+        ]
         print(json.dumps(cases))
         return 0
     if args.count_launches:
@@ -489,9 +620,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     recorder = record(args.quick, args.arch)
     specs = list(recorder.specs.values())
-    print(f"{len(specs)} distinct kernel specialisations recorded in "
-          f"{time.perf_counter() - start:.1f} s; compiling for sm_{args.arch} "
-          f"(triton {triton.__version__})", flush=True)
+    print(
+        f"{len(specs)} distinct kernel specialisations recorded in "
+        f"{time.perf_counter() - start:.1f} s; compiling for sm_{args.arch} "
+        f"(triton {triton.__version__})",
+        flush=True,
+    )
     recorder.compile_all(lambda line: print(line, flush=True))
     print()
     print(markdown(specs))

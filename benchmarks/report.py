@@ -43,25 +43,34 @@ def measured_ceilings() -> dict[str, float]:
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
         b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-        ms = do_bench(lambda: a @ b, return_mode="median")
+        ms = do_bench(lambda a=a, b=b: a @ b, return_mode="median")
         out[f"matmul_{name}_TFLOPs"] = 2 * 8192**3 / ms / 1e9
     return out
 
 
 def cdds_min_bytes(shape: str, dtype: str) -> int:
     """Inputs (6 token tensors) read once and their gradients written once."""
-    b, p, l, d = map(int, shape.split("x"))
+    b, p, length, d = map(int, shape.split("x"))
     item = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
-    return 2 * 3 * (b * p * d + b * l * d) * item
+    return 2 * 3 * (b * p * d + b * length * d) * item
 
 
 def contrastive_rows(quick: bool) -> list[dict]:
     from benchmarks import bench_contrastive
 
     args = argparse.Namespace(
-        quick=quick, sizes=[1024, 4096] if quick else [4096, 16384, 65536], dim=512,
-        dtypes=["fp32", "bf16"], methods=None, clip_max_b=1 << 30, warmup=25, rep=100,
-        verbose=False, budget=192, fused_max_b=16384, compile_dtypes=["bf16"],
+        quick=quick,
+        sizes=[1024, 4096] if quick else [4096, 16384, 65536],
+        dim=512,
+        dtypes=["fp32", "bf16"],
+        methods=None,
+        clip_max_b=1 << 30,
+        warmup=25,
+        rep=100,
+        verbose=False,
+        budget=192,
+        fused_max_b=16384,
+        compile_dtypes=["bf16"],
     )
     return bench_contrastive.run_table(args)
 
@@ -87,21 +96,29 @@ def plot(cdds: list[dict], clip: list[dict], out: Path) -> list[Path]:
     paths = []
     if clip:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for (method, dtype) in sorted({(r["method"], r["dtype"]) for r in clip}):
-            pts = [r for r in clip if r["method"] == method and r["dtype"] == dtype and r["full_ms"]]
+        for method, dtype in sorted({(r["method"], r["dtype"]) for r in clip}):
+            pts = [
+                r for r in clip if r["method"] == method and r["dtype"] == dtype and r["full_ms"]
+            ]
             if not pts:
                 continue
             xs = [r["batch"] for r in pts]
             axes[0].plot(xs, [r["full_ms"] for r in pts], marker="o", label=f"{method} {dtype}")
             axes[1].plot(xs, [r["peak_mb"] for r in pts], marker="o", label=f"{method} {dtype}")
-        for ax, ylabel in zip(axes, ("fwd+bwd ms", "peak extra MiB")):
+        for ax, ylabel in zip(axes, ("fwd+bwd ms", "peak extra MiB"), strict=True):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("batch size B (D = 512)")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-        paths.append(_save(fig, axes, "Symmetric InfoNCE: time and memory against batch size",
-                           out / "contrastive.png"))
+        paths.append(
+            _save(
+                fig,
+                axes,
+                "Symmetric InfoNCE: time and memory against batch size",
+                out / "contrastive.png",
+            )
+        )
     if cdds:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         labels = sorted({(r["impl"], r["dtype"]) for r in cdds})
@@ -110,26 +127,37 @@ def plot(cdds: list[dict], clip: list[dict], out: Path) -> list[Path]:
         for k, (impl, dtype) in enumerate(labels):
             row = {r["shape"]: r for r in cdds if r["impl"] == impl and r["dtype"] == dtype}
             xs = [i + k * width for i in range(len(shapes))]
-            axes[0].bar(xs, [row[s]["full_ms"] if s in row else 0 for s in shapes], width, label=f"{impl} {dtype}")
+            axes[0].bar(
+                xs,
+                [row[s]["full_ms"] if s in row else 0 for s in shapes],
+                width,
+                label=f"{impl} {dtype}",
+            )
             axes[1].bar(xs, [(row[s]["peak_mb"] or 0) if s in row else 0 for s in shapes], width)
-        for ax, ylabel in zip(axes, ("fwd+bwd ms", "peak extra MiB")):
+        for ax, ylabel in zip(axes, ("fwd+bwd ms", "peak extra MiB"), strict=True):
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=8)
             ax.set_yscale("log")
             ax.set_ylabel(ylabel)
-        paths.append(_save(fig, axes, "CDDS loss forward+backward (B x P x L x D)",
-                           out / "cdds_loss.png"))
+        paths.append(
+            _save(fig, axes, "CDDS loss forward+backward (B x P x L x D)", out / "cdds_loss.png")
+        )
     return paths
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--skip-contrastive", action="store_true")
     parser.add_argument("--skip-cdds", action="store_true")
-    parser.add_argument("--compile-dtypes", default="bfloat16,float32",
-                        help="dtypes for which torch.compile(reference) is measured (each shape "
-                             "compiles anew, ~tens of seconds)")
+    parser.add_argument(
+        "--compile-dtypes",
+        default="bfloat16,float32",
+        help="dtypes for which torch.compile(reference) is measured (each shape "
+        "compiles anew, ~tens of seconds)",
+    )
     args = parser.parse_args(argv)
     compile_dtypes = {getattr(torch, d) for d in args.compile_dtypes.split(",") if d}
     out = Path(args.out)
@@ -140,9 +168,16 @@ def main(argv=None) -> int:
     shapes = bench_cdds.QUICK_SHAPES if args.quick else bench_cdds.GPU_SHAPES
     names = None if cuda else ["eager reference"]
     dtypes = [torch.bfloat16, torch.float32]
-    cdds = [] if args.skip_cdds else bench_cdds.run(
-        shapes, dtypes, names=names,
-        skip_compile_for=[d for d in dtypes if d not in compile_dtypes])
+    cdds = (
+        []
+        if args.skip_cdds
+        else bench_cdds.run(
+            shapes,
+            dtypes,
+            names=names,
+            skip_compile_for=[d for d in dtypes if d not in compile_dtypes],
+        )
+    )
     for r in cdds:
         if cuda and r["impl"].startswith("fast") and r["full_ms"] == r["full_ms"]:
             floor_ms = cdds_min_bytes(r["shape"], r["dtype"]) / (ceilings["copy_GBps"] * 1e6)
@@ -154,32 +189,51 @@ def main(argv=None) -> int:
             r["matmul_roofline_fraction"] = r["tflops"] / rate
     lines = ["# Benchmark report", "", f"Environment: `{json.dumps(env)}`", ""]
     if ceilings:
-        lines += [f"Measured ceilings: `{json.dumps({k: round(v, 1) for k, v in ceilings.items()})}`", ""]
+        lines += [
+            f"Measured ceilings: `{json.dumps({k: round(v, 1) for k, v in ceilings.items()})}`",
+            "",
+        ]
     if cdds:
         lines += ["## CDDS loss", "", bench_cdds.to_markdown(cdds), ""]
     fr = [r for r in cdds if "byte_roofline_fraction" in r]
     if fr:
-        lines += ["Fast path, fraction of the byte roofline: " + ", ".join(
-            f"{r['shape']} {r['dtype']}: {100 * r['byte_roofline_fraction']:.0f}%" for r in fr), ""]
+        lines += [
+            "Fast path, fraction of the byte roofline: "
+            + ", ".join(
+                f"{r['shape']} {r['dtype']}: {100 * r['byte_roofline_fraction']:.0f}%" for r in fr
+            ),
+            "",
+        ]
     if clip:
-        lines += ["## Symmetric InfoNCE (D = 512)", "",
-                  "| dtype | B | method | fwd+bwd ms | peak extra MiB | TFLOP/s | matmul roofline "
-                  "| cost model |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Symmetric InfoNCE (D = 512)",
+            "",
+            "| dtype | B | method | fwd+bwd ms | peak extra MiB | TFLOP/s | matmul roofline "
+            "| cost model |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
 
         def pct(value):
             return "" if value is None else f"{100 * value:.0f}%"
 
         for r in clip:
-            lines.append(f"| {r['dtype']} | {r['batch']} | {r['method']} | {fmt(r['full_ms'])} | "
-                         f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['tflops'], '.1f')} | "
-                         f"{pct(r.get('matmul_roofline_fraction'))} | "
-                         f"{pct(r.get('model_fraction'))} |")
+            lines.append(
+                f"| {r['dtype']} | {r['batch']} | {r['method']} | {fmt(r['full_ms'])} | "
+                f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['tflops'], '.1f')} | "
+                f"{pct(r.get('matmul_roofline_fraction'))} | "
+                f"{pct(r.get('model_fraction'))} |"
+            )
         lines.append("")
     pngs = plot(cdds, clip, out)
     lines += [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps({"env": env, "ceilings": ceilings, "cdds": cdds, "contrastive": clip}, indent=1, default=str))
+    (out / "report.json").write_text(
+        json.dumps(
+            {"env": env, "ceilings": ceilings, "cdds": cdds, "contrastive": clip},
+            indent=1,
+            default=str,
+        )
+    )
     print("\n".join(lines))
     print(f"written: {out / 'report.md'}, {', '.join(map(str, pngs))}")
     return 0

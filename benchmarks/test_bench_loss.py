@@ -1,7 +1,7 @@
 """pytest-benchmark: CDDS loss fwd+bwd, FusedClipLoss vs ClipLoss, the CDDS head forward.
 
-    make bench      # CPU: small sizes, reference paths (a few minutes)
-    pytest benchmarks -q    # on CUDA: the GPU sizes, fast paths included
+make bench      # CPU: small sizes, reference paths (a few minutes)
+pytest benchmarks -q    # on CUDA: the GPU sizes, fast paths included
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ from cdds_fast.loss import CDDSLoss
 __version__ = "0.1.0"
 
 __all__ = [
-    "CDDSHead", "CDDSLoss", "DualPathDecoupler", "FusedClipLoss", "cdds_loss", "info_nce",
+    "CDDSHead",
+    "CDDSLoss",
+    "DualPathDecoupler",
+    "FusedClipLoss",
+    "cdds_loss",
+    "info_nce",
     "__version__",
 ]

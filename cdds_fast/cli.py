@@ -13,9 +13,18 @@ from collections.abc import Iterable
 from typing import Any
 
 SUBCOMMANDS = {
-    "train": ("cdds_fast.open_clip.train", "train CLIP with CDDSLoss through open_clip_train (open_clip flags + --cdds-*)"),
-    "demo": ("cdds_fast.demo", "train a tiny CLIP with ClipLoss and with CDDSLoss on the embedded data, compare retrieval"),
-    "eval": ("cdds_fast.eval.command", "evaluate a checkpoint on Karpathy-format data or the embedded test split"),
+    "train": (
+        "cdds_fast.open_clip.train",
+        "train CLIP with CDDSLoss through open_clip_train (open_clip flags + --cdds-*)",
+    ),
+    "demo": (
+        "cdds_fast.demo",
+        "train a tiny CLIP with ClipLoss and with CDDSLoss on the embedded data, compare retrieval",
+    ),
+    "eval": (
+        "cdds_fast.eval.command",
+        "evaluate a checkpoint on Karpathy-format data or the embedded test split",
+    ),
 }
 
 
@@ -26,7 +35,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def refuse_settings(loss: dict[str, Any], head: dict[str, Any], flags: dict[str, str]) -> str | None:
+def refuse_settings(
+    loss: dict[str, Any], head: dict[str, Any], flags: dict[str, str]
+) -> str | None:
     """The library's refusal of a loss or head setting, with the setting named by its flag."""
     from cdds_fast.contract import check_head_settings, check_hyper
 
@@ -55,8 +66,10 @@ def missing_extra(module: str, extra: str = "train") -> str | None:
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as e:
-        return (f"needs the '{extra}' extra (missing Python module {e.name!r}): pip install "
-                f"'cdds-fast[{extra}]', or from a clone: pip install '.[{extra}]'")
+        return (
+            f"needs the '{extra}' extra (missing Python module {e.name!r}): pip install "
+            f"'cdds-fast[{extra}]', or from a clone: pip install '.[{extra}]'"
+        )
     return None
 
 

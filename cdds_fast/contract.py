@@ -57,8 +57,10 @@ def check_tensor(name: str, t: object, *, ndim: int | None = None) -> Tensor:
     return t
 
 
-_SCALE_MESSAGE = ("{name}: expected a finite value > 0 (the exponentiated scale, e.g. "
-                  "model.logit_scale.exp()), got {got}")
+_SCALE_MESSAGE = (
+    "{name}: expected a finite value > 0 (the exponentiated scale, e.g. "
+    "model.logit_scale.exp()), got {got}"
+)
 
 
 def check_scale(name: str, scale: object) -> None:
@@ -73,7 +75,8 @@ def check_scale(name: str, scale: object) -> None:
         check_tensor(name, scale)
         if scale.dim() != 0:
             raise ValueError(
-                f"{name}: expected a 0-d tensor (the exponentiated scale), got shape {_shape(scale)}"
+                f"{name}: expected a 0-d tensor (the exponentiated scale), got shape "
+                f"{_shape(scale)}"
             )
         return
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -91,8 +94,11 @@ def check_scale_values(name: str, scale: Tensor | float, *, host: bool) -> None:
     if isinstance(scale, Tensor):
         # log(s) is finite exactly when s is finite and > 0 (log 0 = -inf; the log of a negative
         # or NaN is NaN): the fewest launches for the device-side form
-        check_values(torch.isfinite(scale.detach().log()),
-                     _SCALE_MESSAGE.format(name=name, got="a tensor outside it"), host=host)
+        check_values(
+            torch.isfinite(scale.detach().log()),
+            _SCALE_MESSAGE.format(name=name, got="a tensor outside it"),
+            host=host,
+        )
 
 
 def check_values(ok: Tensor, message: str, *, host: bool) -> None:
@@ -153,7 +159,8 @@ def check_key_mask(name: str, mask: object, tokens_name: str, tokens: Tensor) ->
         )
     if mask.device != tokens.device:
         raise ValueError(
-            f"{name}: expected device {tokens.device} (the device of {tokens_name}), got {mask.device}"
+            f"{name}: expected device {tokens.device} (the device of {tokens_name}), got "
+            f"{mask.device}"
         )
     return mask
 
@@ -212,8 +219,16 @@ def check_mask_rows(text_mask: Tensor, *, host: bool) -> None:
     check_values(valid, f"{message}, got a row with none", host=False)
 
 
-def check_number(name: str, value: object, *, low: float, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = True, integer: bool = False) -> None:
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = True,
+    integer: bool = False,
+) -> None:
     """``value`` is a Python (or numpy) number, an integer if ``integer``, between ``low`` and
     ``high`` (each end included unless ``low_open`` / ``high_open``); NaN and infinities never
     pass."""
@@ -225,9 +240,12 @@ def check_number(name: str, value: object, *, low: float, high: float = math.inf
     below = value < high if high_open else value <= high
     if not (above and below and math.isfinite(value)):
         if high == math.inf:
-            expected = f"{'an int' if integer else 'a finite number'} {'>' if low_open else '>='} {low:g}"
+            expected = (
+                f"{'an int' if integer else 'a finite number'} {'>' if low_open else '>='} {low:g}"
+            )
         else:
-            expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            expected = f"a number in {left}{low:g}, {high:g}{right}"
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
@@ -247,8 +265,9 @@ def check_hyper(*, tau_kl: float, rho: float, **weights: float) -> None:
             check_number(name, value, low=0.0)
 
 
-def check_head_settings(*, n_enc: int, n_dec: int, heads: int, mlp_ratio: float, z: int,
-                        sigma: float) -> None:
+def check_head_settings(
+    *, n_enc: int, n_dec: int, heads: int, mlp_ratio: float, z: int, sigma: float
+) -> None:
     """Decoupler settings (docs/method.md sections 1 and 7): blocks, heads and ``z`` noise groups
     are ints >= 1, ``mlp_ratio > 0``, the noise std ``sigma >= 0``. (That ``heads`` divides the
     dim is the block's own check: the dim is known only once the model is.)"""
@@ -294,8 +313,16 @@ def _check_token_tensors(inputs: Mapping[str, object]) -> tuple[int, int, int]:
     return batch, length, dim
 
 
-def validate_cdds_inputs(inputs: Mapping[str, object], *, tau_kl: float, rho: float, a_c: float,
-                         a_s: float, a_m: float, a_f: float) -> None:
+def validate_cdds_inputs(
+    inputs: Mapping[str, object],
+    *,
+    tau_kl: float,
+    rho: float,
+    a_c: float,
+    a_s: float,
+    a_m: float,
+    a_f: float,
+) -> None:
     """docs/method.md section 7's checks for :func:`cdds_loss` that read no tensor values, on
     its tensor arguments by name (``inputs``: the seven tokens and mask, the six vectors,
     ``logit_scale``) and its hyper-parameters: shapes, dtypes, devices, the settings and a number
@@ -312,8 +339,13 @@ def validate_cdds_inputs(inputs: Mapping[str, object], *, tau_kl: float, rho: fl
     check_hyper(tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
 
 
-def check_cdds_values(inputs: Mapping[str, object], *, host: bool,
-                      mask_in_kernel: bool = False, scale_in_kernel: bool = False) -> None:
+def check_cdds_values(
+    inputs: Mapping[str, object],
+    *,
+    host: bool,
+    mask_in_kernel: bool = False,
+    scale_in_kernel: bool = False,
+) -> None:
     """docs/method.md section 7's checks on the values of :func:`cdds_loss`'s ``inputs`` (its
     arguments by name, already through :func:`validate_cdds_inputs`).
 

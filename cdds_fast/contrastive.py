@@ -8,8 +8,9 @@ O(B) and the loss scales to batch sizes whose logits would not fit on the GPU.
 
 Differences from ``ClipLoss`` (all deliberate):
 
-* the loss is float32 for every input dtype (docs/method.md decision 4: everything is computed in float32); ``ClipLoss``
-  returns bf16/fp16 for 16-bit features. Gradients are in the dtype of each input.
+* the loss is float32 for every input dtype (docs/method.md decision 4: everything is computed
+  in float32); ``ClipLoss`` returns bf16/fp16 for 16-bit features. Gradients are in the dtype of
+  each input.
 * ``logit_bias`` must be None (a bias belongs to SigLIP's loss, ``open_clip.loss.SigLipLoss``).
 * features of different dtypes are promoted to a common dtype first (``torch.promote_types``).
 * float64 features, and CPU tensors without the Triton interpreter, use the plain-PyTorch
@@ -28,14 +29,14 @@ from cdds_fast.contract import check_number, check_scale, check_scale_values, ch
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.kernels.launch import INFO_NCE_SCRATCH_BYTES, check_scratch_bytes
 
-
 # ------------------------------------------------------------------------------------------------
 # Checks: each public entry runs them once; the private functions below trust their callers
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_features(a: object, b: object, names: tuple[str, str], *,
-                    same_rows: bool = True) -> None:
+def _check_features(
+    a: object, b: object, names: tuple[str, str], *, same_rows: bool = True
+) -> None:
     """Two ``[rows, D]`` feature tensors on one device (``same_rows``: the same shape)."""
     na, nb = names
     for name, t in ((na, a), (nb, b)):
@@ -43,11 +44,14 @@ def _check_features(a: object, b: object, names: tuple[str, str], *,
         if t.shape[0] < 1 or t.shape[1] < 1:
             raise ValueError(f"{name}: expected B >= 1 and D >= 1, got shape {list(t.shape)}")
     if same_rows and a.shape != b.shape:
-        raise ValueError(f"{nb}: expected shape {list(a.shape)} (the shape of {na}), got "
-                         f"{list(b.shape)}")
+        raise ValueError(
+            f"{nb}: expected shape {list(a.shape)} (the shape of {na}), got {list(b.shape)}"
+        )
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{nb}: expected feature dimension D = {a.shape[1]} (from {na}), got "
-                         f"shape {list(b.shape)}")
+        raise ValueError(
+            f"{nb}: expected feature dimension D = {a.shape[1]} (from {na}), got "
+            f"shape {list(b.shape)}"
+        )
     if a.device != b.device:
         raise ValueError(f"{nb}: expected device {a.device} (the device of {na}), got {b.device}")
 
@@ -56,8 +60,11 @@ def _check_logit_scale(logit_scale: object, features: Tensor, features_name: str
     """A number or 0-d tensor, finite and > 0 (a tensor's value by a device-side assertion), on
     the features' device or the CPU."""
     check_scale("logit_scale", logit_scale)
-    if (isinstance(logit_scale, Tensor) and logit_scale.device != features.device
-            and logit_scale.device.type != "cpu"):
+    if (
+        isinstance(logit_scale, Tensor)
+        and logit_scale.device != features.device
+        and logit_scale.device.type != "cpu"
+    ):
         raise ValueError(
             f"logit_scale: expected device {features.device} (the device of {features_name}) or "
             f"a CPU scalar, got {logit_scale.device}"
@@ -66,8 +73,12 @@ def _check_logit_scale(logit_scale: object, features: Tensor, features_name: str
 
 
 def _check_rank(rank: object, n_local: int, n_all: int) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or \
-            (rank + 1) * n_local > n_all:
+    if (
+        isinstance(rank, bool)
+        or not isinstance(rank, int)
+        or rank < 0
+        or (rank + 1) * n_local > n_all
+    ):
         raise ValueError(
             f"rank: expected an int with 0 <= rank and (rank + 1) * B <= world * B, i.e. "
             f"rank <= {n_all // n_local - 1} for B = {n_local} local and {n_all} gathered rows, "
@@ -117,8 +128,14 @@ def info_nce(
     _check_features(image_features, text_features, ("image_features", "text_features"))
     _check_logit_scale(logit_scale, image_features, "image_features")
     check_scratch_bytes(max_scratch_bytes)
-    return _info_nce(image_features, text_features, logit_scale, backend=backend,
-                     allow_tf32=allow_tf32, max_scratch_bytes=max_scratch_bytes)
+    return _info_nce(
+        image_features,
+        text_features,
+        logit_scale,
+        backend=backend,
+        allow_tf32=allow_tf32,
+        max_scratch_bytes=max_scratch_bytes,
+    )
 
 
 def info_nce_gathered(
@@ -171,8 +188,15 @@ def info_nce_gathered(
 # ------------------------------------------------------------------------------------------------
 
 
-def _info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float, *, backend: str,
-              allow_tf32: bool = False, max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES) -> Tensor:
+def _info_nce(
+    a: Tensor,
+    b: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    backend: str,
+    allow_tf32: bool = False,
+    max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
+) -> Tensor:
     """:func:`info_nce` on checked arguments."""
     a, b = _common(a, b)
     if resolve_backend(backend, a.device, a.dtype) == "reference":
@@ -181,14 +205,28 @@ def _info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float, *, backend: str
         return reference_info_nce(a, b, logit_scale)
     from cdds_fast.kernels.contrastive import info_nce_triton
 
-    return info_nce_triton(a, b, logit_scale, symmetric=True, allow_tf32=allow_tf32,
-                           max_scratch_bytes=max_scratch_bytes)
+    return info_nce_triton(
+        a,
+        b,
+        logit_scale,
+        symmetric=True,
+        allow_tf32=allow_tf32,
+        max_scratch_bytes=max_scratch_bytes,
+    )
 
 
-def _info_nce_local(local_a: Tensor, local_b: Tensor, all_a: Tensor, all_b: Tensor,
-                    logit_scale: Tensor | float, *, rank: int, backend: str,
-                    allow_tf32: bool = False,
-                    max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES) -> Tensor:
+def _info_nce_local(
+    local_a: Tensor,
+    local_b: Tensor,
+    all_a: Tensor,
+    all_b: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    rank: int,
+    backend: str,
+    allow_tf32: bool = False,
+    max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
+) -> Tensor:
     """:func:`info_nce_gathered` with ``local_loss=True`` on checked arguments."""
     la, lb, ga, gb = _common(local_a, local_b, all_a, all_b)
     if resolve_backend(backend, la.device, la.dtype) == "reference":
@@ -198,38 +236,77 @@ def _info_nce_local(local_a: Tensor, local_b: Tensor, all_a: Tensor, all_b: Tens
     from cdds_fast.kernels.contrastive import info_nce_triton
 
     offset = la.shape[0] * rank
-    loss_a = info_nce_triton(la, gb, logit_scale, label_offset=offset, symmetric=False,
-                             allow_tf32=allow_tf32, max_scratch_bytes=max_scratch_bytes)
-    loss_b = info_nce_triton(lb, ga, logit_scale, label_offset=offset, symmetric=False,
-                             allow_tf32=allow_tf32, max_scratch_bytes=max_scratch_bytes)
+    loss_a = info_nce_triton(
+        la,
+        gb,
+        logit_scale,
+        label_offset=offset,
+        symmetric=False,
+        allow_tf32=allow_tf32,
+        max_scratch_bytes=max_scratch_bytes,
+    )
+    loss_b = info_nce_triton(
+        lb,
+        ga,
+        logit_scale,
+        label_offset=offset,
+        symmetric=False,
+        allow_tf32=allow_tf32,
+        max_scratch_bytes=max_scratch_bytes,
+    )
     return (loss_a + loss_b) / 2
 
 
-def _gather_features(a: Tensor, b: Tensor, *, local_loss: bool, gather_with_grad: bool,
-                     rank: int, world_size: int, use_horovod: bool) -> tuple[Tensor, Tensor]:
+def _gather_features(
+    a: Tensor,
+    b: Tensor,
+    *,
+    local_loss: bool,
+    gather_with_grad: bool,
+    rank: int,
+    world_size: int,
+    use_horovod: bool,
+) -> tuple[Tensor, Tensor]:
     """open_clip's ``gather_features``, every setting by keyword; ``use_horovod`` only where the
     installed open_clip still has it (its main branch removed it; :func:`_check_distributed`
     refuses ``use_horovod=True`` there)."""
     from open_clip.loss import gather_features
 
-    settings = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
-                    world_size=world_size)
+    settings = dict(
+        local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
+    )
     if "use_horovod" in inspect.signature(gather_features).parameters:
         settings["use_horovod"] = use_horovod
     return gather_features(a, b, **settings)
 
 
-def _gathered_info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float, *, local_loss: bool,
-                       gather_with_grad: bool, rank: int, world_size: int, use_horovod: bool,
-                       backend: str, allow_tf32: bool = False,
-                       max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES) -> Tensor:
+def _gathered_info_nce(
+    a: Tensor,
+    b: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    local_loss: bool,
+    gather_with_grad: bool,
+    rank: int,
+    world_size: int,
+    use_horovod: bool,
+    backend: str,
+    allow_tf32: bool = False,
+    max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
+) -> Tensor:
     """This rank's InfoNCE over features gathered from every rank, as open_clip's ``ClipLoss``
     computes it (docs/method.md section 6): the one DDP path of :class:`FusedClipLoss` and of
     :class:`cdds_fast.CDDSLoss`, on checked arguments (``rank < world_size`` by
     :func:`_check_distributed`, so ``rank``'s rows lie inside the gathered ones)."""
-    all_a, all_b = _gather_features(a, b, local_loss=local_loss,
-                                    gather_with_grad=gather_with_grad, rank=rank,
-                                    world_size=world_size, use_horovod=use_horovod)
+    all_a, all_b = _gather_features(
+        a,
+        b,
+        local_loss=local_loss,
+        gather_with_grad=gather_with_grad,
+        rank=rank,
+        world_size=world_size,
+        use_horovod=use_horovod,
+    )
     kw = dict(backend=backend, allow_tf32=allow_tf32, max_scratch_bytes=max_scratch_bytes)
     if local_loss:
         return _info_nce_local(a, b, all_a, all_b, logit_scale, rank=rank, **kw)
@@ -311,21 +388,32 @@ class FusedClipLoss(nn.Module):
             )
         _check_features(image_features, text_features, ("image_features", "text_features"))
         _check_logit_scale(logit_scale, image_features, "image_features")
-        kw = dict(backend=self.backend, allow_tf32=self.allow_tf32,
-                  max_scratch_bytes=self.max_scratch_bytes)
+        kw = dict(
+            backend=self.backend,
+            allow_tf32=self.allow_tf32,
+            max_scratch_bytes=self.max_scratch_bytes,
+        )
         if self.world_size > 1:
             loss = _gathered_info_nce(
-                image_features, text_features, logit_scale, local_loss=self.local_loss,
-                gather_with_grad=self.gather_with_grad, rank=self.rank,
-                world_size=self.world_size, use_horovod=self.use_horovod, **kw,
+                image_features,
+                text_features,
+                logit_scale,
+                local_loss=self.local_loss,
+                gather_with_grad=self.gather_with_grad,
+                rank=self.rank,
+                world_size=self.world_size,
+                use_horovod=self.use_horovod,
+                **kw,
             )
         else:
             loss = _info_nce(image_features, text_features, logit_scale, **kw)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
-        return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
-                f"rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}")
+        return (
+            f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
+            f"rank={self.rank}, world_size={self.world_size}, backend={self.backend!r}"
+        )
 
 
 __all__ = ["FusedClipLoss", "info_nce", "info_nce_gathered"]

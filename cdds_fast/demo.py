@@ -14,7 +14,8 @@ What it does, end to end (a few minutes on 2 CPU cores; seconds on a GPU):
    * ``clip``: the plain model with :class:`cdds_fast.FusedClipLoss` (open_clip's ``ClipLoss``
      in O(B) memory);
    * ``cdds``: :class:`cdds_fast.open_clip.CDDSModel` around the same towers (CDDS head with
-     ``z`` noise groups, ``n_enc`` / ``n_dec`` blocks per decoupler) and :class:`cdds_fast.CDDSLoss`.
+     ``z`` noise groups, ``n_enc`` / ``n_dec`` blocks per decoupler) and
+     :class:`cdds_fast.CDDSLoss`.
 
 4. Evaluates retrieval on the test split with :func:`cdds_fast.eval.retrieval.encode_dataset`: the
    baseline with its CLIP features, the CDDS model with its pooled semantic components (its
@@ -41,8 +42,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -67,12 +69,19 @@ QUICK = {"steps": 6, "batch_size": 16, "train_images": 96, "test_images": 40}
 #: The CDDS run's loss settings: the library's defaults.
 LOSS_CFG = {"a_c": 1.0, "a_s": 1.0, "a_m": 0.1, "a_f": 0.5, "tau_kl": 1.0, "rho": 0.01}
 
-_TERMS = ("contrastive_loss", "semantic_loss", "modality_loss", "completeness_loss",
-          "x_completeness_loss")  # fmt: skip
+_TERMS = (
+    "contrastive_loss",
+    "semantic_loss",
+    "modality_loss",
+    "completeness_loss",
+    "x_completeness_loss",
+)
 _METHODS = ("untrained", "clip", "cdds", "head-only")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The demo's flags: one declaration per flag, long by nature and kept in one place so that
+    ``--help`` reads as the code does."""
     p = argparse.ArgumentParser(
         prog="cdds-fast demo",
         description=(
@@ -84,36 +93,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 128)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
-    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
     p.add_argument(
-        "--warmup", type=float, default=0.1,
+        "--wd", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.1,
         help="linear warmup: a fraction of the steps (< 1) or a number of steps (default 0.1)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of data, init, batches, noise (default 0)")
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
-        "--backend", default="auto", choices=BACKENDS,
+        "--seed", type=int, default=0, help="seed of data, init, batches, noise (default 0)"
+    )
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
         help="loss backend: auto = Triton kernels on CUDA, plain-PyTorch reference on CPU (the "
         "Triton interpreter under TRITON_INTERPRET=1)",
     )
     p.add_argument("--z", type=int, default=2, help="CDDS noise groups in training (default 2)")
-    p.add_argument("--n-enc", type=int, default=1, help="CDDS encoder blocks per decoupler (default 1)")
+    p.add_argument(
+        "--n-enc", type=int, default=1, help="CDDS encoder blocks per decoupler (default 1)"
+    )
     p.add_argument("--n-dec", type=int, default=1, help="CDDS blocks per decoder (default 1)")
     p.add_argument("--heads", type=int, default=4, help="CDDS head attention heads (default 4)")
     p.add_argument("--sigma", type=float, default=0.1, help="CDDS noise std (default 0.1)")
     p.add_argument("--train-images", type=int, default=None, help="train split size (default 2000)")
     p.add_argument("--test-images", type=int, default=None, help="test split size (default 500)")
     p.add_argument(
-        "--threads", type=int, default=None,
-        help="CPU threads for torch (default: CPU count minus the load average, rounded down, >= 1)",
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: CPU count minus the load average, rounded down, "
+        ">= 1)",
     )
     p.add_argument(
-        "--ablation", action="store_true",
+        "--ablation",
+        action="store_true",
         help="add a third run: the CDDS architecture (towers + decouplers, pooled semantic "
         "features) trained with plain InfoNCE only (adds about half the run time)",
     )
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (tests): few steps, tiny data")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny smoke run (tests): few steps, tiny data"
+    )
     p.add_argument("--no-plot", action="store_true", help="skip report.png (no matplotlib import)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
@@ -125,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def register_model_config(folder: str | os.PathLike) -> str:
-    """Write :data:`MODEL_CONFIG` as ``<folder>/<DEMO_MODEL>.json`` and register it with open_clip."""
+    """Write :data:`MODEL_CONFIG` as ``<folder>/<DEMO_MODEL>.json``; register it with open_clip."""
     import open_clip
 
     path = Path(folder) / f"{DEMO_MODEL}.json"
@@ -166,14 +193,17 @@ def _check_positive(name: str, value: int) -> int:
 
 def _checked_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The CDDS head's settings, once every setting flag of the run is in its range."""
-    head_cfg = dict(n_enc=args.n_enc, n_dec=args.n_dec, heads=args.heads, z=args.z,
-                    sigma=args.sigma)  # fmt: skip
+    head_cfg = dict(
+        n_enc=args.n_enc, n_dec=args.n_dec, heads=args.heads, z=args.z, sigma=args.sigma
+    )
     refused = refuse_settings(LOSS_CFG, head_cfg, {k: f"--{k.replace('_', '-')}" for k in head_cfg})
     if refused:
         raise ValueError(refused)
     if MODEL_CONFIG["embed_dim"] % args.heads:
-        raise ValueError(f"--heads: expected a divisor of the demo model's embed dim "
-                         f"{MODEL_CONFIG['embed_dim']}, got {args.heads}")
+        raise ValueError(
+            f"--heads: expected a divisor of the demo model's embed dim "
+            f"{MODEL_CONFIG['embed_dim']}, got {args.heads}"
+        )
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if not args.lr > 0 or args.wd < 0 or args.warmup < 0:
@@ -307,8 +337,9 @@ def train_run(
         for group in opt.param_groups:
             group["lr"] = lr_now
         img_idx, cap_idx = img_idx.to(device), cap_idx.to(device)
-        values = _train_step(model, loss_fn, opt, normalize(images[img_idx]),
-                             tokens[img_idx, cap_idx])
+        values = _train_step(
+            model, loss_fn, opt, normalize(images[img_idx]), tokens[img_idx, cap_idx]
+        )
         loss = float(sum(values.values()))
         if not math.isfinite(loss):
             raise FloatingPointError(f"{name}: loss is {loss} at step {step}: {values}")
@@ -326,8 +357,13 @@ def train_run(
     return hist
 
 
-def _train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
-                image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+def _train_step(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    image: torch.Tensor,
+    text: torch.Tensor,
+) -> dict[str, float]:
     """One step on a batch: forward, ``loss_fn(**out, output_dict=True)``, backward on the sum of
     the terms, the optimizer step, then open_clip_train's clamp ``logit_scale <= ln 100``.
     Returns the terms' values (reading them waits for the device)."""
@@ -396,7 +432,9 @@ def _device_info(device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def format_report_table(metrics: dict[str, dict[str, float]], step_s: dict[str, float | None]) -> str:
+def format_report_table(
+    metrics: dict[str, dict[str, float]], step_s: dict[str, float | None]
+) -> str:
     """:func:`cdds_fast.eval.retrieval.format_table` plus a ``s / train step`` row."""
     from cdds_fast.eval.retrieval import format_table
 
@@ -442,23 +480,36 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     losses = report["losses"]
-    steps = len(losses["clip"]["loss"])
-    window = max(1, steps // 30)
+    window = max(1, len(losses["clip"]["loss"]) // 30)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    _plot_losses(axes[0], losses, window)
+    _plot_terms(axes[1], losses, window)
+    _plot_retrieval(axes[2], report)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    ax = axes[0]
+
+def _plot_losses(ax: Any, losses: dict[str, Any], window: int) -> None:
+    """The InfoNCE each run trains its retrieval features with, and the CDDS total."""
     ax.plot(_smooth(losses["clip"]["loss"], window), label="ClipLoss (clip run)", color="C0")
-    ax.plot(_smooth(losses["cdds"]["contrastive_loss"], window), label="CDDS contrastive term",
-            color="C1")  # fmt: skip
+    ax.plot(
+        _smooth(losses["cdds"]["contrastive_loss"], window),
+        label="CDDS contrastive term",
+        color="C1",
+    )
     ax.plot(_smooth(losses["cdds"]["loss"], window), label="CDDS total", color="C1", ls="--")
     if "head-only" in losses:
-        ax.plot(_smooth(losses["head-only"]["loss"], window), label="head-only (InfoNCE)",
-                color="C2")  # fmt: skip
+        ax.plot(
+            _smooth(losses["head-only"]["loss"], window), label="head-only (InfoNCE)", color="C2"
+        )
     ax.set_title("training loss (solid: InfoNCE on the retrieval features)")
     ax.set_xlabel("step")
     ax.legend()
 
-    ax = axes[1]
+
+def _plot_terms(ax: Any, losses: dict[str, Any], window: int) -> None:
+    """The five weighted CDDS terms of the CDDS run."""
     for n, term in enumerate(_TERMS):
         ax.plot(_smooth(losses["cdds"][term], window), label=term, color=f"C{n + 3}")
     ax.set_yscale("log")
@@ -466,7 +517,9 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
 
-    ax = axes[2]
+
+def _plot_retrieval(ax: Any, report: dict[str, Any]) -> None:
+    """Test recalls of every run, side by side."""
     keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"]
     labels = ["I->T R@1", "R@5", "R@10", "T->I R@1", "R@5", "R@10"]
     metrics = report["metrics"]
@@ -474,17 +527,21 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     width = 0.8 / len(names)
     for n, name in enumerate(names):
         xs = [i + (n - (len(names) - 1) / 2) * width for i in range(len(keys))]
-        ax.bar(xs, [metrics[name][k] for k in keys], width, label=f"{name} (rSum "
-               f"{metrics[name]['rsum']:.0f})", color=("0.6", "C0", "C1", "C2")[_METHODS.index(name)])  # fmt: skip
+        ax.bar(
+            xs,
+            [metrics[name][k] for k in keys],
+            width,
+            label=f"{name} (rSum {metrics[name]['rsum']:.0f})",
+            color=("0.6", "C0", "C1", "C2")[_METHODS.index(name)],
+        )
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("recall (%)")
-    ax.set_title(f"test retrieval ({report['data']['test_images']} images, "
-                 f"{report['data']['test_captions']} captions)")  # fmt: skip
+    ax.set_title(
+        f"test retrieval ({report['data']['test_images']} images, "
+        f"{report['data']['test_captions']} captions)"
+    )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +569,9 @@ def _run_settings(args: argparse.Namespace) -> _RunSettings:
 
     def pick(name: str) -> int:
         value = getattr(args, name)
-        return _check_positive(name, value if value is not None else preset.get(name, DEFAULTS[name]))
+        return _check_positive(
+            name, value if value is not None else preset.get(name, DEFAULTS[name])
+        )
 
     steps, batch_size = pick("steps"), pick("batch_size")
     train_images, test_images = pick("train_images"), pick("test_images")
@@ -520,8 +579,17 @@ def _run_settings(args: argparse.Namespace) -> _RunSettings:
     warmup = int(round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
     device = _resolve_device(args.device)
     backend = resolve_backend(args.backend, device, torch.float32)  # the demo trains in fp32
-    return _RunSettings(steps, batch_size, train_images, test_images, warmup, head_cfg, device,
-                        backend, choose_threads(args.threads))
+    return _RunSettings(
+        steps,
+        batch_size,
+        train_images,
+        test_images,
+        warmup,
+        head_cfg,
+        device,
+        backend,
+        choose_threads(args.threads),
+    )
 
 
 class _DemoData(NamedTuple):
@@ -550,8 +618,13 @@ def _make_data(model_name: str, run: _RunSettings, seed: int) -> _DemoData:
     return _DemoData(tokenizer, train, test, images.to(run.device), tokens.to(run.device))
 
 
-def _train_all(init: torch.nn.Module, run: _RunSettings, data: _DemoData, normalize: _Normalize,
-               args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+def _train_all(
+    init: torch.nn.Module,
+    run: _RunSettings,
+    data: _DemoData,
+    normalize: _Normalize,
+    args: argparse.Namespace,
+) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
     """The runs, each from a copy of ``init`` with the same batches, optimizer, schedule and
     noise seed: ``clip`` (FusedClipLoss), ``cdds`` (CDDSModel + CDDSLoss) and, with
     ``--ablation``, ``head-only`` (CDDSModel + InfoNCE on its pooled features). Returns the
@@ -572,36 +645,59 @@ def _train_all(init: torch.nn.Module, run: _RunSettings, data: _DemoData, normal
     ]
     if args.ablation:
         plan.append(("head-only", cdds_model, _FeaturesOnly(clip_loss)))
-    schedule = batch_schedule(run.train_images, data.train.captions_per_image, run.batch_size,
-                              run.steps, args.seed)
+    schedule = batch_schedule(
+        run.train_images, data.train.captions_per_image, run.batch_size, run.steps, args.seed
+    )
     models: dict[str, torch.nn.Module] = {}
     hists: dict[str, dict[str, Any]] = {}
     for name, make, loss_fn in plan:
         models[name] = make()
         hists[name] = train_run(
-            name, models[name], loss_fn, data.train_images, data.train_tokens, schedule, normalize,
-            lr=args.lr, wd=args.wd, warmup=run.warmup, seed=args.seed + 1, device=run.device,
+            name,
+            models[name],
+            loss_fn,
+            data.train_images,
+            data.train_tokens,
+            schedule,
+            normalize,
+            lr=args.lr,
+            wd=args.wd,
+            warmup=run.warmup,
+            seed=args.seed + 1,
+            device=run.device,
             progress=not args.no_progress,
         )
     return models, hists
 
 
-def _evaluate(models: dict[str, torch.nn.Module], data: _DemoData, transform: Callable,
-              run: _RunSettings, progress: bool) -> dict[str, dict[str, float]]:
+def _evaluate(
+    models: dict[str, torch.nn.Module],
+    data: _DemoData,
+    transform: Callable,
+    run: _RunSettings,
+    progress: bool,
+) -> dict[str, dict[str, float]]:
     """Test-split retrieval metrics of every model, by name."""
     from cdds_fast.eval.retrieval import encode_dataset, retrieval_metrics
 
     metrics = {}
     for name, model in models.items():
-        encoded = encode_dataset(model, data.test, batch_size=256, device=run.device,
-                                 transform=transform, tokenizer=data.tokenizer,
-                                 disable=not progress)
+        encoded = encode_dataset(
+            model,
+            data.test,
+            batch_size=256,
+            device=run.device,
+            transform=transform,
+            tokenizer=data.tokenizer,
+            disable=not progress,
+        )
         metrics[name] = retrieval_metrics(*encoded)
     return metrics
 
 
-def _report_config(args: argparse.Namespace, run: _RunSettings, model_name: str,
-                   models: dict[str, torch.nn.Module]) -> dict[str, Any]:
+def _report_config(
+    args: argparse.Namespace, run: _RunSettings, model_name: str, models: dict[str, torch.nn.Module]
+) -> dict[str, Any]:
     return {
         "model": model_name,
         "model_config": MODEL_CONFIG,
@@ -638,8 +734,10 @@ def _report_data(data: _DemoData) -> dict[str, Any]:
 
 def _losses_and_timings(hists: dict[str, dict[str, Any]]) -> tuple[dict, dict]:
     """Per run: the losses by step (total, the CDDS terms, the learning rate) and the timings."""
-    losses = {name: {"loss": h["loss"], **{t: h[t] for t in _TERMS if t in h}, "lr": h["lr"]}
-              for name, h in hists.items()}
+    losses = {
+        name: {"loss": h["loss"], **{t: h[t] for t in _TERMS if t in h}, "lr": h["lr"]}
+        for name, h in hists.items()
+    }
     timings = {
         "s_per_step": {name: _step_time(h) for name, h in hists.items()},
         "train_s": {name: h["train_s"] for name, h in hists.items()},
@@ -672,13 +770,19 @@ def run_demo(args: argparse.Namespace, t_start: float | None = None) -> dict[str
         init = open_clip.create_model(model_name, device=run.device, output_dict=True)
     init.eval()
     pre_cfg = PreprocessCfg(**init.visual.preprocess_cfg)
-    models, hists = _train_all(init, run, data, _Normalize(pre_cfg.mean, pre_cfg.std, run.device),
-                               args)
+    models, hists = _train_all(
+        init, run, data, _Normalize(pre_cfg.mean, pre_cfg.std, run.device), args
+    )
     data = data._replace(train_images=None, train_tokens=None)  # free them before evaluating
 
     t0 = time.perf_counter()
-    metrics = _evaluate({"untrained": init, **models}, data,
-                        image_transform_v2(pre_cfg, is_train=False), run, not args.no_progress)
+    metrics = _evaluate(
+        {"untrained": init, **models},
+        data,
+        image_transform_v2(pre_cfg, is_train=False),
+        run,
+        not args.no_progress,
+    )
     t_eval = time.perf_counter() - t0
 
     losses, timings = _losses_and_timings(hists)
@@ -742,8 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     train = " + ".join(f"{name} {sec:.0f} s" for name, sec in t["train_s"].items())
     print(
-        f"time: {t['total_s']:.0f} s total (imports {t['import_s']:.0f} s, data {t['data_s']:.0f} s, "
-        f"train {train}, eval {t['eval_s']:.0f} s)"
+        f"time: {t['total_s']:.0f} s total (imports {t['import_s']:.0f} s, "
+        f"data {t['data_s']:.0f} s, train {train}, eval {t['eval_s']:.0f} s)"
     )
     written = ["report.json"] + ([] if args.no_plot else ["report.png"])
     print(f"wrote {', '.join(str(Path(args.out) / w) for w in written)}")

@@ -66,25 +66,38 @@ def cdds_loss(
         dict ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss`` of 0-d float32 tensors whose sum is the total loss.
     """
-    inputs = dict(image_tokens=image_tokens, image_semantic=image_semantic,
-                  image_modality=image_modality, text_tokens=text_tokens,
-                  text_semantic=text_semantic, text_modality=text_modality, text_mask=text_mask,
-                  alpha_image=alpha_image, alpha_text=alpha_text, w_s_image=w_s_image,
-                  w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text,
-                  logit_scale=logit_scale)
+    inputs = dict(
+        image_tokens=image_tokens,
+        image_semantic=image_semantic,
+        image_modality=image_modality,
+        text_tokens=text_tokens,
+        text_semantic=text_semantic,
+        text_modality=text_modality,
+        text_mask=text_mask,
+        alpha_image=alpha_image,
+        alpha_text=alpha_text,
+        w_s_image=w_s_image,
+        w_m_image=w_m_image,
+        w_s_text=w_s_text,
+        w_m_text=w_m_text,
+        logit_scale=logit_scale,
+    )
     hyper = dict(a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho)
     validate_cdds_inputs(inputs, **hyper)
     # the dtype every input promotes to: float64 anywhere takes the reference
-    dtype = functools.reduce(torch.promote_types, (
-        t.dtype for t in inputs.values() if isinstance(t, Tensor) and t.is_floating_point()))
+    dtype = functools.reduce(
+        torch.promote_types,
+        (t.dtype for t in inputs.values() if isinstance(t, Tensor) and t.is_floating_point()),
+    )
     chosen = resolve_backend(backend, image_tokens.device, dtype)
     if check_finite is None:
         check_finite = chosen == "reference"
     # the fast path's kernels count every row's valid tokens and read the scale anyway, and
     # assert both in one flag; a caller's contrastive leaves the scale out of the kernels
     fast = chosen == "triton"
-    check_cdds_values(inputs, host=check_finite, mask_in_kernel=fast,
-                      scale_in_kernel=fast and contrastive is None)
+    check_cdds_values(
+        inputs, host=check_finite, mask_in_kernel=fast, scale_in_kernel=fast and contrastive is None
+    )
     # Callers often sit inside an autocast region (open_clip's trainer does); the loss handles
     # precision itself (fp32 statistics and reductions, docs/method.md decision 4), so autocast
     # is off here.

@@ -80,11 +80,12 @@ both paths (``log 0`` in ``KL(q || qbar)``).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from cdds_fast.contract import LOSS_KEYS, Contrastive
 from cdds_fast.kernels.constraints import (
     N_COL,
     N_PAIR,
@@ -103,13 +104,14 @@ from cdds_fast.kernels.sampling import (
     sampling_backward,
     sampling_forward,
 )
-from cdds_fast.contract import LOSS_KEYS, Contrastive
 
 #: The fast path's one device-side assertion (``_constraints_finalize_kernel``'s flag): the two
 #: value checks ``contract.check_cdds_values`` leaves to the kernels without ``check_finite``.
-_VALUES_MESSAGE = ("text_mask: expected at least one valid token per row, or logit_scale: "
-                   "expected a finite value > 0 (the exponentiated scale, "
-                   "model.logit_scale.exp()): one of them does not hold")
+_VALUES_MESSAGE = (
+    "text_mask: expected at least one valid token per row, or logit_scale: "
+    "expected a finite value > 0 (the exponentiated scale, "
+    "model.logit_scale.exp()): one of them does not hold"
+)
 #: The InfoNCE problems of a step: rows x = (image, image, text), columns y = (text, image_x,
 #: text_x) of the pooled features (``feat`` [2, 3, B, D] = (x, y)).
 N_NCE = 3
@@ -147,20 +149,26 @@ class MemoryModel(NamedTuple):
         return self.saved + max(self.sampling_stage, self.final_stage + self.gradients)
 
 
-def memory_model(batch: int, patches: int, length: int, dim: int,
-                 elem_bytes: int = 2) -> MemoryModel:
+def memory_model(
+    batch: int, patches: int, length: int, dim: int, elem_bytes: int = 2
+) -> MemoryModel:
     """The buffers ``cdds_loss_triton`` allocates at ``(B, P, L, D)`` with token tensors of
     ``elem_bytes`` bytes (see :class:`MemoryModel`; plus at most :data:`SMALL_BYTES`)."""
     plane = 4 * 2 * batch * dim  # one fp32 [2, B, D] plane
-    saved = ((N_COL + N_ROW + N_NCE) * plane + 4 * N_PAIR * 2 * batch
-             + 4 * batch * (patches + length) + 2 * 4 * N_NCE * 3 * batch)
+    saved = (
+        (N_COL + N_ROW + N_NCE) * plane
+        + 4 * N_PAIR * 2 * batch
+        + 4 * batch * (patches + length)
+        + 2 * 4 * N_NCE * 3 * batch
+    )
     sampling = (N_NCE + N_SCRATCH + 2 + N_PART) * plane
     gradients = 3 * elem_bytes * batch * (patches + length) * dim
     return MemoryModel(saved, sampling, 2 * plane, gradients)
 
 
-def hbm_traffic(batch: int, patches: int, length: int, dim: int, elem_bytes: int = 2,
-                text_valid: float = 1.0) -> tuple[int, int]:
+def hbm_traffic(
+    batch: int, patches: int, length: int, dim: int, elem_bytes: int = 2, text_valid: float = 1.0
+) -> tuple[int, int]:
     """``(token bytes, state bytes)`` one step moves: ``X, X^s, X^m`` read forward and backward
     (valid tokens only: a fraction ``text_valid`` of the text's), the three gradients written
     (every token), and every fp32 state buffer written once (its reads hit L2)."""
@@ -177,64 +185,174 @@ def hbm_traffic(batch: int, patches: int, length: int, dim: int, elem_bytes: int
 
 @torch.library.custom_op("cdds_fast::cdds_loss", mutates_args=())
 def _cdds_loss_op(
-    v: Tensor, v_s: Tensor, v_m: Tensor, t: Tensor, t_s: Tensor, t_m: Tensor, mask: Tensor,
-    alpha_image: Tensor, alpha_text: Tensor, w_s_image: Tensor, w_m_image: Tensor,
-    w_s_text: Tensor, w_m_text: Tensor, scale: Optional[Tensor],
-    a_c: float, a_s: float, a_m: float, a_f: float, tau_kl: float, rho: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor, Tensor, Tensor]:
+    v: Tensor,
+    v_s: Tensor,
+    v_m: Tensor,
+    t: Tensor,
+    t_s: Tensor,
+    t_m: Tensor,
+    mask: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    w_s_image: Tensor,
+    w_m_image: Tensor,
+    w_s_text: Tensor,
+    w_m_text: Tensor,
+    scale: Tensor | None,
+    a_c: float,
+    a_s: float,
+    a_m: float,
+    a_f: float,
+    tau_kl: float,
+    rho: float,
+) -> tuple[
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+]:
     """``(5 weighted terms, feat, col, row, pair, lse, glob, nce_r, nce_c)``; with ``scale=None``
     the InfoNCE problems are left to the caller (the first two terms are 0 and ``feat`` holds
     the pooled features they need)."""
     col, pair, lse = constraints_forward(
-        (v, v_s, v_m), (t, t_s, t_m), mask, (w_s_image, w_m_image), (w_s_text, w_m_text),
+        (v, v_s, v_m),
+        (t, t_s, t_m),
+        mask,
+        (w_s_image, w_m_image),
+        (w_s_text, w_m_text),
     )
     _, _, batch, dim = col.shape
     row = torch.empty((N_ROW, 2, batch, dim), dtype=torch.float32, device=v.device)
     feat = torch.empty((2, N_NCE, batch, dim), dtype=torch.float32, device=v.device)
-    sampling_forward(col, row, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho,
-                     fused=dict(pair=pair, w_s=(w_s_image, w_s_text), feat=feat))
+    sampling_forward(
+        col,
+        row,
+        alpha_image,
+        alpha_text,
+        tau_kl=tau_kl,
+        rho=rho,
+        fused=dict(pair=pair, w_s=(w_s_image, w_s_text), feat=feat),
+    )
     if scale is not None:
         nce_loss, nce_r, nce_c = nce_forward(feat[0], feat[1], scale)
     else:
         nce_loss, nce_r, nce_c = None, feat.new_empty((0,)), feat.new_empty((0,))
-    terms, glob, ok = finalize_terms(col, pair, nce_loss, scale, a_c=a_c, a_s=a_s, a_m=a_m,
-                                     a_f=a_f)
+    terms, glob, ok = finalize_terms(col, pair, nce_loss, scale, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
     torch._assert_async(ok, _VALUES_MESSAGE)
     return (*terms, feat, col, row, pair, lse, glob, nce_r, nce_c)
 
 
 @_cdds_loss_op.register_fake
-def _(v, v_s, v_m, t, t_s, t_m, mask, alpha_image, alpha_text, w_s_image, w_m_image, w_s_text,
-      w_m_text, scale, a_c, a_s, a_m, a_f, tau_kl, rho):
+def _(
+    v,
+    v_s,
+    v_m,
+    t,
+    t_s,
+    t_m,
+    mask,
+    alpha_image,
+    alpha_text,
+    w_s_image,
+    w_m_image,
+    w_s_text,
+    w_m_text,
+    scale,
+    a_c,
+    a_s,
+    a_m,
+    a_f,
+    tau_kl,
+    rho,
+):
     batch, patches, dim = v.shape
     length = t.shape[1]
     f32 = dict(dtype=torch.float32)
     nce = (N_NCE, 3, batch) if scale is not None else (0,)
-    shapes = ((2, N_NCE, batch, dim), (N_COL, 2, batch, dim), (N_ROW, 2, batch, dim),
-              (N_PAIR, 2, batch), (batch * (patches + length),), (2, dim + 1), nce, nce)
-    return (*(v.new_empty((), **f32) for _ in range(5)),
-            *(v.new_empty(shape, **f32) for shape in shapes))
+    shapes = (
+        (2, N_NCE, batch, dim),
+        (N_COL, 2, batch, dim),
+        (N_ROW, 2, batch, dim),
+        (N_PAIR, 2, batch),
+        (batch * (patches + length),),
+        (2, dim + 1),
+        nce,
+        nce,
+    )
+    return (
+        *(v.new_empty((), **f32) for _ in range(5)),
+        *(v.new_empty(shape, **f32) for shape in shapes),
+    )
 
 
 @torch.library.custom_op("cdds_fast::cdds_loss_backward", mutates_args=())
 def _cdds_loss_backward_op(
-    g_clip: Tensor, g_sem: Tensor, g_mod: Tensor, g_f: Tensor, g_x: Tensor,
-    g_feat: Optional[Tensor],
-    v: Tensor, v_s: Tensor, v_m: Tensor, t: Tensor, t_s: Tensor, t_m: Tensor, mask: Tensor,
-    alpha_image: Tensor, alpha_text: Tensor, w_s_image: Tensor, w_m_image: Tensor,
-    w_s_text: Tensor, w_m_text: Tensor, scale: Optional[Tensor],
-    feat: Tensor, col: Tensor, row: Tensor, pair: Tensor, lse: Tensor, glob: Tensor,
-    nce_r: Tensor, nce_c: Tensor,
-    a_c: float, a_s: float, a_m: float, a_f: float, tau_kl: float, rho: float, need_dscale: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor, Tensor, Tensor]:
+    g_clip: Tensor,
+    g_sem: Tensor,
+    g_mod: Tensor,
+    g_f: Tensor,
+    g_x: Tensor,
+    g_feat: Tensor | None,
+    v: Tensor,
+    v_s: Tensor,
+    v_m: Tensor,
+    t: Tensor,
+    t_s: Tensor,
+    t_m: Tensor,
+    mask: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    w_s_image: Tensor,
+    w_m_image: Tensor,
+    w_s_text: Tensor,
+    w_m_text: Tensor,
+    scale: Tensor | None,
+    feat: Tensor,
+    col: Tensor,
+    row: Tensor,
+    pair: Tensor,
+    lse: Tensor,
+    glob: Tensor,
+    nce_r: Tensor,
+    nce_c: Tensor,
+    a_c: float,
+    a_s: float,
+    a_m: float,
+    a_f: float,
+    tau_kl: float,
+    rho: float,
+    need_dscale: bool,
+) -> tuple[
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+]:
     """Gradients of the 13 differentiable inputs (``scale``'s is empty unless ``need_dscale``)."""
     coef = terms_grad((g_clip, g_sem, g_mod, g_f, g_x), glob, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
     dscale = None
     if scale is not None:
-        dx, dy, dscale = nce_backward(coef[:N_NCE], feat[0], feat[1], scale, nce_r, nce_c,
-                                      need_dscale=need_dscale)
+        dx, dy, dscale = nce_backward(
+            coef[:N_NCE], feat[0], feat[1], scale, nce_r, nce_c, need_dscale=need_dscale
+        )
         if g_feat is not None:  # the pooled features were used outside the loss too
             dx, dy = dx + g_feat[0], dy + g_feat[1]
     elif g_feat is not None:
@@ -244,28 +362,96 @@ def _cdds_loss_backward_op(
     g_alpha = (torch.empty_like(alpha_image), torch.empty_like(alpha_text))
     g_w = tuple(torch.empty_like(w) for w in (w_s_image, w_s_text, w_m_image, w_m_text))
     g_mu, g_sd = sampling_backward(
-        col, row, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho,
+        col,
+        row,
+        alpha_image,
+        alpha_text,
+        tau_kl=tau_kl,
+        rho=rho,
         fused=dict(coef=coef, pair=pair, w_s=(w_s_image, w_s_text), feat=feat, dx=dx, dy=dy),
-        g_alpha=g_alpha, g_w=g_w,
+        g_alpha=g_alpha,
+        g_w=g_w,
     )
     del dx, dy
     grads = constraints_backward(
-        (v, v_s, v_m), (t, t_s, t_m), mask, (w_s_image, w_m_image), (w_s_text, w_m_text), col,
-        row, pair, lse, glob, coef, g_mu, g_sd, (CSH.value, ASH.value),
+        (v, v_s, v_m),
+        (t, t_s, t_m),
+        mask,
+        (w_s_image, w_m_image),
+        (w_s_text, w_m_text),
+        col,
+        row,
+        pair,
+        lse,
+        glob,
+        coef,
+        g_mu,
+        g_sd,
+        (CSH.value, ASH.value),
     )
-    g_scale = (dscale.to(scale.dtype) if dscale is not None
-               else v.new_empty((0,), dtype=torch.float32))
+    g_scale = (
+        dscale.to(scale.dtype) if dscale is not None else v.new_empty((0,), dtype=torch.float32)
+    )
     return (*grads, *g_alpha, g_w[0], g_w[2], g_w[1], g_w[3], g_scale)
 
 
 @_cdds_loss_backward_op.register_fake
-def _(g_clip, g_sem, g_mod, g_f, g_x, g_feat, v, v_s, v_m, t, t_s, t_m, mask, alpha_image,
-      alpha_text, w_s_image, w_m_image, w_s_text, w_m_text, scale, feat, col, row, pair, lse,
-      glob, nce_r, nce_c, a_c, a_s, a_m, a_f, tau_kl, rho, need_dscale):
-    ins = (v, v_s, v_m, t, t_s, t_m, alpha_image, alpha_text, w_s_image, w_m_image, w_s_text,
-           w_m_text)
-    g_scale = (scale.new_empty(()) if scale is not None and need_dscale
-               else v.new_empty((0,), dtype=torch.float32))
+def _(
+    g_clip,
+    g_sem,
+    g_mod,
+    g_f,
+    g_x,
+    g_feat,
+    v,
+    v_s,
+    v_m,
+    t,
+    t_s,
+    t_m,
+    mask,
+    alpha_image,
+    alpha_text,
+    w_s_image,
+    w_m_image,
+    w_s_text,
+    w_m_text,
+    scale,
+    feat,
+    col,
+    row,
+    pair,
+    lse,
+    glob,
+    nce_r,
+    nce_c,
+    a_c,
+    a_s,
+    a_m,
+    a_f,
+    tau_kl,
+    rho,
+    need_dscale,
+):
+    ins = (
+        v,
+        v_s,
+        v_m,
+        t,
+        t_s,
+        t_m,
+        alpha_image,
+        alpha_text,
+        w_s_image,
+        w_m_image,
+        w_s_text,
+        w_m_text,
+    )
+    g_scale = (
+        scale.new_empty(())
+        if scale is not None and need_dscale
+        else v.new_empty((0,), dtype=torch.float32)
+    )
     return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in ins), g_scale)
 
 
@@ -282,11 +468,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_clip, g_sem, g_mod, g_f, g_x, g_feat, *_state):
     saved = ctx.saved_tensors
     tensors, scale, feat, state = saved[:13], saved[13], saved[14], saved[15:]
-    g_terms = [g if g is not None else feat.new_zeros(())
-               for g in (g_clip, g_sem, g_mod, g_f, g_x)]
+    g_terms = [g if g is not None else feat.new_zeros(()) for g in (g_clip, g_sem, g_mod, g_f, g_x)]
     need_dscale = scale is not None and ctx.needs_input_grad[13]
-    grads = _cdds_loss_backward_op(*g_terms, g_feat, *tensors, scale, feat, *state, *ctx.hyper,
-                                   need_dscale)
+    grads = _cdds_loss_backward_op(
+        *g_terms, g_feat, *tensors, scale, feat, *state, *ctx.hyper, need_dscale
+    )
     # inputs: 6 token tensors, mask, 6 vectors, scale, 6 hyper-parameters
     return (*grads[:6], None, *grads[6:12], grads[12] if need_dscale else None, *(None,) * 6)
 
@@ -300,29 +486,64 @@ _cdds_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fast_terms(
-    tensors: tuple[Tensor, ...], text_mask: Tensor, params: dict[str, Tensor],
-    logit_scale: Tensor | float, *, a_c: float, a_s: float, a_m: float, a_f: float,
-    tau_kl: float, rho: float, contrastive: Contrastive | None,
+    tensors: tuple[Tensor, ...],
+    text_mask: Tensor,
+    params: dict[str, Tensor],
+    logit_scale: Tensor | float,
+    *,
+    a_c: float,
+    a_s: float,
+    a_m: float,
+    a_f: float,
+    tau_kl: float,
+    rho: float,
+    contrastive: Contrastive | None,
 ) -> dict[str, Tensor]:
     """The terms on the kernels, for validated fp32/bf16/fp16 inputs."""
     v, v_s, v_m, t, t_s, t_m = (x.contiguous() for x in tensors)
-    vectors = [params[k].contiguous() for k in ("alpha_image", "alpha_text", "w_s_image",
-                                                 "w_m_image", "w_s_text", "w_m_text")]
+    vectors = [
+        params[k].contiguous()
+        for k in ("alpha_image", "alpha_text", "w_s_image", "w_m_image", "w_s_text", "w_m_text")
+    ]
     scale = None
     if contrastive is None:
-        scale = (logit_scale if isinstance(logit_scale, Tensor)
-                 else torch.full((), float(logit_scale), dtype=torch.float32, device=v.device))
-    out = _cdds_loss_op(v, v_s, v_m, t, t_s, t_m, text_mask.contiguous(), *vectors, scale,
-                        float(a_c), float(a_s), float(a_m), float(a_f), float(tau_kl), float(rho))
-    terms = dict(zip(LOSS_KEYS, out[:5]))
+        scale = (
+            logit_scale
+            if isinstance(logit_scale, Tensor)
+            else torch.full((), float(logit_scale), dtype=torch.float32, device=v.device)
+        )
+    out = _cdds_loss_op(
+        v,
+        v_s,
+        v_m,
+        t,
+        t_s,
+        t_m,
+        text_mask.contiguous(),
+        *vectors,
+        scale,
+        float(a_c),
+        float(a_s),
+        float(a_m),
+        float(a_f),
+        float(tau_kl),
+        float(rho),
+    )
+    terms = dict(zip(LOSS_KEYS, out[:5], strict=True))
     if contrastive is not None:
         # pool(X^s) of image and text, pool(X^x) of image and text (see N_NCE)
         feat = out[5]
-        image_feat, text_feat, image_x_feat, text_x_feat = feat[0, 0], feat[1, 0], feat[1, 1], \
-            feat[1, 2]
+        image_feat, text_feat, image_x_feat, text_x_feat = (
+            feat[0, 0],
+            feat[1, 0],
+            feat[1, 1],
+            feat[1, 2],
+        )
         l_clip = contrastive(image_feat, text_feat, logit_scale)
-        l_s = (contrastive(image_feat, image_x_feat, logit_scale)
-               + contrastive(text_feat, text_x_feat, logit_scale)) / 2
+        l_s = (
+            contrastive(image_feat, image_x_feat, logit_scale)
+            + contrastive(text_feat, text_x_feat, logit_scale)
+        ) / 2
         terms["contrastive_loss"] = a_c * l_clip
         terms["semantic_loss"] = a_s * l_s
     return terms
@@ -366,9 +587,21 @@ def cdds_loss_triton(
         dict ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss`` of 0-d float32 tensors whose sum is the total loss.
     """
-    tensors = (image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
-               text_modality)
-    params = dict(alpha_image=alpha_image, alpha_text=alpha_text, w_s_image=w_s_image,
-                  w_m_image=w_m_image, w_s_text=w_s_text, w_m_text=w_m_text)
+    tensors = (
+        image_tokens,
+        image_semantic,
+        image_modality,
+        text_tokens,
+        text_semantic,
+        text_modality,
+    )
+    params = dict(
+        alpha_image=alpha_image,
+        alpha_text=alpha_text,
+        w_s_image=w_s_image,
+        w_m_image=w_m_image,
+        w_s_text=w_s_text,
+        w_m_text=w_m_text,
+    )
     hyper = dict(a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho)
     return _fast_terms(tensors, text_mask, params, logit_scale, **hyper, contrastive=contrastive)

@@ -69,8 +69,9 @@ class DualPathDecoupler(nn.Module):
     ) -> None:
         super().__init__()
         check_number("dim", dim, low=1, integer=True)
-        check_head_settings(n_enc=n_enc, n_dec=n_dec, heads=heads, mlp_ratio=mlp_ratio, z=z,
-                            sigma=sigma)
+        check_head_settings(
+            n_enc=n_enc, n_dec=n_dec, heads=heads, mlp_ratio=mlp_ratio, z=z, sigma=sigma
+        )
         self.dim = dim
         self.z, self.sigma = z, sigma
         self.encoder = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(n_enc))
@@ -111,8 +112,9 @@ class DualPathDecoupler(nn.Module):
         modality = self._decode_groups(self.modality_decoder, start, skips, group_mask, z)
         return semantic, modality
 
-    def _check_inputs(self, tokens: Tensor, mask: Tensor | None, name: str = "tokens",
-                     mask_name: str = "mask") -> None:
+    def _check_inputs(
+        self, tokens: Tensor, mask: Tensor | None, name: str = "tokens", mask_name: str = "mask"
+    ) -> None:
         """Raise the project's named errors for inputs :meth:`forward` cannot take."""
         check_tokens(name, tokens, dim=self.dim, like=next(self.parameters()))
         if mask is not None:
@@ -127,7 +129,7 @@ class DualPathDecoupler(nn.Module):
         z: int,
     ) -> Tensor:
         d = start
-        for block, skip in zip(blocks, skips):
+        for block, skip in zip(blocks, skips, strict=True):
             if skip is not None:  # broadcast the skip over the z groups without copying it
                 d = (d.unflatten(0, (z, -1)) + skip).flatten(0, 1)
             d = self._run(block, d, mask)

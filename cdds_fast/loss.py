@@ -103,8 +103,12 @@ class CDDSLoss(nn.Module):
         if self.world_size <= 1:
             return None
         return functools.partial(
-            _gathered_info_nce, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
-            rank=self.rank, world_size=self.world_size, use_horovod=self.use_horovod,
+            _gathered_info_nce,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+            rank=self.rank,
+            world_size=self.world_size,
+            use_horovod=self.use_horovod,
             backend=self.backend,
         )
 
@@ -140,20 +144,34 @@ class CDDSLoss(nn.Module):
         ignored: the loss pools the components itself.
         """
         if logit_bias is not None:
-            raise ValueError("logit_bias: expected None (CDDS uses CLIP's softmax InfoNCE), got a tensor")
+            raise ValueError(
+                "logit_bias: expected None (CDDS uses CLIP's softmax InfoNCE), got a tensor"
+            )
         shape = _batch_and_dim(image_tokens)
         terms = cdds_loss(
-            image_tokens, image_semantic, image_modality, text_tokens, text_semantic,
-            text_modality, text_mask,
+            image_tokens,
+            image_semantic,
+            image_modality,
+            text_tokens,
+            text_semantic,
+            text_modality,
+            text_mask,
             alpha_image=_as_vector("alpha_image", alpha_image, shape),
             alpha_text=_as_vector("alpha_text", alpha_text, shape),
             w_s_image=_as_vector("w_s_image", w_s_image, shape),
             w_m_image=_as_vector("w_m_image", w_m_image, shape),
             w_s_text=_as_vector("w_s_text", w_s_text, shape),
             w_m_text=_as_vector("w_m_text", w_m_text, shape),
-            logit_scale=logit_scale, a_c=self.a_c, a_s=self.a_s, a_m=self.a_m, a_f=self.a_f,
-            tau_kl=self.tau_kl, rho=self.rho, backend=self.backend,
-            check_finite=self.check_finite, contrastive=self._contrastive(),
+            logit_scale=logit_scale,
+            a_c=self.a_c,
+            a_s=self.a_s,
+            a_m=self.a_m,
+            a_f=self.a_f,
+            tau_kl=self.tau_kl,
+            rho=self.rho,
+            backend=self.backend,
+            check_finite=self.check_finite,
+            contrastive=self._contrastive(),
         )
         if output_dict:
             return terms

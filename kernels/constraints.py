@@ -114,8 +114,9 @@ def _sqrt(x):
 
 
 @triton.jit
-def _row_lse_pair(XM, M, LSE, b, blk, N, D, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+def _row_lse_pair(
+    XM, M, LSE, b, blk, N, D, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = valid_tokens(M, b, rows, N, N, HAS_MASK)
     row_base = b * N * D + rows[:, None].to(tl.int64) * D
@@ -127,8 +128,9 @@ def _row_lse_pair(XM, M, LSE, b, blk, N, D, HAS_MASK: tl.constexpr, BLOCK_N: tl.
         xm = tl.load(XM + row_base + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(run_max, tl.max(xm, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(tl.exp(xm - safe_max[:, None]),
-                                                                 axis=1)
+        run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(
+            tl.exp(xm - safe_max[:, None]), axis=1
+        )
         run_max = new_max
     lse = tl.where(valid, run_max + tl.log(tl.where(valid, run_sum, 1.0)), 0.0)
     tl.store(LSE + b * N + rows, lse, mask=rows < N)
@@ -150,8 +152,23 @@ def _row_lse_kernel(XMV, XMT, M, LSE, B, P, L, D, BLOCK_N: tl.constexpr, BLOCK_D
 
 @triton.jit
 def _constraints_fwd_pair(
-    X, XS, XM, M, WS, WM, COL, PAIR, LSE, b, mod, N, B, D,
-    HAS_MASK: tl.constexpr, LSE_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+    X,
+    XS,
+    XM,
+    M,
+    WS,
+    WM,
+    COL,
+    PAIR,
+    LSE,
+    b,
+    mod,
+    N,
+    B,
+    D,
+    HAS_MASK: tl.constexpr,
+    LSE_GIVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """The forward pass over pair ``b`` of one modality (see the module docstring)."""
@@ -239,25 +256,96 @@ def _constraints_fwd_pair(
 
 @triton.jit
 def _constraints_fwd_kernel(
-    XV, XSV, XMV, XT, XST, XMT, M, WSV, WMV, WST, WMT, COL, PAIR, LSE,
-    B, P, L, D,
-    LSE_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    XV,
+    XSV,
+    XMV,
+    XT,
+    XST,
+    XMT,
+    M,
+    WSV,
+    WMV,
+    WST,
+    WMT,
+    COL,
+    PAIR,
+    LSE,
+    B,
+    P,
+    L,
+    D,
+    LSE_GIVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Grid (pair, modality)."""
     b = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
-        _constraints_fwd_pair(XV, XSV, XMV, M, WSV, WMV, COL, PAIR, LSE, b, 0, P, B, D, False,
-                              LSE_GIVEN, BLOCK_N, BLOCK_D)
+        _constraints_fwd_pair(
+            XV,
+            XSV,
+            XMV,
+            M,
+            WSV,
+            WMV,
+            COL,
+            PAIR,
+            LSE,
+            b,
+            0,
+            P,
+            B,
+            D,
+            False,
+            LSE_GIVEN,
+            BLOCK_N,
+            BLOCK_D,
+        )
     else:
-        _constraints_fwd_pair(XT, XST, XMT, M, WST, WMT, COL, PAIR, LSE + B * P, b, 1, L, B, D,
-                              True, LSE_GIVEN, BLOCK_N, BLOCK_D)
+        _constraints_fwd_pair(
+            XT,
+            XST,
+            XMT,
+            M,
+            WST,
+            WMT,
+            COL,
+            PAIR,
+            LSE + B * P,
+            b,
+            1,
+            L,
+            B,
+            D,
+            True,
+            LSE_GIVEN,
+            BLOCK_N,
+            BLOCK_D,
+        )
 
 
 @triton.jit
 def _constraints_finalize_kernel(
-    COL, PAIR, NCE, SCALE, T_CLIP, T_SEM, T_MOD, T_F, T_X, GLOB, OK,
-    B, D, a_c, a_s, a_m, a_f,
-    HAS_NCE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    COL,
+    PAIR,
+    NCE,
+    SCALE,
+    T_CLIP,
+    T_SEM,
+    T_MOD,
+    T_F,
+    T_X,
+    GLOB,
+    OK,
+    B,
+    D,
+    a_c,
+    a_s,
+    a_m,
+    a_f,
+    HAS_NCE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program: per modality ``Ntok``, ``log qbar`` (``GLOB`` [2, D + 1]: ``log qbar`` then
     ``Ntok``), ``L_f, L_x, L_m``; the five weighted terms (the InfoNCE losses ``NCE`` [3] of the
@@ -341,9 +429,34 @@ def _terms_grad_kernel(G_CLIP, G_SEM, G_MOD, G_F, G_X, GLOB, COEF, D, a_c, a_s, 
 
 @triton.jit
 def _constraints_bwd_tile(
-    X, XS, XM, M, WS, WM, COL, ROW, PAIR, LSE, GLOB, COEF, GMU, GSD, GX, GXS, GXM,
-    b, blk, mod, N, B, D, CSH: tl.constexpr, ASH: tl.constexpr,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    XS,
+    XM,
+    M,
+    WS,
+    WM,
+    COL,
+    ROW,
+    PAIR,
+    LSE,
+    GLOB,
+    COEF,
+    GMU,
+    GSD,
+    GX,
+    GXS,
+    GXM,
+    b,
+    blk,
+    mod,
+    N,
+    B,
+    D,
+    CSH: tl.constexpr,
+    ASH: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     plane = 2 * B * D
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -398,8 +511,11 @@ def _constraints_bwd_tile(
         log_q = xm - lse[:, None]
         g_q = k_m * tl.exp(log_q) * (log_q - log_qbar - kl[:, None])
         g_x = tl.where(ld, -t, 0.0)
-        g_xs = tl.where(ld, ws * (t_f + (a / s) * t_x)
-                        + stats_grad(xs, mu, mu_res, s, g_mu, g_s, inv_count), 0.0)
+        g_xs = tl.where(
+            ld,
+            ws * (t_f + (a / s) * t_x) + stats_grad(xs, mu, mu_res, s, g_mu, g_s, inv_count),
+            0.0,
+        )
         g_xm = tl.where(ld, wm * t + g_q, 0.0)
         st_ok = row_ok[:, None] & col_ok[None, :]
         tl.store(GX + offs, g_x.to(GX.dtype.element_ty), mask=st_ok)
@@ -409,10 +525,39 @@ def _constraints_bwd_tile(
 
 @triton.jit
 def _constraints_bwd_kernel(
-    XV, XSV, XMV, XT, XST, XMT, M, WSV, WMV, WST, WMT, COL, ROW, PAIR, LSE, GLOB, COEF, GMU, GSD,
-    GXV, GXSV, GXMV, GXT, GXST, GXMT,
-    B, P, L, D,
-    CSH: tl.constexpr, ASH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    XV,
+    XSV,
+    XMV,
+    XT,
+    XST,
+    XMT,
+    M,
+    WSV,
+    WMV,
+    WST,
+    WMT,
+    COL,
+    ROW,
+    PAIR,
+    LSE,
+    GLOB,
+    COEF,
+    GMU,
+    GSD,
+    GXV,
+    GXSV,
+    GXMV,
+    GXT,
+    GXST,
+    GXMT,
+    B,
+    P,
+    L,
+    D,
+    CSH: tl.constexpr,
+    ASH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Grid (pair, token tile, modality); tiles past a modality's tokens do nothing.
     ``GMU``/``GSD`` [2, B, D]: the complete gradients of the statistics."""
@@ -420,14 +565,68 @@ def _constraints_bwd_kernel(
     blk = tl.program_id(1)
     if tl.program_id(2) == 0:
         if blk * BLOCK_N < P:
-            _constraints_bwd_tile(XV, XSV, XMV, M, WSV, WMV, COL, ROW, PAIR, LSE, GLOB, COEF, GMU,
-                                  GSD, GXV, GXSV, GXMV, b, blk, 0, P, B, D, CSH, ASH, False,
-                                  BLOCK_N, BLOCK_D)
+            _constraints_bwd_tile(
+                XV,
+                XSV,
+                XMV,
+                M,
+                WSV,
+                WMV,
+                COL,
+                ROW,
+                PAIR,
+                LSE,
+                GLOB,
+                COEF,
+                GMU,
+                GSD,
+                GXV,
+                GXSV,
+                GXMV,
+                b,
+                blk,
+                0,
+                P,
+                B,
+                D,
+                CSH,
+                ASH,
+                False,
+                BLOCK_N,
+                BLOCK_D,
+            )
     else:
         if blk * BLOCK_N < L:
-            _constraints_bwd_tile(XT, XST, XMT, M, WST, WMT, COL, ROW, PAIR, LSE + B * P, GLOB,
-                                  COEF, GMU, GSD, GXT, GXST, GXMT, b, blk, 1, L, B, D, CSH, ASH,
-                                  True, BLOCK_N, BLOCK_D)
+            _constraints_bwd_tile(
+                XT,
+                XST,
+                XMT,
+                M,
+                WST,
+                WMT,
+                COL,
+                ROW,
+                PAIR,
+                LSE + B * P,
+                GLOB,
+                COEF,
+                GMU,
+                GSD,
+                GXT,
+                GXST,
+                GXMT,
+                b,
+                blk,
+                1,
+                L,
+                B,
+                D,
+                CSH,
+                ASH,
+                True,
+                BLOCK_N,
+                BLOCK_D,
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,8 +675,11 @@ def _mask_arg(mask: Tensor, like: Tensor) -> Tensor:
 
 
 def constraints_forward(
-    image: tuple[Tensor, Tensor, Tensor], text: tuple[Tensor, Tensor, Tensor], mask: Tensor,
-    w_image: tuple[Tensor, Tensor], w_text: tuple[Tensor, Tensor],
+    image: tuple[Tensor, Tensor, Tensor],
+    text: tuple[Tensor, Tensor, Tensor],
+    mask: Tensor,
+    w_image: tuple[Tensor, Tensor],
+    w_text: tuple[Tensor, Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The forward token pass of both modalities.
 
@@ -499,19 +701,50 @@ def constraints_forward(
     lse_given = block_d < d
     if lse_given:
         _row_lse_kernel[(batch, triton.cdiv(max(p, length), block_n), 2)](
-            image[2], text[2], m_arg, lse, batch, p, length, d, BLOCK_N=block_n, BLOCK_D=block_d,
+            image[2],
+            text[2],
+            m_arg,
+            lse,
+            batch,
+            p,
+            length,
+            d,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
             num_warps=warps,
         )
     _constraints_fwd_kernel[(batch, 2)](
-        *image, *text, m_arg, *w_image, *w_text, col, pair, lse, batch, p, length, d,
-        LSE_GIVEN=lse_given, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+        *image,
+        *text,
+        m_arg,
+        *w_image,
+        *w_text,
+        col,
+        pair,
+        lse,
+        batch,
+        p,
+        length,
+        d,
+        LSE_GIVEN=lse_given,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     return col, pair, lse
 
 
-def finalize_terms(col: Tensor, pair: Tensor, nce: Tensor | None, scale: Tensor | None, *,
-                   a_c: float, a_s: float, a_m: float, a_f: float,
-                   ) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+def finalize_terms(
+    col: Tensor,
+    pair: Tensor,
+    nce: Tensor | None,
+    scale: Tensor | None,
+    *,
+    a_c: float,
+    a_s: float,
+    a_m: float,
+    a_f: float,
+) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
     """The five weighted terms (0-d fp32 each, in ``LOSS_KEYS`` order), ``glob`` [2, D + 1]
     (``log qbar``, ``Ntok``) and ``ok`` (0-d fp32): the fewest valid tokens of a text row, 0 if
     ``scale`` (given with ``nce``) is not finite and > 0."""
@@ -522,28 +755,53 @@ def finalize_terms(col: Tensor, pair: Tensor, nce: Tensor | None, scale: Tensor 
     ok = torch.empty((), dtype=torch.float32, device=dev)
     block_b, block_d = token_tile(batch, d, dev, col_cap=1024)
     _constraints_finalize_kernel[(1,)](
-        col, pair, nce if nce is not None else pair, scale if nce is not None else pair, *terms,
-        glob, ok, batch, d,
-        float(a_c), float(a_s), float(a_m), float(a_f), HAS_NCE=nce is not None,
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=tile_warps(block_b * block_d),
+        col,
+        pair,
+        nce if nce is not None else pair,
+        scale if nce is not None else pair,
+        *terms,
+        glob,
+        ok,
+        batch,
+        d,
+        float(a_c),
+        float(a_s),
+        float(a_m),
+        float(a_f),
+        HAS_NCE=nce is not None,
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        num_warps=tile_warps(block_b * block_d),
     )
     return terms, glob, ok
 
 
-def terms_grad(grads: tuple[Tensor, ...], glob: Tensor, *, a_c: float, a_s: float, a_m: float,
-               a_f: float) -> Tensor:
+def terms_grad(
+    grads: tuple[Tensor, ...], glob: Tensor, *, a_c: float, a_s: float, a_m: float, a_f: float
+) -> Tensor:
     """``coef`` [N_COEF] fp32 from the five terms' upstream gradients (0-d each)."""
     d = glob.shape[1] - 1
     coef = torch.empty((N_COEF,), dtype=torch.float32, device=glob.device)
-    _terms_grad_kernel[(1,)](*grads, glob, coef, d, float(a_c), float(a_s), float(a_m),
-                             float(a_f), num_warps=1)
+    _terms_grad_kernel[(1,)](
+        *grads, glob, coef, d, float(a_c), float(a_s), float(a_m), float(a_f), num_warps=1
+    )
     return coef
 
 
 def constraints_backward(
-    image: tuple[Tensor, Tensor, Tensor], text: tuple[Tensor, Tensor, Tensor], mask: Tensor,
-    w_image: tuple[Tensor, Tensor], w_text: tuple[Tensor, Tensor], col: Tensor, row: Tensor,
-    pair: Tensor, lse: Tensor, glob: Tensor, coef: Tensor, g_mu: Tensor, g_sd: Tensor,
+    image: tuple[Tensor, Tensor, Tensor],
+    text: tuple[Tensor, Tensor, Tensor],
+    mask: Tensor,
+    w_image: tuple[Tensor, Tensor],
+    w_text: tuple[Tensor, Tensor],
+    col: Tensor,
+    row: Tensor,
+    pair: Tensor,
+    lse: Tensor,
+    glob: Tensor,
+    coef: Tensor,
+    g_mu: Tensor,
+    g_sd: Tensor,
     row_planes: tuple[int, int],
 ) -> tuple[Tensor, ...]:
     """The backward token pass: ``(grad V, grad V^s, grad V^m, grad T, grad T^s, grad T^m)``, each
@@ -554,9 +812,29 @@ def constraints_backward(
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (*image, *text))
     block_n, block_d, warps = _bwd_tile(max(p, length), d, image[0].device)
     _constraints_bwd_kernel[(batch, triton.cdiv(max(p, length), block_n), 2)](
-        *image, *text, _mask_arg(mask, image[0]), *w_image, *w_text, col, row, pair, lse, glob,
-        coef, g_mu, g_sd, *grads, batch, p, length, d,
-        CSH=row_planes[0], ASH=row_planes[1], BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+        *image,
+        *text,
+        _mask_arg(mask, image[0]),
+        *w_image,
+        *w_text,
+        col,
+        row,
+        pair,
+        lse,
+        glob,
+        coef,
+        g_mu,
+        g_sd,
+        *grads,
+        batch,
+        p,
+        length,
+        d,
+        CSH=row_planes[0],
+        ASH=row_planes[1],
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     return grads
 

@@ -159,9 +159,21 @@ def _mm(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _tile_logits(
-    A, B, a_single, rows64, cols64, row_ok, col_ok, offs_k, D,
-    SINGLE_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    A,
+    B,
+    a_single,
+    rows64,
+    cols64,
+    row_ok,
+    col_ok,
+    offs_k,
+    D,
+    SINGLE_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """``R = A[rows] @ B[cols]^T`` in fp32 for row-major ``[*, D]`` operands; padded rows,
     columns and features load as 0. ``B`` is loaded as a ``[BLOCK_K, BLOCK_N]`` (transposed)
@@ -169,17 +181,26 @@ def _tile_logits(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SINGLE_K:
         # the whole feature dimension is one block: A's block was loaded once by the caller
-        b_t = tl.load(B + cols64[None, :] * D + offs_k[:, None],
-                      mask=col_ok[None, :] & (offs_k[:, None] < D), other=0.0)
+        b_t = tl.load(
+            B + cols64[None, :] * D + offs_k[:, None],
+            mask=col_ok[None, :] & (offs_k[:, None] < D),
+            other=0.0,
+        )
         acc = _mm(a_single, b_t, acc, PRECISION, UPCAST)
     else:
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             k_ok = kk < D
-            a = tl.load(A + rows64[:, None] * D + kk[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b_t = tl.load(B + cols64[None, :] * D + kk[:, None],
-                          mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            a = tl.load(
+                A + rows64[:, None] * D + kk[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            b_t = tl.load(
+                B + cols64[None, :] * D + kk[:, None],
+                mask=col_ok[None, :] & k_ok[:, None],
+                other=0.0,
+            )
             acc = _mm(a, b_t, acc, PRECISION, UPCAST)
     return acc
 
@@ -216,14 +237,23 @@ def _column_term(STATS, cols64, col_ok, n_cols, t, is_label):
 
 @triton.jit
 def _info_nce_fwd_kernel(
-    X, Y, SCALE,                 # X [P, M, D], Y [P, N, D] (same dtype); SCALE 0-d
-    STATS_R, STATS_C,            # out [P, 3, M], [P, 3, N]: base-2 max, 1 / sum, label logit
-    LOSS_PART,                   # out [P, n_dirs, n_row_blocks]: loss_coef * sum of row losses
-    M, N, D, label_offset,
-    loss_coef,                   # ln 2 / (2M) symmetric, ln 2 / M rectangular
-    SINGLE_K: tl.constexpr,      # BLOCK_K >= D: the row block is loaded once
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    X,
+    Y,
+    SCALE,  # X [P, M, D], Y [P, N, D] (same dtype); SCALE 0-d
+    STATS_R,
+    STATS_C,  # out [P, 3, M], [P, 3, N]: base-2 max, 1 / sum, label logit
+    LOSS_PART,  # out [P, n_dirs, n_row_blocks]: loss_coef * sum of row losses
+    M,
+    N,
+    D,
+    label_offset,
+    loss_coef,  # ln 2 / (2M) symmetric, ln 2 / M rectangular
+    SINGLE_K: tl.constexpr,  # BLOCK_K >= D: the row block is loaded once
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     direction = tl.program_id(1)  # 0: rows of S; 1 (symmetric only, M == N): rows of S^T
@@ -246,8 +276,11 @@ def _info_nce_fwd_kernel(
     rows64 = rows.to(tl.int64)
     a_single = tl.zeros((BLOCK_M, BLOCK_K), dtype=A.dtype.element_ty)
     if SINGLE_K:
-        a_single = tl.load(A + rows64[:, None] * D + offs_k[None, :],
-                           mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
+        a_single = tl.load(
+            A + rows64[:, None] * D + offs_k[None, :],
+            mask=row_ok[:, None] & (offs_k[None, :] < D),
+            other=0.0,
+        )
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lab = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -256,8 +289,23 @@ def _info_nce_fwd_kernel(
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + offs_n
         col_ok = cols < N
-        r = _tile_logits(A, B, a_single, rows64, cols.to(tl.int64), row_ok, col_ok, offs_k, D,
-                         SINGLE_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        r = _tile_logits(
+            A,
+            B,
+            a_single,
+            rows64,
+            cols.to(tl.int64),
+            row_ok,
+            col_ok,
+            offs_k,
+            D,
+            SINGLE_K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            PRECISION,
+            UPCAST,
+        )
         t = tl.where(col_ok[None, :], r * scale2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(t, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
@@ -275,20 +323,33 @@ def _info_nce_fwd_kernel(
 
 @triton.jit
 def _info_nce_bwd_kernel(
-    X, Y, SCALE, GRAD,           # GRAD [P] fp32: upstream gradient of each problem's loss
-    STATS_R, STATS_C,            # [P, 3, M], [P, 3, N] from the forward
-    DX, DY,                      # out [P, M, D], [P, N, D] in the feature dtype
-    DSCALE_PART,                 # out [P, n_row_blocks]: grad * norm * sum_ij G_ij R_ij
-    M, N, D, label_offset,
-    norm,                        # 1/(2M) symmetric, 1/M rectangular
-    diag_coef,                   # weight of the label indicator in G: 2 symmetric, 1 otherwise
-    first_dir, n_dirs,           # directions in the grid: 0 = dX, 1 = dY
-    SYMMETRIC: tl.constexpr, COMPUTE_DSCALE: tl.constexpr,
-    SINGLE_K: tl.constexpr,      # BLOCK_K == BLOCK_DO >= D: one tile of B serves both products
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DO: tl.constexpr,      # output feature chunk (grid axis 1)
-    G_SCALE: tl.constexpr,       # 2**14 for fp16 (keeps G normal), 1 otherwise
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    X,
+    Y,
+    SCALE,
+    GRAD,  # GRAD [P] fp32: upstream gradient of each problem's loss
+    STATS_R,
+    STATS_C,  # [P, 3, M], [P, 3, N] from the forward
+    DX,
+    DY,  # out [P, M, D], [P, N, D] in the feature dtype
+    DSCALE_PART,  # out [P, n_row_blocks]: grad * norm * sum_ij G_ij R_ij
+    M,
+    N,
+    D,
+    label_offset,
+    norm,  # 1/(2M) symmetric, 1/M rectangular
+    diag_coef,  # weight of the label indicator in G: 2 symmetric, 1 otherwise
+    first_dir,
+    n_dirs,  # directions in the grid: 0 = dX, 1 = dY
+    SYMMETRIC: tl.constexpr,
+    COMPUTE_DSCALE: tl.constexpr,
+    SINGLE_K: tl.constexpr,  # BLOCK_K == BLOCK_DO >= D: one tile of B serves both products
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr,  # output feature chunk (grid axis 1)
+    G_SCALE: tl.constexpr,  # 2**14 for fp16 (keeps G normal), 1 otherwise
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -340,8 +401,11 @@ def _info_nce_bwd_kernel(
     own_lab = tl.load(OWN + 2 * n_rows + rows64, mask=own_ok, other=0.0)
     a_single = tl.zeros((BLOCK_M, BLOCK_K), dtype=A.dtype.element_ty)
     if SINGLE_K:
-        a_single = tl.load(A + rows64[:, None] * D + offs_k[None, :],
-                           mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
+        a_single = tl.load(
+            A + rows64[:, None] * D + offs_k[None, :],
+            mask=row_ok[:, None] & (offs_k[None, :] < D),
+            other=0.0,
+        )
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     ds = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -351,13 +415,36 @@ def _info_nce_bwd_kernel(
         cols64 = cols.to(tl.int64)
         b_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=B.dtype.element_ty)
         if SINGLE_K:
-            b_tile = tl.load(B + cols64[:, None] * D + offs_k[None, :],
-                             mask=col_ok[:, None] & (offs_k[None, :] < D), other=0.0)
-            r = _mm(a_single, tl.trans(b_tile), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                    PRECISION, UPCAST)
+            b_tile = tl.load(
+                B + cols64[:, None] * D + offs_k[None, :],
+                mask=col_ok[:, None] & (offs_k[None, :] < D),
+                other=0.0,
+            )
+            r = _mm(
+                a_single,
+                tl.trans(b_tile),
+                tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                PRECISION,
+                UPCAST,
+            )
         else:
-            r = _tile_logits(A, B, a_single, rows64, cols64, row_ok, col_ok, offs_k, D, False,
-                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+            r = _tile_logits(
+                A,
+                B,
+                a_single,
+                rows64,
+                cols64,
+                row_ok,
+                col_ok,
+                offs_k,
+                D,
+                False,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                PRECISION,
+                UPCAST,
+            )
         ok = row_ok[:, None] & col_ok[None, :]
         t = tl.where(ok, r * scale2, float("-inf"))
         is_label = (cols[None, :] == labels[:, None]) & ok
@@ -377,20 +464,27 @@ def _info_nce_bwd_kernel(
         if SINGLE_K:
             b_do = b_tile
         else:
-            b_do = tl.load(B + cols64[:, None] * D + offs_do[None, :],
-                           mask=col_ok[:, None] & do_ok[None, :], other=0.0)
+            b_do = tl.load(
+                B + cols64[:, None] * D + offs_do[None, :],
+                mask=col_ok[:, None] & do_ok[None, :],
+                other=0.0,
+            )
         if B.dtype.element_ty == tl.float32:
             acc = _mm(g, b_do, acc, PRECISION, UPCAST)
         else:
             acc = _mm((g * G_SCALE).to(B.dtype.element_ty), b_do, acc, PRECISION, UPCAST)
 
     out = acc * (g_up * scale * (norm / G_SCALE))
-    tl.store(OUT + rows64[:, None] * D + offs_do[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & do_ok[None, :])
+    tl.store(
+        OUT + rows64[:, None] * D + offs_do[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None] & do_ok[None, :],
+    )
     if COMPUTE_DSCALE:
         if (direction == 0) & (pid_d == 0):
-            tl.store(DSCALE_PART + p * tl.cdiv(M, BLOCK_M) + pid_m,
-                     tl.sum(ds, axis=0) * norm * g_up)
+            tl.store(
+                DSCALE_PART + p * tl.cdiv(M, BLOCK_M) + pid_m, tl.sum(ds, axis=0) * norm * g_up
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,16 +494,23 @@ def _info_nce_bwd_kernel(
 
 @triton.jit
 def _info_nce_block_fwd_kernel(
-    R,                           # [c, N] fp32: logits <x_i, y_j> of rows row0 .. row0 + c
+    R,  # [c, N] fp32: logits <x_i, y_j> of rows row0 .. row0 + c
     SCALE,
-    ROW_MAX, ROW_SUM,            # [splits, M] fp32: row partials, written at row0 + row
-    COL_MAX, COL_SUM,            # [groups, N] fp32: column partials of each row group (merged)
-    DIAG,                        # [M] fp32: base-2 label logits, written at row0 + row
-    c, N, M, row0, label0,       # label0 = row0 + label offset: label column of local row 0
-    col_init,                    # 1 in a problem's first chunk: the partials hold garbage and
-                                 # each group's first row block writes instead of merging
-    COMPUTE_COL: tl.constexpr,   # symmetric: column statistics too
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW_MAX,
+    ROW_SUM,  # [splits, M] fp32: row partials, written at row0 + row
+    COL_MAX,
+    COL_SUM,  # [groups, N] fp32: column partials of each row group (merged)
+    DIAG,  # [M] fp32: base-2 label logits, written at row0 + row
+    c,
+    N,
+    M,
+    row0,
+    label0,  # label0 = row0 + label offset: label column of local row 0
+    col_init,  # 1 in a problem's first chunk: the partials hold garbage and
+    # each group's first row block writes instead of merging
+    COMPUTE_COL: tl.constexpr,  # symmetric: column statistics too
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Program ``(g, s)`` walks row blocks ``g, g + G, ...`` of the chunk and the column blocks
     of split ``s``: online row statistics (complete per split), the label logit, and column
@@ -444,8 +545,11 @@ def _info_nce_block_fwd_kernel(
             cols = cb * BLOCK_N + offs_n
             col_ok = cols < N
             cols64 = cols.to(tl.int64)
-            r = tl.load(R + rows64[:, None] * N + cols64[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            r = tl.load(
+                R + rows64[:, None] * N + cols64[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             t = r * scale2
             t_r = tl.where(col_ok[None, :], t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(t_r, axis=1))
@@ -470,8 +574,7 @@ def _info_nce_block_fwd_kernel(
         # an empty split stores max = -inf, sum = 0: neutral when the partials are merged
         tl.store(row_max_row + rows64, m_i, mask=row_ok)
         tl.store(row_sum_row + rows64, l_i, mask=row_ok)
-        tl.store(DIAG + row0 + rows64, d_i,
-                 mask=row_ok & (labels >= col_lo) & (labels < col_hi))
+        tl.store(DIAG + row0 + rows64, d_i, mask=row_ok & (labels >= col_lo) & (labels < col_hi))
 
 
 @triton.jit
@@ -491,13 +594,20 @@ def _merge_partials(MAX, SUM, offs, ok, n_parts, stride):
 
 @triton.jit
 def _info_nce_finalize_kernel(
-    ROW_MAX, ROW_SUM,            # [splits, M] row partials
-    COL_MAX, COL_SUM,            # [groups, N] column partials (COMPUTE_COL)
-    DIAG,                        # [M] base-2 label logits
-    STATS_R, STATS_C,            # out: [3, M], [3, N]: max, 1 / sum, label logit
-    LOSS_PART,                   # out: [n_programs] loss_coef * sum of the per-row losses
-    M, n_row_parts, n_col_parts, loss_coef,
-    COMPUTE_COL: tl.constexpr, BLOCK: tl.constexpr,
+    ROW_MAX,
+    ROW_SUM,  # [splits, M] row partials
+    COL_MAX,
+    COL_SUM,  # [groups, N] column partials (COMPUTE_COL)
+    DIAG,  # [M] base-2 label logits
+    STATS_R,
+    STATS_C,  # out: [3, M], [3, N]: max, 1 / sum, label logit
+    LOSS_PART,  # out: [n_programs] loss_coef * sum of the per-row losses
+    M,
+    n_row_parts,
+    n_col_parts,
+    loss_coef,
+    COMPUTE_COL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """The blocked forward's epilogue in one launch: merge the partials, write the statistics
     the backward reads and the per-program loss sums."""
@@ -522,14 +632,26 @@ def _info_nce_finalize_kernel(
 
 @triton.jit
 def _info_nce_block_bwd_kernel(
-    R,                           # [r, w] fp32: logits <x_i, y_j> of the block
-    G,                           # out [r, w]: G * G_SCALE in the feature dtype (may alias R)
-    SCALE, GRAD,                 # GRAD: this problem's upstream gradient
-    STATS_R, STATS_C,            # this problem's [3, M], [3, N]
-    DSCALE_PART,                 # out [n_programs]: grad * norm * sum G_ij R_ij of this tile
-    r, w, M, N, row0, col0, label_offset, norm,
-    HAS_C: tl.constexpr, COMPUTE_DSCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G_SCALE: tl.constexpr,
+    R,  # [r, w] fp32: logits <x_i, y_j> of the block
+    G,  # out [r, w]: G * G_SCALE in the feature dtype (may alias R)
+    SCALE,
+    GRAD,  # GRAD: this problem's upstream gradient
+    STATS_R,
+    STATS_C,  # this problem's [3, M], [3, N]
+    DSCALE_PART,  # out [n_programs]: grad * norm * sum G_ij R_ij of this tile
+    r,
+    w,
+    M,
+    N,
+    row0,
+    col0,
+    label_offset,
+    norm,
+    HAS_C: tl.constexpr,
+    COMPUTE_DSCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    G_SCALE: tl.constexpr,
 ):
     """One tile of ``G`` from a block of logits computed by a GEMM (see "blocked")."""
     pid_m = tl.program_id(0)
@@ -611,8 +733,11 @@ def _gemm_precision(device: torch.device, allow_tf32: bool) -> Iterator[None]:
     """Around a blocked pass's GEMMs, set once and restored after: autocast off (a backward
     called inside an autocast region must not turn them into 16-bit GEMMs) and, on CUDA, fp32
     GEMMs in IEEE fp32 unless ``allow_tf32``. (``meta`` planning runs have no autocast.)"""
-    no_autocast = (contextlib.nullcontext() if device.type == "meta"
-                   else torch.autocast(device_type=device.type, enabled=False))
+    no_autocast = (
+        contextlib.nullcontext()
+        if device.type == "meta"
+        else torch.autocast(device_type=device.type, enabled=False)
+    )
     with no_autocast:
         undo = _cublas_tf32(allow_tf32) if device.type == "cuda" else None
         try:
@@ -648,8 +773,15 @@ def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         torch.addmm(acc, a.float(), b.float(), beta=beta, out=acc)
 
 
-def _fused_forward(x: Tensor, y: Tensor, scale: Tensor, symmetric: bool, label_offset: int,
-                   allow_tf32: bool, plan: InfoNCEPlan) -> tuple[Tensor, Tensor, Tensor]:
+def _fused_forward(
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    symmetric: bool,
+    label_offset: int,
+    allow_tf32: bool,
+    plan: InfoNCEPlan,
+) -> tuple[Tensor, Tensor, Tensor]:
     n_prob, m, d = x.shape
     n = y.shape[1]
     t = dict(plan.tiles)
@@ -662,17 +794,44 @@ def _fused_forward(x: Tensor, y: Tensor, scale: Tensor, symmetric: bool, label_o
     stats_c = torch.empty((n_prob, 3, n if symmetric else 0), **f32)
     parts = torch.empty((n_prob, n_dirs * n_rb), **f32)
     _info_nce_fwd_kernel[(n_rb, n_dirs, n_prob)](
-        x, y, scale, stats_r, stats_c if symmetric else stats_r, parts,
-        m, n, d, label_offset, LN2 * _norm(m, symmetric),
-        SINGLE_K=bk >= d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        PRECISION=_precision(x.dtype, allow_tf32), UPCAST=_upcast(x.dtype),
-        num_warps=t["num_warps"], num_stages=t["num_stages"],
+        x,
+        y,
+        scale,
+        stats_r,
+        stats_c if symmetric else stats_r,
+        parts,
+        m,
+        n,
+        d,
+        label_offset,
+        LN2 * _norm(m, symmetric),
+        SINGLE_K=bk >= d,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        PRECISION=_precision(x.dtype, allow_tf32),
+        UPCAST=_upcast(x.dtype),
+        num_warps=t["num_warps"],
+        num_stages=t["num_stages"],
     )
     return parts.sum(1), stats_r, stats_c
 
 
-def _fused_backward(grad, x, y, scale, stats_r, stats_c, symmetric, label_offset, allow_tf32,
-                    need_dx, need_dy, need_dscale, plan):
+def _fused_backward(
+    grad,
+    x,
+    y,
+    scale,
+    stats_r,
+    stats_c,
+    symmetric,
+    label_offset,
+    allow_tf32,
+    need_dx,
+    need_dy,
+    need_dscale,
+    plan,
+):
     n_prob, m, d = x.shape
     n = y.shape[1]
     t = dict(plan.tiles)
@@ -688,16 +847,37 @@ def _fused_backward(grad, x, y, scale, stats_r, stats_c, symmetric, label_offset
     n_rb = triton.cdiv(max(m, n) if need_dy else m, bm)
     dscale = torch.empty((n_prob, triton.cdiv(m, bm)), **f32) if need_dscale else grad
     _info_nce_bwd_kernel[(n_rb, triton.cdiv(d, bdo), n_prob * n_dirs)](
-        x, y, scale, grad, stats_r, stats_c if symmetric else stats_r, dx, dy, dscale,
-        m, n, d, label_offset, _norm(m, symmetric), 2.0 if symmetric else 1.0, first_dir, n_dirs,
-        SYMMETRIC=symmetric, COMPUTE_DSCALE=need_dscale,
+        x,
+        y,
+        scale,
+        grad,
+        stats_r,
+        stats_c if symmetric else stats_r,
+        dx,
+        dy,
+        dscale,
+        m,
+        n,
+        d,
+        label_offset,
+        _norm(m, symmetric),
+        2.0 if symmetric else 1.0,
+        first_dir,
+        n_dirs,
+        SYMMETRIC=symmetric,
+        COMPUTE_DSCALE=need_dscale,
         SINGLE_K=bk >= d and bdo >= d and not interpreter_active(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, G_SCALE=_g_scale(x.dtype),
-        PRECISION=_precision(x.dtype, allow_tf32), UPCAST=_upcast(x.dtype),
-        num_warps=t["num_warps"], num_stages=t["num_stages"],
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        BLOCK_DO=bdo,
+        G_SCALE=_g_scale(x.dtype),
+        PRECISION=_precision(x.dtype, allow_tf32),
+        UPCAST=_upcast(x.dtype),
+        num_warps=t["num_warps"],
+        num_stages=t["num_stages"],
     )
-    return (dx if need_dx else None, dy if need_dy else None,
-            dscale.sum() if need_dscale else None)
+    return (dx if need_dx else None, dy if need_dy else None, dscale.sum() if need_dscale else None)
 
 
 def _fwd_grid(rows: int, n: int, bm: int, bn: int, device: torch.device) -> tuple[int, int]:
@@ -736,24 +916,62 @@ def _blocked_forward(x, y, scale, symmetric, label_offset, allow_tf32, plan):
             y_t = y[p].t()
             for r0 in range(0, m, rows):
                 c = min(rows, m - r0)
-                chunk = logits[:c * n].view(c, n)
-                _mm_f32(x[p, r0:r0 + c], y_t, chunk)
+                chunk = logits[: c * n].view(c, n)
+                _mm_f32(x[p, r0 : r0 + c], y_t, chunk)
                 _info_nce_block_fwd_kernel[(min(groups, triton.cdiv(c, bm)), splits)](
-                    chunk, scale, row_max, row_sum, col_max, col_sum, diag,
-                    c, n, m, r0, r0 + label_offset, int(r0 == 0),
-                    COMPUTE_COL=symmetric, BLOCK_M=bm, BLOCK_N=bn, num_warps=t["num_warps"],
+                    chunk,
+                    scale,
+                    row_max,
+                    row_sum,
+                    col_max,
+                    col_sum,
+                    diag,
+                    c,
+                    n,
+                    m,
+                    r0,
+                    r0 + label_offset,
+                    int(r0 == 0),
+                    COMPUTE_COL=symmetric,
+                    BLOCK_M=bm,
+                    BLOCK_N=bn,
+                    num_warps=t["num_warps"],
                 )
             _info_nce_finalize_kernel[(n_fin,)](
-                row_max, row_sum, col_max, col_sum, diag, stats_r[p],
-                stats_c[p] if symmetric else stats_r[p], parts[p],
-                m, splits, groups, LN2 * _norm(m, symmetric),
-                COMPUTE_COL=symmetric, BLOCK=fin_block, num_warps=num_warps_for(fin_block),
+                row_max,
+                row_sum,
+                col_max,
+                col_sum,
+                diag,
+                stats_r[p],
+                stats_c[p] if symmetric else stats_r[p],
+                parts[p],
+                m,
+                splits,
+                groups,
+                LN2 * _norm(m, symmetric),
+                COMPUTE_COL=symmetric,
+                BLOCK=fin_block,
+                num_warps=num_warps_for(fin_block),
             )
     return parts.sum(1), stats_r, stats_c
 
 
-def _blocked_backward(grad, x, y, scale, stats_r, stats_c, symmetric, label_offset, allow_tf32,
-                      need_dx, need_dy, need_dscale, plan):
+def _blocked_backward(
+    grad,
+    x,
+    y,
+    scale,
+    stats_r,
+    stats_c,
+    symmetric,
+    label_offset,
+    allow_tf32,
+    need_dx,
+    need_dy,
+    need_dscale,
+    plan,
+):
     n_prob, m, d = x.shape
     n = y.shape[1]
     t = dict(plan.tiles)
@@ -764,7 +982,8 @@ def _blocked_backward(grad, x, y, scale, stats_r, stats_c, symmetric, label_offs
     col_blocks = [(j0, min(plan.bwd_cols, n - j0)) for j0 in range(0, n, plan.bwd_cols)]
     # one dL/ds partial per program of every block, packed: all written, no zero fill
     tiles = sum(triton.cdiv(r, bm) for _, r in row_blocks) * sum(
-        triton.cdiv(w, bn) for _, w in col_blocks)
+        triton.cdiv(w, bn) for _, w in col_blocks
+    )
     logits = torch.empty((plan.bwd_rows * plan.bwd_cols,), **f32)
     fp32 = dtype == torch.float32
     g_buf = logits if fp32 else torch.empty(logits.shape, dtype=dtype, device=dev)
@@ -780,30 +999,47 @@ def _blocked_backward(grad, x, y, scale, stats_r, stats_c, symmetric, label_offs
     with _gemm_precision(dev, allow_tf32):
         for p in range(n_prob):
             for i0, r in row_blocks:
-                x_i = x[p, i0:i0 + r]
-                acc_x = dx[p, i0:i0 + r] if fp32 and need_dx else (
-                    dx_acc[:r] if need_dx else None)
+                x_i = x[p, i0 : i0 + r]
+                acc_x = (
+                    dx[p, i0 : i0 + r] if fp32 and need_dx else (dx_acc[:r] if need_dx else None)
+                )
                 for j0, w in col_blocks:
-                    y_j = y[p, j0:j0 + w]
-                    block = logits[:r * w].view(r, w)
-                    g = g_buf[:r * w].view(r, w)
+                    y_j = y[p, j0 : j0 + w]
+                    block = logits[: r * w].view(r, w)
+                    g = g_buf[: r * w].view(r, w)
                     _mm_f32(x_i, y_j.t(), block)
                     grid = (triton.cdiv(r, bm), triton.cdiv(w, bn))
                     _info_nce_block_bwd_kernel[grid](
-                        block, g, scale, grad[p:], stats_r[p],
-                        stats_c[p] if symmetric else stats_r[p], dscale[part:],
-                        r, w, m, n, i0, j0, label_offset, _norm(m, symmetric),
-                        HAS_C=symmetric, COMPUTE_DSCALE=need_dscale, BLOCK_M=bm, BLOCK_N=bn,
-                        G_SCALE=_g_scale(dtype), num_warps=t["num_warps"],
+                        block,
+                        g,
+                        scale,
+                        grad[p:],
+                        stats_r[p],
+                        stats_c[p] if symmetric else stats_r[p],
+                        dscale[part:],
+                        r,
+                        w,
+                        m,
+                        n,
+                        i0,
+                        j0,
+                        label_offset,
+                        _norm(m, symmetric),
+                        HAS_C=symmetric,
+                        COMPUTE_DSCALE=need_dscale,
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                        G_SCALE=_g_scale(dtype),
+                        num_warps=t["num_warps"],
                     )
                     part += grid[0] * grid[1] if need_dscale else 0
                     if need_dx:
                         _addmm_f32(acc_x, g, y_j, first=j0 == 0)
                     if need_dy:
-                        acc_y = dy[p, j0:j0 + w] if fp32 else dy_acc[j0:j0 + w]
+                        acc_y = dy[p, j0 : j0 + w] if fp32 else dy_acc[j0 : j0 + w]
                         _addmm_f32(acc_y, g.t(), x_i, first=i0 == 0)
                 if need_dx:  # the row block's dX is complete: scale (and round) it once
-                    torch.mul(acc_x, coef[p], out=dx[p, i0:i0 + r])
+                    torch.mul(acc_x, coef[p], out=dx[p, i0 : i0 + r])
             if need_dy:
                 torch.mul(dy[p] if fp32 else dy_acc, coef[p], out=dy[p])
     return dx, dy, dscale.sum() if need_dscale else None
@@ -819,22 +1055,57 @@ def _forward(x, y, scale, *, symmetric, label_offset, allow_tf32, plan):
     return run(x, y, scale, symmetric, label_offset, allow_tf32, plan)
 
 
-def _backward(grad, x, y, scale, stats_r, stats_c, *, symmetric, label_offset, allow_tf32,
-              need_dx, need_dy, need_dscale, plan):
+def _backward(
+    grad,
+    x,
+    y,
+    scale,
+    stats_r,
+    stats_c,
+    *,
+    symmetric,
+    label_offset,
+    allow_tf32,
+    need_dx,
+    need_dy,
+    need_dscale,
+    plan,
+):
     run = _fused_backward if plan.path == "fused" else _blocked_backward
-    return run(grad, x, y, scale, stats_r, stats_c, symmetric, label_offset, allow_tf32, need_dx,
-               need_dy, need_dscale, plan)
+    return run(
+        grad,
+        x,
+        y,
+        scale,
+        stats_r,
+        stats_c,
+        symmetric,
+        label_offset,
+        allow_tf32,
+        need_dx,
+        need_dy,
+        need_dscale,
+        plan,
+    )
 
 
 def _plan(x: Tensor, y: Tensor, allow_tf32: bool, max_scratch_bytes: int) -> InfoNCEPlan:
     _, m, d = x.shape
-    return launch.info_nce_plan(x.dtype, m, y.shape[1], d, x.device, allow_tf32=allow_tf32,
-                                budget=max_scratch_bytes)
+    return launch.info_nce_plan(
+        x.dtype, m, y.shape[1], d, x.device, allow_tf32=allow_tf32, budget=max_scratch_bytes
+    )
 
 
-def nce_forward(x: Tensor, y: Tensor, scale: Tensor, *, symmetric: bool = True,
-                label_offset: int = 0, allow_tf32: bool = False,
-                max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES) -> tuple[Tensor, Tensor, Tensor]:
+def nce_forward(
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    *,
+    symmetric: bool = True,
+    label_offset: int = 0,
+    allow_tf32: bool = False,
+    max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Forward of ``P`` InfoNCE problems on the path :func:`launch.info_nce_plan` picks.
 
     Args:
@@ -846,24 +1117,53 @@ def nce_forward(x: Tensor, y: Tensor, scale: Tensor, *, symmetric: bool = True,
         statistics in base 2: max of ``t = s log2(e) <x_i, y_j>``, ``1 / sum exp2(t - max)``
         and the label logit, per row (``stats_r``) and per column (``stats_c``).
     """
-    return _forward(x, y, scale, symmetric=symmetric, label_offset=label_offset,
-                    allow_tf32=allow_tf32, plan=_plan(x, y, allow_tf32, max_scratch_bytes))
+    return _forward(
+        x,
+        y,
+        scale,
+        symmetric=symmetric,
+        label_offset=label_offset,
+        allow_tf32=allow_tf32,
+        plan=_plan(x, y, allow_tf32, max_scratch_bytes),
+    )
 
 
-def nce_backward(grad: Tensor, x: Tensor, y: Tensor, scale: Tensor, stats_r: Tensor,
-                 stats_c: Tensor, *, symmetric: bool = True, label_offset: int = 0,
-                 allow_tf32: bool = False, need_dx: bool = True, need_dy: bool = True,
-                 need_dscale: bool = True, max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
-                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def nce_backward(
+    grad: Tensor,
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    stats_r: Tensor,
+    stats_c: Tensor,
+    *,
+    symmetric: bool = True,
+    label_offset: int = 0,
+    allow_tf32: bool = False,
+    need_dx: bool = True,
+    need_dy: bool = True,
+    need_dscale: bool = True,
+    max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of ``sum_p grad[p] * loss[p]`` (``grad``: ``[P]`` fp32) for :func:`nce_forward`'s
     problems: ``(dx [P, M, D], dy [P, N, D])`` in the feature dtype and ``dscale`` 0-d fp32;
     None where not needed."""
     # autograd may hand over an expanded gradient; the kernels read a dense fp32 [P] vector
     grad = grad.to(torch.float32).contiguous()
-    return _backward(grad, x, y, scale, stats_r, stats_c, symmetric=symmetric,
-                     label_offset=label_offset, allow_tf32=allow_tf32, need_dx=need_dx,
-                     need_dy=need_dy, need_dscale=need_dscale,
-                     plan=_plan(x, y, allow_tf32, max_scratch_bytes))
+    return _backward(
+        grad,
+        x,
+        y,
+        scale,
+        stats_r,
+        stats_c,
+        symmetric=symmetric,
+        label_offset=label_offset,
+        allow_tf32=allow_tf32,
+        need_dx=need_dx,
+        need_dy=need_dy,
+        need_dscale=need_dscale,
+        plan=_plan(x, y, allow_tf32, max_scratch_bytes),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -873,43 +1173,95 @@ def nce_backward(grad: Tensor, x: Tensor, y: Tensor, scale: Tensor, stats_r: Ten
 
 @torch.library.custom_op("cdds_fast::info_nce_fwd", mutates_args=())
 def _info_nce_fwd_op(
-    x: Tensor, y: Tensor, scale: Tensor, label_offset: int, symmetric: bool, allow_tf32: bool,
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    label_offset: int,
+    symmetric: bool,
+    allow_tf32: bool,
     max_scratch_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return nce_forward(x, y, scale, symmetric=symmetric, label_offset=label_offset,
-                       allow_tf32=allow_tf32, max_scratch_bytes=max_scratch_bytes)
+    return nce_forward(
+        x,
+        y,
+        scale,
+        symmetric=symmetric,
+        label_offset=label_offset,
+        allow_tf32=allow_tf32,
+        max_scratch_bytes=max_scratch_bytes,
+    )
 
 
 @_info_nce_fwd_op.register_fake
 def _(x, y, scale, label_offset, symmetric, allow_tf32, max_scratch_bytes):
     n_prob, m, _ = x.shape
-    return (x.new_empty((n_prob,), dtype=torch.float32),
-            x.new_empty((n_prob, 3, m), dtype=torch.float32),
-            x.new_empty((n_prob, 3, y.shape[1] if symmetric else 0), dtype=torch.float32))
+    return (
+        x.new_empty((n_prob,), dtype=torch.float32),
+        x.new_empty((n_prob, 3, m), dtype=torch.float32),
+        x.new_empty((n_prob, 3, y.shape[1] if symmetric else 0), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("cdds_fast::info_nce_bwd", mutates_args=())
 def _info_nce_bwd_op(
-    grad: Tensor, x: Tensor, y: Tensor, scale: Tensor, stats_r: Tensor, stats_c: Tensor,
-    label_offset: int, symmetric: bool, allow_tf32: bool, max_scratch_bytes: int,
-    need_dx: bool, need_dy: bool, need_dscale: bool,
+    grad: Tensor,
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    stats_r: Tensor,
+    stats_c: Tensor,
+    label_offset: int,
+    symmetric: bool,
+    allow_tf32: bool,
+    max_scratch_bytes: int,
+    need_dx: bool,
+    need_dy: bool,
+    need_dscale: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dy, ds = nce_backward(
-        grad, x, y, scale, stats_r, stats_c, symmetric=symmetric,
-        label_offset=label_offset, allow_tf32=allow_tf32, need_dx=need_dx, need_dy=need_dy,
-        need_dscale=need_dscale, max_scratch_bytes=max_scratch_bytes)
+        grad,
+        x,
+        y,
+        scale,
+        stats_r,
+        stats_c,
+        symmetric=symmetric,
+        label_offset=label_offset,
+        allow_tf32=allow_tf32,
+        need_dx=need_dx,
+        need_dy=need_dy,
+        need_dscale=need_dscale,
+        max_scratch_bytes=max_scratch_bytes,
+    )
     # custom ops return tensors only: empty placeholders for gradients nobody asked for
-    return (dx if dx is not None else x.new_empty((0,)),
-            dy if dy is not None else y.new_empty((0,)),
-            ds.to(scale.dtype) if ds is not None else scale.new_empty((0,)))
+    return (
+        dx if dx is not None else x.new_empty((0,)),
+        dy if dy is not None else y.new_empty((0,)),
+        ds.to(scale.dtype) if ds is not None else scale.new_empty((0,)),
+    )
 
 
 @_info_nce_bwd_op.register_fake
-def _(grad, x, y, scale, stats_r, stats_c, label_offset, symmetric, allow_tf32,
-      max_scratch_bytes, need_dx, need_dy, need_dscale):
-    return (x.new_empty(x.shape if need_dx else (0,)),
-            y.new_empty(y.shape if need_dy else (0,)),
-            scale.new_empty(() if need_dscale else (0,)))
+def _(
+    grad,
+    x,
+    y,
+    scale,
+    stats_r,
+    stats_c,
+    label_offset,
+    symmetric,
+    allow_tf32,
+    max_scratch_bytes,
+    need_dx,
+    need_dy,
+    need_dscale,
+):
+    return (
+        x.new_empty(x.shape if need_dx else (0,)),
+        y.new_empty(y.shape if need_dy else (0,)),
+        scale.new_empty(() if need_dscale else (0,)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -926,10 +1278,18 @@ def _autograd_backward(ctx, grad_loss, _grad_stats_r, _grad_stats_c):
         return (None,) * 7
     x, y, scale, stats_r, stats_c = ctx.saved_tensors
     need_dx, need_dy, need_ds = ctx.needs_input_grad[:3]
-    dx, dy, ds = _info_nce_bwd_op(grad_loss, x, y, scale, stats_r, stats_c, *ctx.settings,
-                                  need_dx, need_dy, need_ds)
-    return (dx if need_dx else None, dy if need_dy else None, ds if need_ds else None,
-            None, None, None, None)
+    dx, dy, ds = _info_nce_bwd_op(
+        grad_loss, x, y, scale, stats_r, stats_c, *ctx.settings, need_dx, need_dy, need_ds
+    )
+    return (
+        dx if need_dx else None,
+        dy if need_dy else None,
+        ds if need_ds else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _info_nce_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -945,8 +1305,13 @@ def prepare(x: Tensor, y: Tensor, logit_scale: Tensor | float) -> tuple[Tensor, 
 
 
 def info_nce_triton(
-    x: Tensor, y: Tensor, logit_scale: Tensor | float, *, label_offset: int = 0,
-    symmetric: bool = True, allow_tf32: bool = False,
+    x: Tensor,
+    y: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    label_offset: int = 0,
+    symmetric: bool = True,
+    allow_tf32: bool = False,
     max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
 ) -> Tensor:
     """Symmetric ``(CE(s X Y^T) + CE(s Y X^T)) / 2`` (``symmetric=True``) or the row
@@ -966,8 +1331,15 @@ def info_nce_triton(
     is ``B * rank`` for a checked ``rank``).
     """
     x, y, scale = prepare(x, y, logit_scale)
-    loss = _info_nce_fwd_op(x[None], y[None], scale, int(label_offset), bool(symmetric),
-                            bool(allow_tf32), int(max_scratch_bytes))[0]
+    loss = _info_nce_fwd_op(
+        x[None],
+        y[None],
+        scale,
+        int(label_offset),
+        bool(symmetric),
+        bool(allow_tf32),
+        int(max_scratch_bytes),
+    )[0]
     return loss[0]
 
 
@@ -982,8 +1354,16 @@ H200_BYTES_PER_S = 4.11e12
 LAUNCH_S = 4e-6
 
 
-def launch_counts(plan: InfoNCEPlan, n_prob: int, m: int, n: int, *, need_dx: bool = True,
-                  need_dy: bool = True, need_dscale: bool = True) -> tuple[int, int]:
+def launch_counts(
+    plan: InfoNCEPlan,
+    n_prob: int,
+    m: int,
+    n: int,
+    *,
+    need_dx: bool = True,
+    need_dy: bool = True,
+    need_dscale: bool = True,
+) -> tuple[int, int]:
     """Device launches (Triton + aten) of one forward and one backward call (module docstring)."""
     if plan.path == "fused":
         return 2, 1 + int(need_dscale)
@@ -1003,16 +1383,24 @@ def scratch_bytes(plan: InfoNCEPlan, m: int, n: int, d: int, dtype: torch.dtype)
     return 4 * plan.fwd_rows * n, per * plan.bwd_rows * plan.bwd_cols
 
 
-def cost_model(b: int, d: int, dtype: torch.dtype, *, allow_tf32: bool = False,
-               budget: int = INFO_NCE_SCRATCH_BYTES) -> dict:
+def cost_model(
+    b: int,
+    d: int,
+    dtype: torch.dtype,
+    *,
+    allow_tf32: bool = False,
+    budget: int = INFO_NCE_SCRATCH_BYTES,
+) -> dict:
     """The module docstring's model of one symmetric forward + backward at ``B = M = N`` on an
     H200 (the path and blocks planned for the reference GPU): FLOPs, HBM bytes, ms, launches,
     scratch."""
-    plan = launch.info_nce_plan(dtype, b, b, d, torch.device("meta"), allow_tf32=allow_tf32,
-                                budget=budget)
+    plan = launch.info_nce_plan(
+        dtype, b, b, d, torch.device("meta"), allow_tf32=allow_tf32, budget=budget
+    )
     e = torch.finfo(dtype).bits // 8
     prec = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        dtype, "tf32" if allow_tf32 else "fp32")
+        dtype, "tf32" if allow_tf32 else "fp32"
+    )
     peak = H200_FLOPS[prec]
     gemm = 2.0 * b * b * d
     launches = launch_counts(plan, 1, b, b)
@@ -1038,31 +1426,46 @@ def cost_model(b: int, d: int, dtype: torch.dtype, *, allow_tf32: bool = False,
         dy_bytes = g_e * b * b + n_blocks * r * d * e + acc_bytes / 2
         flop = 4 * gemm
         nbytes = fwd_gemm_bytes + fwd_epi_bytes + bwd_gemm_bytes + g_bytes + dx_bytes + dy_bytes
-        seconds = (kernel_s(gemm, fwd_gemm_bytes) + kernel_s(0, fwd_epi_bytes)
-                   + kernel_s(gemm, bwd_gemm_bytes) + kernel_s(0, g_bytes)
-                   + kernel_s(gemm, dx_bytes) + kernel_s(gemm, dy_bytes))
+        seconds = (
+            kernel_s(gemm, fwd_gemm_bytes)
+            + kernel_s(0, fwd_epi_bytes)
+            + kernel_s(gemm, bwd_gemm_bytes)
+            + kernel_s(0, g_bytes)
+            + kernel_s(gemm, dx_bytes)
+            + kernel_s(gemm, dy_bytes)
+        )
     seconds += LAUNCH_S * sum(launches)
     fwd_scratch, bwd_scratch = scratch_bytes(plan, b, b, d, dtype)
-    return dict(plan=plan, flop=flop, bytes=nbytes, ms=seconds * 1e3, launches=launches,
-                scratch_mib=(fwd_scratch / 2**20, bwd_scratch / 2**20))
-
+    return dict(
+        plan=plan,
+        flop=flop,
+        bytes=nbytes,
+        ms=seconds * 1e3,
+        launches=launches,
+        scratch_mib=(fwd_scratch / 2**20, bwd_scratch / 2**20),
+    )
 
 
 def cost_table(d: int = 512) -> str:
     """The module docstring's table: :func:`cost_model` at B = 4096 / 16384 / 65536."""
     rule = "=====  =====  =======  ======  ======  ========  =========  ==========="
-    lines = [rule, "B      dtype  path     TFLOP   GB      model ms  launches   scratch MiB",
-             rule]
-    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, False),
-                              ("tf32", torch.float32, True)):
+    lines = [rule, "B      dtype  path     TFLOP   GB      model ms  launches   scratch MiB", rule]
+    for name, dtype, tf32 in (
+        ("bf16", torch.bfloat16, False),
+        ("fp32", torch.float32, False),
+        ("tf32", torch.float32, True),
+    ):
         for b in (4096, 16384, 65536):
             c = cost_model(b, d, dtype, allow_tf32=tf32)
             fwd_l, bwd_l = c["launches"]
             fwd_s, bwd_s = c["scratch_mib"]
-            lines.append(f"{b:<5}  {name:<5}  {c['plan'].path:<7}  {c['flop'] / 1e12:<6.3g}  "
-                         f"{c['bytes'] / 1e9:<6.3g}  {c['ms']:<8.3g}  "
-                         f"{f'{fwd_l} + {bwd_l}':<9}  {fwd_s:.0f} / {bwd_s:.0f}")
+            lines.append(
+                f"{b:<5}  {name:<5}  {c['plan'].path:<7}  {c['flop'] / 1e12:<6.3g}  "
+                f"{c['bytes'] / 1e9:<6.3g}  {c['ms']:<8.3g}  "
+                f"{f'{fwd_l} + {bwd_l}':<9}  {fwd_s:.0f} / {bwd_s:.0f}"
+            )
     return "\n".join([*lines, rule])
+
 
 __all__ = [
     "cost_model",

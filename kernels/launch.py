@@ -66,7 +66,9 @@ def num_sms(device: torch.device) -> int:
         return REFERENCE_SMS
     if device.type != "cuda":
         return 1
-    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
+    return _num_sms_cached(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
 
 
 _SMS: dict[int, int] = {}
@@ -146,8 +148,14 @@ def tile_elems(device: torch.device) -> int:
     return TILE_ELEMS_GPU if sized_for_gpu(device) else TILE_ELEMS_INTERPRETER
 
 
-def token_tile(n_tokens: int, n_cols: int, device: torch.device, *, col_cap: int = ROW_BLOCK_CAP,
-               elems: int | None = None) -> tuple[int, int]:
+def token_tile(
+    n_tokens: int,
+    n_cols: int,
+    device: torch.device,
+    *,
+    col_cap: int = ROW_BLOCK_CAP,
+    elems: int | None = None,
+) -> tuple[int, int]:
     """``(BLOCK_N, BLOCK_D)`` for a program that walks tokens (rows) of width ``n_cols``.
 
     ``BLOCK_D`` is the power of two covering ``n_cols`` up to ``col_cap`` (wider rows are looped in
@@ -204,9 +212,11 @@ def check_scratch_bytes(value: object) -> None:
     (fp32 logits plus a ``G`` of up to 4 bytes per element)."""
     least = INFO_NCE_MIN_BLOCK * INFO_NCE_MIN_BLOCK * 8
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"max_scratch_bytes: expected an int >= {least} (one "
-                         f"{INFO_NCE_MIN_BLOCK} x {INFO_NCE_MIN_BLOCK} block of logits), "
-                         f"got {value!r}")
+        raise ValueError(
+            f"max_scratch_bytes: expected an int >= {least} (one "
+            f"{INFO_NCE_MIN_BLOCK} x {INFO_NCE_MIN_BLOCK} block of logits), "
+            f"got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -254,17 +264,25 @@ def info_nce_blocks(m: int, n: int, dtype: torch.dtype, budget: int) -> tuple[in
     if m * n <= elems:
         return min(fwd_rows, m), m, n
     q = INFO_NCE_MIN_BLOCK
-    side = max(q, int(elems ** 0.5) // q * q)
+    side = max(q, int(elems**0.5) // q * q)
     rows, cols = min(side, m), min(side, n)
-    if cols == n:       # few columns: give the rest of the budget to rows
+    if cols == n:  # few columns: give the rest of the budget to rows
         rows = min(m, max(q, elems // n // q * q))
-    elif rows == m:     # few rows: give it to columns
+    elif rows == m:  # few rows: give it to columns
         cols = min(n, max(q, elems // m // q * q))
     return min(fwd_rows, m), rows, cols
 
 
-def info_nce_plan(dtype: torch.dtype, m: int, n: int, d: int, device: torch.device, *,
-                  allow_tf32: bool = False, budget: int = INFO_NCE_SCRATCH_BYTES) -> InfoNCEPlan:
+def info_nce_plan(
+    dtype: torch.dtype,
+    m: int,
+    n: int,
+    d: int,
+    device: torch.device,
+    *,
+    allow_tf32: bool = False,
+    budget: int = INFO_NCE_SCRATCH_BYTES,
+) -> InfoNCEPlan:
     """The plan of one InfoNCE call on ``[M, D]`` rows and ``[N, D]`` columns: the path from
     :func:`info_nce_path`, then its tiles (GPU or interpreter) and, for the blocked path, its
     blocks from :func:`info_nce_blocks`."""
@@ -272,8 +290,16 @@ def info_nce_plan(dtype: torch.dtype, m: int, n: int, d: int, device: torch.devi
     return _plan_for_path(path, dtype, m, n, d, device, allow_tf32, budget)
 
 
-def _plan_for_path(path: str, dtype: torch.dtype, m: int, n: int, d: int, device: torch.device,
-                   allow_tf32: bool, budget: int) -> InfoNCEPlan:
+def _plan_for_path(
+    path: str,
+    dtype: torch.dtype,
+    m: int,
+    n: int,
+    d: int,
+    device: torch.device,
+    allow_tf32: bool,
+    budget: int,
+) -> InfoNCEPlan:
     """:func:`info_nce_plan` for a given path (tests and benchmarks run both paths on one
     problem through it)."""
     if path == "fused":
@@ -296,11 +322,13 @@ def _fused_tiles(dtype: torch.dtype, d: int, allow_tf32: bool, device: torch.dev
     # chunks (fewer logit recomputes) or 64-row blocks spill or reach the 255-register ceiling
     if dtype != torch.float32 or allow_tf32:
         bk = min(dpow, 32)
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 256), num_warps=8,
-                    num_stages=2)
+        return dict(
+            BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 256), num_warps=8, num_stages=2
+        )
     bk = min(dpow, 32)
-    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 512), num_warps=8,
-                num_stages=2)
+    return dict(
+        BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 512), num_warps=8, num_stages=2
+    )
 
 
 def _epilogue_tiles(device: torch.device) -> dict:

@@ -113,6 +113,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cdds_fast.contract import check_hyper, check_same_device, check_tensor
 from cdds_fast.kernels.constraints import (
     COUNT,
     F1,
@@ -137,7 +138,6 @@ from cdds_fast.kernels.launch import (
     pairwise_tiles,
 )
 from cdds_fast.kernels.stats import STD_EPS
-from cdds_fast.contract import check_hyper, check_same_device, check_tensor
 
 LOG2E = 1.4426950408889634
 _STD_EPS = tl.constexpr(STD_EPS)
@@ -146,7 +146,8 @@ _STD_EPS = tl.constexpr(STD_EPS)
 # image columns; 1 = text->image). COLA/COLB/RINV: the per-column logit coefficients of that
 # modality as a destination; the rest: per-row statistics of the forward sweeps.
 (COLA, COLB, RINV, ROW_MAX, INV_L, STD, Z, TIES, NPOS, SNU, SSIG, CSH, ASH) = map(
-    tl.constexpr, range(13))
+    tl.constexpr, range(13)
+)
 N_ROW = 13
 # Planes of the backward scratch [N_SCRATCH, 2, B, D]: per-row scalars the column kernel needs.
 GCZ, GAZ, UZ, GAMMA, DELTA, DOT = map(tl.constexpr, range(6))
@@ -219,8 +220,22 @@ def _dest_logits(COL, ROW, plane, dst, cols, cmask, mu_i, s2_i):
 
 
 @triton.jit
-def _dest_probs(COL, ROW, plane, dst, j0, D, mu_c, s2_c, m_c, inv_l_c, o_mu, o_sd,
-                BLOCK_J: tl.constexpr, EVEN_J: tl.constexpr):
+def _dest_probs(
+    COL,
+    ROW,
+    plane,
+    dst,
+    j0,
+    D,
+    mu_c,
+    s2_c,
+    m_c,
+    inv_l_c,
+    o_mu,
+    o_sd,
+    BLOCK_J: tl.constexpr,
+    EVEN_J: tl.constexpr,
+):
     """``Pr`` of a ``[rows, BLOCK_J]`` tile against the destination columns from ``j0`` (the
     forward's sweep 2 and the row backward's sweep): returns ``(cols, cmask, valid, d, w, e, pr,
     nu_sh, sig_sh)`` with ``e = 2^(y - m)`` (0 on padded columns) and the column values shifted
@@ -270,8 +285,22 @@ def _x_semantic_sums(ws, u, v, f1, fz, n_b, s):
 
 
 @triton.jit
-def _fwd_row_block(COL, ROW, plane, dst, mu_i, s_i, alpha_i, o_mu, o_sd, D, one_minus_rho,
-                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, EVEN_J: tl.constexpr):
+def _fwd_row_block(
+    COL,
+    ROW,
+    plane,
+    dst,
+    mu_i,
+    s_i,
+    alpha_i,
+    o_mu,
+    o_sd,
+    D,
+    one_minus_rho,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    EVEN_J: tl.constexpr,
+):
     """The three forward sweeps of one row block; returns its per-row statistics."""
     mu_c = mu_i[:, None]
     s2_i = (s_i * s_i)[:, None]
@@ -311,11 +340,11 @@ def _fwd_row_block(COL, ROW, plane, dst, mu_i, s_i, alpha_i, o_mu, o_sd, D, one_
             e_mean = tl.where(valid, new_mean, e_mean)
     slots = tl.arange(0, BLOCK_J)
     n_slot = tl.where(slots < D, (D - slots + BLOCK_J - 1) // BLOCK_J, 0).to(tl.float32)
-    l = tl.sum(e_mean * n_slot[None, :], 1)
-    spread = e_mean - (l / d_f)[:, None]
+    row_sum = tl.sum(e_mean * n_slot[None, :], 1)
+    spread = e_mean - (row_sum / d_f)[:, None]
     m2 = tl.sum(e_m2 + spread * spread * n_slot[None, :], 1)
 
-    inv_l = 1.0 / l
+    inv_l = 1.0 / row_sum
     var = m2 * inv_l * inv_l / d_f
     pos = var > 0.0
     std = tl.where(pos, tl.sqrt(tl.where(pos, var, 1.0)), 0.0)
@@ -332,8 +361,21 @@ def _fwd_row_block(COL, ROW, plane, dst, mu_i, s_i, alpha_i, o_mu, o_sd, D, one_
     ties_acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
     for j0 in range(0, D, BLOCK_J):
         cols, cmask, valid, d, w, e, pr, nu_sh, sig_sh = _dest_probs(
-            COL, ROW, plane, dst, j0, D, mu_c, s2_i, m[:, None], inv_l[:, None], o_mu, o_sd,
-            BLOCK_J, EVEN_J)
+            COL,
+            ROW,
+            plane,
+            dst,
+            j0,
+            D,
+            mu_c,
+            s2_i,
+            m[:, None],
+            inv_l[:, None],
+            o_mu,
+            o_sd,
+            BLOCK_J,
+            EVEN_J,
+        )
         above = pr > k[:, None]
         if not EVEN_J:
             above = above & valid
@@ -350,8 +392,18 @@ def _fwd_row_block(COL, ROW, plane, dst, mu_i, s_i, alpha_i, o_mu, o_sd, D, one_
     inv_z = 1.0 / z
     c_sh = tl.sum(a_nu_acc, 1) * inv_z
     a_sh = tl.sum(a_sig_acc, 1) * inv_z
-    return (m, inv_l, std, z, tl.sum(ties_acc, 1), tl.sum(n_pos_acc, 1), tl.sum(s_nu_acc, 1),
-            tl.sum(s_sig_acc, 1), c_sh, a_sh)
+    return (
+        m,
+        inv_l,
+        std,
+        z,
+        tl.sum(ties_acc, 1),
+        tl.sum(n_pos_acc, 1),
+        tl.sum(s_nu_acc, 1),
+        tl.sum(s_sig_acc, 1),
+        c_sh,
+        a_sh,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,9 +413,25 @@ def _fwd_row_block(COL, ROW, plane, dst, mu_i, s_i, alpha_i, o_mu, o_sd, D, one_
 
 @triton.jit
 def _related_sampling_fwd_kernel(
-    COL, ROW, ALPHA_V, ALPHA_T, C, A, PAIR, WSV, WST, FEAT,
-    B, D, inv_tau, coef_b, one_minus_rho,
-    FUSED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, EVEN_J: tl.constexpr,
+    COL,
+    ROW,
+    ALPHA_V,
+    ALPHA_T,
+    C,
+    A,
+    PAIR,
+    WSV,
+    WST,
+    FEAT,
+    B,
+    D,
+    inv_tau,
+    coef_b,
+    one_minus_rho,
+    FUSED: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    EVEN_J: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -396,8 +464,21 @@ def _related_sampling_fwd_kernel(
         s_i = tl.load(COL + SD * plane + o, mask=rmask, other=1.0)
         alpha_i = _by_direction(ALPHA_V, ALPHA_T, dr, rows, rmask)
         m, inv_l, std, z, ties, n_pos, s_nu, s_sig, c_sh, a_sh = _fwd_row_block(
-            COL, ROW, plane, dst, mu_i, s_i, alpha_i, o_mu, o_sd, D, one_minus_rho,
-            BLOCK_I, BLOCK_J, EVEN_J)
+            COL,
+            ROW,
+            plane,
+            dst,
+            mu_i,
+            s_i,
+            alpha_i,
+            o_mu,
+            o_sd,
+            D,
+            one_minus_rho,
+            BLOCK_I,
+            BLOCK_J,
+            EVEN_J,
+        )
         tl.store(ROW + ROW_MAX * plane + o, m, mask=rmask)
         tl.store(ROW + INV_L * plane + o, inv_l, mask=rmask)
         tl.store(ROW + STD * plane + o, std, mask=rmask)
@@ -450,10 +531,31 @@ def _related_sampling_fwd_kernel(
 
 @triton.jit
 def _related_sampling_bwd_row_kernel(
-    COL, ROW, ALPHA_V, ALPHA_T, GC_IN, GA_IN, COEF, PAIR, WSV, WST, FEAT, DX, DY,
-    SCR, GMU, GSD, PART,
-    B, D, inv_tau, one_minus_rho,
-    FUSED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, EVEN_J: tl.constexpr,
+    COL,
+    ROW,
+    ALPHA_V,
+    ALPHA_T,
+    GC_IN,
+    GA_IN,
+    COEF,
+    PAIR,
+    WSV,
+    WST,
+    FEAT,
+    DX,
+    DY,
+    SCR,
+    GMU,
+    GSD,
+    PART,
+    B,
+    D,
+    inv_tau,
+    one_minus_rho,
+    FUSED: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    EVEN_J: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -481,10 +583,12 @@ def _related_sampling_bwd_row_kernel(
             cols = j0 + tl.arange(0, BLOCK_P)
             cmask = cols < D
             g_mu_f = _by_direction(DX, DY, dr, b * D + cols, cmask) + tl.load(
-                g_mu_also + cols, mask=cmask, other=0.0)
+                g_mu_also + cols, mask=cmask, other=0.0
+            )
             dot_mu_acc += g_mu_f * tl.load(feat_mu + cols, mask=cmask, other=0.0)
             dot_c_acc += tl.load(g_c_feat + cols, mask=cmask, other=0.0) * tl.load(
-                feat_c + cols, mask=cmask, other=0.0)
+                feat_c + cols, mask=cmask, other=0.0
+            )
         # F.normalize's backward: (g - y <g, y>) / max(|x|, eps); a clamped norm is a constant
         dot_mu = tl.where(norm_mu > NORM_EPS, tl.sum(dot_mu_acc, 0), 0.0)
         dot_c = tl.where(norm_c > NORM_EPS, tl.sum(dot_c_acc, 0), 0.0)
@@ -518,21 +622,24 @@ def _related_sampling_bwd_row_kernel(
             a = a_sh + o_sd
             a_over_s = a / s_i
             g_mu_f = _by_direction(DX, DY, dr, b * D + rows, rmask) + tl.load(
-                g_mu_also + rows, mask=rmask, other=0.0)
+                g_mu_also + rows, mask=rmask, other=0.0
+            )
             y_mu = tl.load(feat_mu + rows, mask=rmask, other=0.0)
             g_c_f = tl.load(g_c_feat + rows, mask=rmask, other=0.0)
             y_c = tl.load(feat_c + rows, mask=rmask, other=0.0)
             tl.store(SCR + GCZ * plane + o, gc_con + (g_c_f - y_c * dot_c) * inv_q_c, mask=rmask)
             tl.store(SCR + GAZ * plane + o, ga_con, mask=rmask)
-            tl.store(GMU + o, (g_mu_f - y_mu * dot_mu) * inv_q_mu - a_over_s * gc_con,
-                     mask=rmask)
+            tl.store(GMU + o, (g_mu_f - y_mu * dot_mu) * inv_q_mu - a_over_s * gc_con, mask=rmask)
             tl.store(GSD + o, -a_over_s * ga_con, mask=rmask)
             # w gradients: sum r_f X^s = (mu + mu_res) F1 + s FZ; sum r_x X^x = c rx1 + a rxz;
             # sum r_x X^m = FM + w_s (u M1 + v ZM)
             fxs = (mu_i + mu_res) * f1 + s_i * fz
             tl.store(PART + G_WS * plane + o, k_f * fxs + k_x * (c * rx1 + a * rxz), mask=rmask)
-            tl.store(PART + G_WM * plane + o, k_f * fm + k_x * (fm + ws * (u * sum_m + v * zm)),
-                     mask=rmask)
+            tl.store(
+                PART + G_WM * plane + o,
+                k_f * fm + k_x * (fm + ws * (u * sum_m + v * zm)),
+                mask=rmask,
+            )
         tl.debug_barrier()
         G_C = SCR + GCZ * plane
         G_A = SCR + GAZ * plane
@@ -606,11 +713,12 @@ def _related_sampling_bwd_row_kernel(
         p_dr_acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
         for j0 in range(0, D, BLOCK_J):
             cols, cmask, valid, d, w, e, pr, nu_sh, sig_sh = _dest_probs(
-                COL, ROW, plane, dst, j0, D, mu_c, s2_c, m_c, inv_l_c, o_mu, o_sd, BLOCK_J,
-                EVEN_J)
+                COL, ROW, plane, dst, j0, D, mu_c, s2_c, m_c, inv_l_c, o_mu, o_sd, BLOCK_J, EVEN_J
+            )
             r = tl.load(ROW + RINV * plane + dst + cols, mask=cmask, other=0.0)[None, :]
-            g_pr, above = _grad_pr(pr, e, valid, nu_sh, sig_sh, k_c, gcz_c, gaz_c, uz_c, gamma_c,
-                                   delta_c)
+            g_pr, above = _grad_pr(
+                pr, e, valid, nu_sh, sig_sh, k_c, gcz_c, gaz_c, uz_c, gamma_c, delta_c
+            )
             pg = pr * g_pr
             d_r = d * r
             dot_acc += pg
@@ -635,8 +743,21 @@ def _related_sampling_bwd_row_kernel(
 
 @triton.jit
 def _related_sampling_bwd_col_kernel(
-    COL, ROW, ALPHA_V, ALPHA_T, SCR, GMU, GSD, B, D, n_blk, inv_tau, one_minus_rho,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, EVEN_I: tl.constexpr,
+    COL,
+    ROW,
+    ALPHA_V,
+    ALPHA_T,
+    SCR,
+    GMU,
+    GSD,
+    B,
+    D,
+    n_blk,
+    inv_tau,
+    one_minus_rho,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    EVEN_I: tl.constexpr,
 ):
     # tile [BLOCK_J owned columns j, BLOCK_I rows i]: the per-row vectors loaded at every step
     # lie along the fast axis (vector loads); the per-column ones are loaded once
@@ -710,8 +831,18 @@ def _related_sampling_bwd_col_kernel(
 
 @triton.jit
 def _related_sampling_vec_kernel(
-    PART, GAV, GAT, GWSV, GWST, GWMV, GWMT, B, D,
-    HAS_W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    PART,
+    GAV,
+    GAT,
+    GWSV,
+    GWST,
+    GWMV,
+    GWMT,
+    B,
+    D,
+    HAS_W: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Grid (column block, modality): the per-pair rows of ``PART`` summed over pairs, stored in
     each output's dtype (``g_alpha``; with ``HAS_W`` also ``g_w_s``, ``g_w_m``)."""
@@ -756,8 +887,14 @@ def _prologue_block(d: int) -> tuple[int, int]:
 
 
 def sampling_forward(
-    col: Tensor, row: Tensor, alpha_image: Tensor, alpha_text: Tensor, *, tau_kl: float,
-    rho: float, fused: dict | None = None,
+    col: Tensor,
+    row: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    *,
+    tau_kl: float,
+    rho: float,
+    fused: dict | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Launch the forward: fills ``row`` [N_ROW, 2, B, D] from the statistics planes of ``col``
     ([>= 2, 2, B, D]: ``MU``, ``SD``, and with ``fused`` the token-pass sums).
@@ -778,18 +915,41 @@ def sampling_forward(
         c = a = col
         extra = (fused["pair"], *fused["w_s"], fused["feat"])
     _related_sampling_fwd_kernel[(bsz, 2)](
-        col, row, alpha_image, alpha_text, c, a, *extra, bsz, d, 1.0 / tau_kl,
-        -0.5 * LOG2E / tau_kl, 1.0 - rho,
-        FUSED=fused is not None, BLOCK_I=bi, BLOCK_J=bj, EVEN_J=d % bj == 0, BLOCK_P=block_p,
+        col,
+        row,
+        alpha_image,
+        alpha_text,
+        c,
+        a,
+        *extra,
+        bsz,
+        d,
+        1.0 / tau_kl,
+        -0.5 * LOG2E / tau_kl,
+        1.0 - rho,
+        FUSED=fused is not None,
+        BLOCK_I=bi,
+        BLOCK_J=bj,
+        EVEN_J=d % bj == 0,
+        BLOCK_P=block_p,
         num_warps=warps,
     )
     return None if fused is not None else (c, a)
 
 
 def sampling_backward(
-    col: Tensor, row: Tensor, alpha_image: Tensor, alpha_text: Tensor, *, tau_kl: float,
-    rho: float, g_c: Tensor | None = None, g_a: Tensor | None = None,
-    fused: dict | None = None, g_alpha: tuple[Tensor, Tensor], g_w: tuple[Tensor, ...] = (),
+    col: Tensor,
+    row: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    *,
+    tau_kl: float,
+    rho: float,
+    g_c: Tensor | None = None,
+    g_a: Tensor | None = None,
+    fused: dict | None = None,
+    g_alpha: tuple[Tensor, Tensor],
+    g_w: tuple[Tensor, ...] = (),
 ) -> tuple[Tensor, Tensor]:
     """Launch the backward: returns fp32 ``g_mu``, ``g_s`` [2, B, D] (index 0 = image) and
     writes the gradients of ``alpha_image``, ``alpha_text`` into ``g_alpha`` (any dtypes).
@@ -803,8 +963,9 @@ def sampling_backward(
     row_scratch = torch.empty((N_SCRATCH, 2, bsz, d), dtype=torch.float32, device=dev)
     g_mu = torch.empty((2, bsz, d), dtype=torch.float32, device=dev)
     g_sd = torch.empty((2, bsz, d), dtype=torch.float32, device=dev)
-    part = torch.empty((N_PART if fused is not None else 1, 2, bsz, d), dtype=torch.float32,
-                       device=dev)
+    part = torch.empty(
+        (N_PART if fused is not None else 1, 2, bsz, d), dtype=torch.float32, device=dev
+    )
     block_p, _ = _prologue_block(d)
     if fused is None:
         g_c = g_c.float().contiguous()
@@ -812,25 +973,69 @@ def sampling_backward(
         extra = (col, col, col, col, col, col, col)
     else:
         g_c = g_a = col
-        extra = (fused["coef"], fused["pair"], *fused["w_s"], fused["feat"], fused["dx"],
-                 fused["dy"])
+        extra = (
+            fused["coef"],
+            fused["pair"],
+            *fused["w_s"],
+            fused["feat"],
+            fused["dx"],
+            fused["dy"],
+        )
     bi, bj, warps = _tiles(d, "row", dev)
     _related_sampling_bwd_row_kernel[(bsz, 2)](
-        col, row, alpha_image, alpha_text, g_c, g_a, *extra, row_scratch, g_mu, g_sd, part,
-        bsz, d, 1.0 / tau_kl, 1.0 - rho,
-        FUSED=fused is not None, BLOCK_I=bi, BLOCK_J=bj, EVEN_J=d % bj == 0, BLOCK_P=block_p,
+        col,
+        row,
+        alpha_image,
+        alpha_text,
+        g_c,
+        g_a,
+        *extra,
+        row_scratch,
+        g_mu,
+        g_sd,
+        part,
+        bsz,
+        d,
+        1.0 / tau_kl,
+        1.0 - rho,
+        FUSED=fused is not None,
+        BLOCK_I=bi,
+        BLOCK_J=bj,
+        EVEN_J=d % bj == 0,
+        BLOCK_P=block_p,
         num_warps=warps,
     )
     bi, bj, warps = _tiles(d, "col", dev)
     n_blk = triton.cdiv(d, bj)
     _related_sampling_bwd_col_kernel[(bsz * n_blk, 2)](
-        col, row, alpha_image, alpha_text, row_scratch, g_mu, g_sd, bsz, d, n_blk, 1.0 / tau_kl,
-        1.0 - rho, BLOCK_I=bi, BLOCK_J=bj, EVEN_I=d % bi == 0, num_warps=warps,
+        col,
+        row,
+        alpha_image,
+        alpha_text,
+        row_scratch,
+        g_mu,
+        g_sd,
+        bsz,
+        d,
+        n_blk,
+        1.0 / tau_kl,
+        1.0 - rho,
+        BLOCK_I=bi,
+        BLOCK_J=bj,
+        EVEN_I=d % bi == 0,
+        num_warps=warps,
     )
     block_b, block_d = 8, block_for(d, cap=128)
     _related_sampling_vec_kernel[(triton.cdiv(d, block_d), 2)](
-        part, *g_alpha, *(g_w or (g_alpha[0],) * 4), bsz, d, HAS_W=bool(g_w),
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=num_warps_for(block_b * block_d),
+        part,
+        *g_alpha,
+        *(g_w or (g_alpha[0],) * 4),
+        bsz,
+        d,
+        HAS_W=bool(g_w),
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        num_warps=num_warps_for(block_b * block_d),
     )
     return g_mu, g_sd
 
@@ -842,8 +1047,14 @@ def sampling_backward(
 
 
 def _forward(
-    mu_v: Tensor, s_v: Tensor, mu_t: Tensor, s_t: Tensor, alpha_image: Tensor, alpha_text: Tensor,
-    tau_kl: float, rho: float,
+    mu_v: Tensor,
+    s_v: Tensor,
+    mu_t: Tensor,
+    s_t: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    tau_kl: float,
+    rho: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     bsz, d = mu_v.shape
     # one saved tensor: the statistics planes (MU, SD) followed by the forward's ``row`` planes
@@ -853,28 +1064,47 @@ def _forward(
     stats[MU.value, 1].copy_(mu_t)
     stats[SD.value, 0].copy_(s_v)
     stats[SD.value, 1].copy_(s_t)
-    c, a = sampling_forward(stats, stats[2:], alpha_image.contiguous(), alpha_text.contiguous(),
-                            tau_kl=tau_kl, rho=rho)
+    c, a = sampling_forward(
+        stats, stats[2:], alpha_image.contiguous(), alpha_text.contiguous(), tau_kl=tau_kl, rho=rho
+    )
     return c, a, stats
 
 
 def _backward(
-    g_c: Tensor, g_a: Tensor, alpha_image: Tensor, alpha_text: Tensor, stats: Tensor,
-    tau_kl: float, rho: float,
+    g_c: Tensor,
+    g_a: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    stats: Tensor,
+    tau_kl: float,
+    rho: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     d = stats.shape[3]
     g_alpha = torch.empty((2, d), dtype=torch.float32, device=stats.device)
     g_mu, g_sd = sampling_backward(
-        stats, stats[2:], alpha_image.contiguous(), alpha_text.contiguous(), tau_kl=tau_kl,
-        rho=rho, g_c=g_c, g_a=g_a, g_alpha=(g_alpha[0], g_alpha[1]),
+        stats,
+        stats[2:],
+        alpha_image.contiguous(),
+        alpha_text.contiguous(),
+        tau_kl=tau_kl,
+        rho=rho,
+        g_c=g_c,
+        g_a=g_a,
+        g_alpha=(g_alpha[0], g_alpha[1]),
     )
     return g_mu, g_sd, g_alpha
 
 
 @torch.library.custom_op("cdds_fast::related_sampling", mutates_args=())
 def _related_sampling_op(
-    mu_v: Tensor, s_v: Tensor, mu_t: Tensor, s_t: Tensor, alpha_image: Tensor,
-    alpha_text: Tensor, tau_kl: float, rho: float,
+    mu_v: Tensor,
+    s_v: Tensor,
+    mu_t: Tensor,
+    s_t: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    tau_kl: float,
+    rho: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``c [2, B, D]``, ``a [2, B, D]`` (index 0 = image->text) and ``stats``."""
     return _forward(mu_v, s_v, mu_t, s_t, alpha_image, alpha_text, tau_kl, rho)
@@ -889,8 +1119,13 @@ def _(mu_v, s_v, mu_t, s_t, alpha_image, alpha_text, tau_kl, rho):
 
 @torch.library.custom_op("cdds_fast::related_sampling_backward", mutates_args=())
 def _related_sampling_backward_op(
-    g_c: Tensor, g_a: Tensor, alpha_image: Tensor, alpha_text: Tensor, stats: Tensor,
-    tau_kl: float, rho: float,
+    g_c: Tensor,
+    g_a: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    stats: Tensor,
+    tau_kl: float,
+    rho: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 ``g_mu [2, B, D]``, ``g_s [2, B, D]`` (index 0 = image) and ``g_alpha [2, D]``."""
     return _backward(g_c, g_a, alpha_image, alpha_text, stats, tau_kl, rho)
@@ -921,8 +1156,14 @@ def _autograd_backward(ctx, g_c, g_a, g_stats):
     )
     dt_mu_v, dt_s_v, dt_mu_t, dt_s_t = ctx.dtypes
     return (
-        g_mu[0].to(dt_mu_v), g_sd[0].to(dt_s_v), g_mu[1].to(dt_mu_t), g_sd[1].to(dt_s_t),
-        g_alpha[0].to(alpha_image.dtype), g_alpha[1].to(alpha_text.dtype), None, None,
+        g_mu[0].to(dt_mu_v),
+        g_sd[0].to(dt_s_v),
+        g_mu[1].to(dt_mu_t),
+        g_sd[1].to(dt_s_t),
+        g_alpha[0].to(alpha_image.dtype),
+        g_alpha[1].to(alpha_text.dtype),
+        None,
+        None,
     )
 
 

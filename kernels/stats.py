@@ -31,8 +31,6 @@ file's ``finish_column_stats`` and ``stats_grad``); :func:`column_stats` is the 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -78,8 +76,14 @@ def stats_grad(x, mu, mu_res, s, g_mu, g_s, inv_count):
 
 @triton.jit
 def _stats_fwd_kernel(
-    X, M, MU, S, MU_RES, COUNT,
-    N, D,
+    X,
+    M,
+    MU,
+    S,
+    MU_RES,
+    COUNT,
+    N,
+    D,
     EPS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -124,8 +128,17 @@ def _stats_fwd_kernel(
 
 @triton.jit
 def _stats_bwd_kernel(
-    X, M, COUNT, MU, MU_RES, S, GMU, GS, GX,
-    N, D,
+    X,
+    M,
+    COUNT,
+    MU,
+    MU_RES,
+    S,
+    GMU,
+    GS,
+    GX,
+    N,
+    D,
     HAS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -146,8 +159,13 @@ def _stats_bwd_kernel(
     offs = pid_b * N * D + rows[:, None].to(tl.int64) * D + cols[None, :]
     ld = valid[:, None] & col_ok[None, :]
     x = tl.load(X + offs, mask=ld, other=0.0).to(tl.float32)
-    g = tl.where(ld, stats_grad(x, mu[None, :], mu_res[None, :], s[None, :], g_mu[None, :],
-                                g_s[None, :], inv_count), 0.0)
+    g = tl.where(
+        ld,
+        stats_grad(
+            x, mu[None, :], mu_res[None, :], s[None, :], g_mu[None, :], g_s[None, :], inv_count
+        ),
+        0.0,
+    )
     tl.store(GX + offs, g.to(GX.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -156,7 +174,7 @@ def _stats_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def _check(x: Tensor, mask: Optional[Tensor]) -> None:
+def _check(x: Tensor, mask: Tensor | None) -> None:
     """:func:`column_stats`'s inputs, before any launch (the launchers below take them as
     checked)."""
     if not isinstance(x, Tensor) or x.dim() != 3:
@@ -176,7 +194,7 @@ def _check(x: Tensor, mask: Optional[Tensor]) -> None:
             raise ValueError(f"mask: expected device {x.device} (of x), got {mask.device}")
 
 
-def _mask_arg(mask: Optional[Tensor], x: Tensor) -> Tensor:
+def _mask_arg(mask: Tensor | None, x: Tensor) -> Tensor:
     # A dummy pointer when there is no mask (never read: HAS_MASK is a constexpr).
     return x if mask is None else mask.contiguous().view(torch.uint8)
 
@@ -189,9 +207,7 @@ def _fwd_blocks(n: int, d: int, device: torch.device) -> tuple[int, int]:
     return block_n, block_d
 
 
-def stats_forward(
-    x: Tensor, mask: Optional[Tensor] = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def stats_forward(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the forward kernel on ``x`` ``[B, N, D]``; returns fp32 ``(mu, s, mu_res, count)``:
     ``mu_res`` ``[B, D]`` is the part of the exact mean that fp32 ``mu`` cannot hold and ``count``
     ``[B]`` the valid tokens per pair (both for the backward)."""
@@ -204,16 +220,32 @@ def stats_forward(
     block_n, block_d = _fwd_blocks(n, d, x.device)
     grid = (batch, triton.cdiv(d, block_d))
     _stats_fwd_kernel[grid](
-        x, _mask_arg(mask, x), mu, s, mu_res, count, n, d,
-        EPS=STD_EPS, HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        x,
+        _mask_arg(mask, x),
+        mu,
+        s,
+        mu_res,
+        count,
+        n,
+        d,
+        EPS=STD_EPS,
+        HAS_MASK=mask is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
         num_warps=tile_warps(block_n * block_d),
     )
     return mu, s, mu_res, count
 
 
 def stats_backward(
-    x: Tensor, mask: Optional[Tensor], mu: Tensor, mu_res: Tensor, s: Tensor, count: Tensor,
-    grad_mu: Tensor, grad_s: Tensor,
+    x: Tensor,
+    mask: Tensor | None,
+    mu: Tensor,
+    mu_res: Tensor,
+    s: Tensor,
+    count: Tensor,
+    grad_mu: Tensor,
+    grad_s: Tensor,
 ) -> Tensor:
     """Launch the backward kernel; returns ``grad_x`` in ``x``'s dtype. The statistics are the
     forward's (``[B, D]``, ``count`` ``[B]``), the gradients those of ``mu`` and ``s``."""
@@ -227,8 +259,20 @@ def stats_backward(
     block_n, block_d = token_tile(n, d, x.device)
     grid = (batch, triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     _stats_bwd_kernel[grid](
-        x, _mask_arg(mask, x), count, mu, mu_res, s, grad_mu, grad_s, grad_x, n, d,
-        HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        x,
+        _mask_arg(mask, x),
+        count,
+        mu,
+        mu_res,
+        s,
+        grad_mu,
+        grad_s,
+        grad_x,
+        n,
+        d,
+        HAS_MASK=mask is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
         num_warps=tile_warps(block_n * block_d),
     )
     return grad_x
@@ -240,12 +284,12 @@ def stats_backward(
 
 
 @torch.library.custom_op("cdds_fast::column_stats", mutates_args=())
-def _column_stats_op(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _column_stats_op(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return stats_forward(x, mask)
 
 
 @_column_stats_op.register_fake
-def _(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch, _, d = x.shape
     f32 = torch.float32
     return (*(x.new_empty(batch, d, dtype=f32) for _ in range(3)), x.new_empty(batch, dtype=f32))
@@ -253,8 +297,14 @@ def _(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor
 
 @torch.library.custom_op("cdds_fast::column_stats_backward", mutates_args=())
 def _column_stats_backward_op(
-    x: Tensor, mask: Optional[Tensor], mu: Tensor, mu_res: Tensor, s: Tensor, count: Tensor,
-    grad_mu: Tensor, grad_s: Tensor,
+    x: Tensor,
+    mask: Tensor | None,
+    mu: Tensor,
+    mu_res: Tensor,
+    s: Tensor,
+    count: Tensor,
+    grad_mu: Tensor,
+    grad_s: Tensor,
 ) -> Tensor:
     return stats_backward(x, mask, mu, mu_res, s, count, grad_mu, grad_s)
 
@@ -286,7 +336,7 @@ def _backward(ctx, grad_mu, grad_s, *_unused):
 _column_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def column_stats(x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def column_stats(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Masked column mean and std (docs/method.md section 2), differentiable, on the Triton
     kernels (the loss computes them inside its token pass; this op is for the statistics
     alone).

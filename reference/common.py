@@ -1,7 +1,7 @@
 """Small helpers shared by the reference ops: compute dtype and masked means.
 
-Spec section 9: statistics and reductions run in float32 for fp32/bf16/fp16 inputs and in float64
-for float64 inputs (the latter exists for ``torch.autograd.gradcheck``).
+docs/method.md decision 4: statistics and reductions run in float32 for fp32/bf16/fp16 inputs and
+in float64 for float64 inputs (the latter exists for ``torch.autograd.gradcheck``).
 """
 
 from __future__ import annotations

@@ -26,9 +26,12 @@ def assert_close(actual, expected, tol, name="", scale=None):
     atol, rtol = tol
     scale = max(expected.detach().abs().max().float().clamp_min(1e-30).item(), scale or 0.0)
     torch.testing.assert_close(
-        actual.detach().float(), expected.detach().float(),
-        atol=max(atol * scale, subnormal_ulp(actual.dtype)), rtol=rtol,
-        equal_nan=True, msg=lambda m: f"{name}: {m}",
+        actual.detach().float(),
+        expected.detach().float(),
+        atol=max(atol * scale, subnormal_ulp(actual.dtype)),
+        rtol=rtol,
+        equal_nan=True,
+        msg=lambda m: f"{name}: {m}",
     )
 
 
@@ -45,7 +48,8 @@ def make_inputs(
     scale: float = 14.3,
 ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
     """Positional tensors ``(V, V^s, V^m, T, T^s, T^m, mask)`` and the keyword parameters of
-    ``cdds_loss``. Components are the tokens plus noise, so the statistics look like a real head's."""
+    ``cdds_loss``. Components are the tokens plus noise, so the statistics look like a real
+    head's."""
 
     def leaf(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).detach().requires_grad_(requires_grad)
@@ -68,6 +72,8 @@ def make_inputs(
         "w_m_image": leaf(1.0 + 0.1 * torch.randn(dim, device=device)),
         "w_s_text": leaf(1.0 + 0.1 * torch.randn(dim, device=device)),
         "w_m_text": leaf(1.0 + 0.1 * torch.randn(dim, device=device)),
-        "logit_scale": torch.tensor(scale, device=device, dtype=dtype if dtype == torch.float64 else torch.float32).requires_grad_(requires_grad),
+        "logit_scale": torch.tensor(
+            scale, device=device, dtype=dtype if dtype == torch.float64 else torch.float32
+        ).requires_grad_(requires_grad),
     }
     return tensors, params

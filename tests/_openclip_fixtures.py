@@ -30,8 +30,14 @@ TINY_RESNET_CONFIG = {
 HEADS = 4  # CDDS head attention heads for D = 32 (keeps head_dim = 8)
 
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20),
-    "purple": (150, 30, 160), "orange": (250, 140, 0), "cyan": (0, 220, 220), "white": (245, 245, 245),
+    "red": (220, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (30, 30, 220),
+    "yellow": (230, 230, 20),
+    "purple": (150, 30, 160),
+    "orange": (250, 140, 0),
+    "cyan": (0, 220, 220),
+    "white": (245, 245, 245),
 }
 
 _CONFIG_DIR: Path | None = None
@@ -142,8 +148,11 @@ def _ddp_checks(rank: int, world: int) -> dict:
         for gather_with_grad in (False, True):
             local = {k: (v[sl] if k in per_sample else v) for k, v in full.items()}
             loss = CDDSLoss(
-                backend="reference", local_loss=local_loss, gather_with_grad=gather_with_grad,
-                rank=rank, world_size=world,
+                backend="reference",
+                local_loss=local_loss,
+                gather_with_grad=gather_with_grad,
+                rank=rank,
+                world_size=world,
             )
             terms = loss(**local, output_dict=True)
             vals = torch.stack([terms["contrastive_loss"], terms["semantic_loss"]]).detach()
@@ -158,7 +167,9 @@ def _ddp_checks(rank: int, world: int) -> dict:
 
     # Gradients w.r.t. this rank's semantic components, contrastive terms only.
     def contrastive_grad(inputs, loss):
-        leaves = {k: inputs[k].clone().requires_grad_(True) for k in ("image_semantic", "text_semantic")}
+        leaves = {
+            k: inputs[k].clone().requires_grad_(True) for k in ("image_semantic", "text_semantic")
+        }
         terms = loss(**{**inputs, **leaves}, output_dict=True)
         (terms["contrastive_loss"] + terms["semantic_loss"]).backward()
         return leaves
@@ -168,8 +179,11 @@ def _ddp_checks(rank: int, world: int) -> dict:
     for local_loss, gather_with_grad in ((False, True), (True, True), (False, False)):
         local = {k: (v[sl] if k in per_sample else v) for k, v in full.items()}
         loss = CDDSLoss(
-            backend="reference", local_loss=local_loss, gather_with_grad=gather_with_grad,
-            rank=rank, world_size=world,
+            backend="reference",
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            rank=rank,
+            world_size=world,
         )
         leaves = contrastive_grad(local, loss)
         g = torch.cat([leaves[k].grad.flatten() for k in sorted(leaves)])

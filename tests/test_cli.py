@@ -23,8 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=cpu_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # ---------------------------------------------------------------- cdds-fast
@@ -42,22 +48,34 @@ def test_bare_command_is_an_error_and_help_is_not(capsys):
 def test_train_help_shows_the_cdds_defaults(capsys):
     assert train_main(["--help"]) == 0
     ours = capsys.readouterr().out.split("open_clip_train flags:")[0].split("options:")[1]
-    for flag, default in (("--cdds-a-m", "0.1"), ("--cdds-a-f", "0.5"), ("--cdds-rho", "0.01"),
-                          ("--cdds-z", "4"), ("--cdds-heads", "8"), ("--cdds-backend", "auto")):
+    for flag, default in (
+        ("--cdds-a-m", "0.1"),
+        ("--cdds-a-f", "0.5"),
+        ("--cdds-rho", "0.01"),
+        ("--cdds-z", "4"),
+        ("--cdds-heads", "8"),
+        ("--cdds-backend", "auto"),
+    ):
         line = " ".join(ours.split(flag, 1)[1].split("--cdds-", 1)[0].split())
         assert f"(default: {default})" in line, (flag, line)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--cdds-a-f", "2"], "--cdds-a-f: expected a number in [0, 1], got 2.0"),
-    (["--cdds-a-m", "-1"], "--cdds-a-m: expected a finite number >= 0, got -1.0"),
-    (["--cdds-tau-kl", "0"], "--cdds-tau-kl: expected a finite number > 0, got 0.0"),
-    (["--cdds-rho", "1"], "--cdds-rho: expected a number in [1e-06, 1), got 1.0"),
-    (["--cdds-z", "0"], "--cdds-z: expected an int >= 1, got 0"),
-    (["--cdds-sigma", "-0.5"], "--cdds-sigma: expected a finite number >= 0, got -0.5"),
-    (["--cdds-enc-layers", "0"], "--cdds-enc-layers: expected an int >= 1, got 0"),
-], ids=["a_f", "a_m", "tau_kl", "rho", "z", "sigma", "enc-layers"])
-def test_train_refuses_nonsense_settings_before_open_clip_starts(flags, message, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--cdds-a-f", "2"], "--cdds-a-f: expected a number in [0, 1], got 2.0"),
+        (["--cdds-a-m", "-1"], "--cdds-a-m: expected a finite number >= 0, got -1.0"),
+        (["--cdds-tau-kl", "0"], "--cdds-tau-kl: expected a finite number > 0, got 0.0"),
+        (["--cdds-rho", "1"], "--cdds-rho: expected a number in [1e-06, 1), got 1.0"),
+        (["--cdds-z", "0"], "--cdds-z: expected an int >= 1, got 0"),
+        (["--cdds-sigma", "-0.5"], "--cdds-sigma: expected a finite number >= 0, got -0.5"),
+        (["--cdds-enc-layers", "0"], "--cdds-enc-layers: expected an int >= 1, got 0"),
+    ],
+    ids=["a_f", "a_m", "tau_kl", "rho", "z", "sigma", "enc-layers"],
+)
+def test_train_refuses_nonsense_settings_before_open_clip_starts(
+    flags, message, capsys, monkeypatch
+):
     import open_clip_train.main as oc_main
 
     monkeypatch.setattr(oc_main, "main", lambda *a: pytest.fail("open_clip_train started"))
@@ -75,29 +93,38 @@ def test_train_refuses_heads_that_do_not_divide_the_model_dim(capsys, monkeypatc
     assert train_main(["--model", "ViT-B-32", "--cdds-heads", "7"]) == 2
     assert capsys.readouterr().err.strip() == (
         "cdds-fast train: --cdds-heads: expected a divisor of the embedding dim 512 of --model "
-        "ViT-B-32, got 7")
+        "ViT-B-32, got 7"
+    )
 
 
 def test_train_without_the_train_extra_names_it_in_one_line(tmp_path):
     """Without open_clip's training dependencies (braceexpand here), one line naming the extra
     and exit status 2, not a traceback."""
-    code = ("import sys; sys.modules['braceexpand'] = None\n"
-            "from cdds_fast.cli import main\n"
-            "sys.exit(main(['train', '--model', 'ViT-B-32']))")
+    code = (
+        "import sys; sys.modules['braceexpand'] = None\n"
+        "from cdds_fast.cli import main\n"
+        "sys.exit(main(['train', '--model', 'ViT-B-32']))"
+    )
     proc = _python(code, tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["cdds-fast train: needs the 'train' extra (missing Python module "
-                     "'braceexpand'): pip install 'cdds-fast[train]', or from a clone: pip "
-                     "install '.[train]'"]
+    assert lines == [
+        "cdds-fast train: needs the 'train' extra (missing Python module "
+        "'braceexpand'): pip install 'cdds-fast[train]', or from a clone: pip "
+        "install '.[train]'"
+    ]
 
 
 # ---------------------------------------------------------------- cdds-fast demo
-@pytest.mark.parametrize("flags,message", [
-    (["--sigma", "-1"], "--sigma: expected a finite number >= 0, got -1.0"),
-    (["--z", "0"], "--z: expected an int >= 1, got 0"),
-    (["--heads", "3"], "--heads: expected a divisor of the demo model's embed dim 64, got 3"),
-], ids=["sigma", "z", "heads"])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--sigma", "-1"], "--sigma: expected a finite number >= 0, got -1.0"),
+        (["--z", "0"], "--z: expected an int >= 1, got 0"),
+        (["--heads", "3"], "--heads: expected a divisor of the demo model's embed dim 64, got 3"),
+    ],
+    ids=["sigma", "z", "heads"],
+)
 def test_demo_refuses_nonsense_settings(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "SceneCaptions", None, raising=False)  # no data work before it
     assert demo.main(["--quick", "--no-plot", "--out", str(tmp_path), *flags]) == 2
@@ -106,15 +133,18 @@ def test_demo_refuses_nonsense_settings(flags, message, tmp_path, capsys, monkey
 
 
 def test_demo_without_matplotlib_names_the_extra(tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from cdds_fast.cli import main\n"
-            f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'out')!r}]))")
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from cdds_fast.cli import main\n"
+        f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'out')!r}]))"
+    )
     proc = _python(code, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "cdds-fast demo: report.png needs the 'train' extra (missing Python module "
         "'matplotlib'): pip install 'cdds-fast[train]', or from a clone: pip install "
-        "'.[train]' (or pass --no-plot)"]
+        "'.[train]' (or pass --no-plot)"
+    ]
 
 
 # ---------------------------------------------------------------- cdds-fast eval
@@ -123,8 +153,22 @@ def test_eval_takes_train_s_model_config_flag(tmp_path):
     config.mkdir()
     (config / "cdds-cli-flag-test.json").write_text(json.dumps(TINY_CONFIG))
     out = tmp_path / "r.json"
-    assert eval_main(["--model", "cdds-cli-flag-test", "--cdds-model-config", str(config),
-                      "--embedded-size", "6", "--no-progress", "--json-out", str(out)]) == 0
+    assert (
+        eval_main(
+            [
+                "--model",
+                "cdds-cli-flag-test",
+                "--cdds-model-config",
+                str(config),
+                "--embedded-size",
+                "6",
+                "--no-progress",
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["data"]["images"] == 6
 
 
@@ -135,8 +179,15 @@ def test_eval_csv_with_paths_relative_to_another_folder_hints_at_image_root(tmp_
     rows = csv_path.read_text().splitlines()
     relative = [rows[0]] + [row.replace(str(tmp_path / "data") + "/", "") for row in rows[1:]]
     (tmp_path / "data" / "rel.csv").write_text("\n".join(relative) + "\n")
-    argv = ["--model", TINY_MODEL, "--cdds-model-config", str(tiny_config_dir()), "--csv",
-            str(tmp_path / "data" / "rel.csv"), "--no-progress"]
+    argv = [
+        "--model",
+        TINY_MODEL,
+        "--cdds-model-config",
+        str(tiny_config_dir()),
+        "--csv",
+        str(tmp_path / "data" / "rel.csv"),
+        "--no-progress",
+    ]
     assert eval_main(argv) == 2
     err = capsys.readouterr().err
     assert "image file 'test/000000.png' (first row) not found" in err
@@ -158,12 +209,25 @@ def _run_folder(root: Path, config_dir: Path, model_name: str) -> Path:
     model = CDDSModel(open_clip.create_model(model_name), **head)
     checkpoints = root / "checkpoints"
     checkpoints.mkdir(parents=True)
-    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}},
-               checkpoints / "epoch_1.pt")
-    cfg = build_parser().parse_args(["--cdds-heads", str(HEADS), "--cdds-enc-layers", "1",
-                                     "--cdds-dec-layers", "1", "--cdds-z", "2"])
-    args = Namespace(model=model_name, pretrained="", precision="fp32",
-                     checkpoint_path=str(checkpoints))
+    torch.save(
+        {"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()}},
+        checkpoints / "epoch_1.pt",
+    )
+    cfg = build_parser().parse_args(
+        [
+            "--cdds-heads",
+            str(HEADS),
+            "--cdds-enc-layers",
+            "1",
+            "--cdds-dec-layers",
+            "1",
+            "--cdds-z",
+            "2",
+        ]
+    )
+    args = Namespace(
+        model=model_name, pretrained="", precision="fp32", checkpoint_path=str(checkpoints)
+    )
     write_sidecar(args, cfg)
     return root
 
@@ -179,12 +243,14 @@ def test_moved_run_folder_still_evaluates(tmp_path):
     shutil.rmtree(config_dir)
     moved = tmp_path / "elsewhere" / "run"
     shutil.move(str(run), str(moved))
-    code = ("import sys\nfrom cdds_fast.cli import main\n"
-            "sys.exit(main(['eval', '--checkpoint', 'run/checkpoints/epoch_1.pt', "
-            "'--embedded-size', '6', '--no-progress']))")
+    code = (
+        "import sys\nfrom cdds_fast.cli import main\n"
+        "sys.exit(main(['eval', '--checkpoint', 'run/checkpoints/epoch_1.pt', "
+        "'--embedded-size', '6', '--no-progress']))"
+    )
     proc = _python(code, moved.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"[cdds, features: semantic]" in proc.stdout and "rSum" in proc.stdout
+    assert "[cdds, features: semantic]" in proc.stdout and "rSum" in proc.stdout
 
 
 def test_eval_tie_rule_is_stated_and_is_what_differs_from_open_clips_trainer(capsys):

@@ -27,20 +27,44 @@ from tests.test_fused_loss import F32, check_conditioned, inputs, repair_alpha, 
 WEIGHTS = dict(a_c=0.0, a_s=0.0, a_m=0.7, a_f=0.4)
 
 
-def fast(*args, logit_scale, a_c=1.0, a_s=1.0, a_m=0.1, a_f=0.5, tau_kl=1.0, rho=0.01,
-         contrastive=None, **params):
+def fast(
+    *args,
+    logit_scale,
+    a_c=1.0,
+    a_s=1.0,
+    a_m=0.1,
+    a_f=0.5,
+    tau_kl=1.0,
+    rho=0.01,
+    contrastive=None,
+    **params,
+):
     """``cdds_loss_triton``'s kernels without its validation."""
-    return _fast_terms(tuple(args[:6]), args[6], params, logit_scale, a_c=a_c, a_s=a_s, a_m=a_m,
-                       a_f=a_f, tau_kl=tau_kl, rho=rho, contrastive=contrastive)
+    return _fast_terms(
+        tuple(args[:6]),
+        args[6],
+        params,
+        logit_scale,
+        a_c=a_c,
+        a_s=a_s,
+        a_m=a_m,
+        a_f=a_f,
+        tau_kl=tau_kl,
+        rho=rho,
+        contrastive=contrastive,
+    )
 
 
 def check(tensors, params, *, floors=None):
-    out, grads = check_conditioned(tensors, repair_alpha(tensors, params), fast=fast,
-                                   floors=floors, **WEIGHTS)
+    out, grads = check_conditioned(
+        tensors, repair_alpha(tensors, params), fast=fast, floors=floors, **WEIGHTS
+    )
     mask = tensors[6]
-    for name, g in (("text_tokens", grads["text_tokens"]),
-                    ("text_semantic", grads["text_semantic"]),
-                    ("text_modality", grads["text_modality"])):
+    for name, g in (
+        ("text_tokens", grads["text_tokens"]),
+        ("text_semantic", grads["text_semantic"]),
+        ("text_modality", grads["text_modality"]),
+    ):
         assert bool((g[~mask] == 0).all()), f"grad {name}: masked tokens must get 0"
     assert float(grads["logit_scale"]) == 0.0
     return out, grads
@@ -77,9 +101,17 @@ def test_realistic(dtype, device):
 def test_mixed_input_dtypes(device):
     """Each tensor is loaded in its own dtype; each gradient comes back in its input's dtype."""
     tensors, params = inputs(3, 6, 11, 40, torch.float32, device)
-    dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float32, torch.bfloat16,
-              torch.float16)
-    tensors = [t.detach().to(dt).requires_grad_() for t, dt in zip(tensors, dtypes)] + tensors[6:]
+    dtypes = (
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    )
+    tensors = [
+        t.detach().to(dt).requires_grad_() for t, dt in zip(tensors[:6], dtypes, strict=True)
+    ] + tensors[6:]
     params["w_s_image"] = params["w_s_image"].detach().to(torch.bfloat16).requires_grad_()
     params["w_m_text"] = params["w_m_text"].detach().to(torch.float16).requires_grad_()
     check(tensors, params)
@@ -100,10 +132,11 @@ def test_one_valid_token_and_mostly_masked(cap, device, row_block_cap):
 
 def test_non_contiguous_inputs(device):
     tensors, params = inputs(2, 7, 13, 24, torch.float32, device)
-    views = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-             for t in tensors[:6]]
-    params["w_m_image"] = torch.stack((params["w_m_image"].detach(),) * 2, 1)[:, 0] \
-        .requires_grad_()
+    views = [
+        t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+        for t in tensors[:6]
+    ]
+    params["w_m_image"] = torch.stack((params["w_m_image"].detach(),) * 2, 1)[:, 0].requires_grad_()
     assert not views[0].is_contiguous() and not params["w_m_image"].is_contiguous()
     check([*views, tensors[6]], params)
 
@@ -115,8 +148,9 @@ def test_large_magnitudes(dtype, device):
     everything stays finite and matches."""
     # at least half the text tokens valid: the fp16 gradients ~ 2 r / (D Ntok) then stay far
     # below 65504 (with a handful of tokens they could overflow fp16 legitimately, on both sides)
-    tensors, params = inputs(2, 9, 19, 64, torch.float32, device,
-                             mask=text_mask(2, 19, min_valid=10, device=device))
+    tensors, params = inputs(
+        2, 9, 19, 64, torch.float32, device, mask=text_mask(2, 19, min_valid=10, device=device)
+    )
     scale = 1e4 if dtype == torch.float32 else 2.0e4
     with torch.no_grad():
         tensors = [t.detach() for t in tensors]

@@ -16,9 +16,9 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from cdds_fast.contrastive import FusedClipLoss, info_nce, info_nce_gathered
@@ -39,16 +39,28 @@ HAS_CUDA = torch.cuda.is_available()
 # is relative to the terms, not to the (possibly tiny) result; a wrong coefficient or index
 # still shows up at the size of the terms, 1e3 times above the bound.
 TOLERANCES = [
-    (torch.float32, 1e-5, 1e-5,
-     "IEEE fp32 products, fp32 accumulation and statistics: only summation-order rounding "
-     "(~sqrt(D) * 6e-8 * |logit|) separates it from float64"),
-    (torch.bfloat16, 1e-2, 1e-2,
-     "products of bf16 values are exact in fp32, so the loss is fp32-accurate; the backward "
-     "rounds G to bf16 (2^-9 relative) for the tensor-core G @ Y product and returns bf16 "
-     "gradients (another 2^-9)"),
-    (torch.float16, 1e-2, 1e-2,
-     "as bf16, with G rounded to fp16 after scaling by 2^14 (keeps small probabilities normal) "
-     "and fp16 gradients"),
+    (
+        torch.float32,
+        1e-5,
+        1e-5,
+        "IEEE fp32 products, fp32 accumulation and statistics: only summation-order rounding "
+        "(~sqrt(D) * 6e-8 * |logit|) separates it from float64",
+    ),
+    (
+        torch.bfloat16,
+        1e-2,
+        1e-2,
+        "products of bf16 values are exact in fp32, so the loss is fp32-accurate; the backward "
+        "rounds G to bf16 (2^-9 relative) for the tensor-core G @ Y product and returns bf16 "
+        "gradients (another 2^-9)",
+    ),
+    (
+        torch.float16,
+        1e-2,
+        1e-2,
+        "as bf16, with G rounded to fp16 after scaling by 2^14 (keeps small probabilities normal) "
+        "and fp16 gradients",
+    ),
 ]
 TOL = {dt: (atol, rtol) for dt, atol, rtol, _ in TOLERANCES}
 
@@ -80,14 +92,16 @@ def _one_blas_thread():
     yield
     put(before)
 
+
 BATCHES = [1, 3, 257, 1024]
 DIMS = [1, 17, 512]
 SCALES = [1.0, 14.3, 100.0]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def features(b: int, d: int, dtype: torch.dtype, device, *, normalize: bool = True,
-             corr: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def features(
+    b: int, d: int, dtype: torch.dtype, device, *, normalize: bool = True, corr: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Paired features: text = corr * image + noise, L2-normalised like CLIP's."""
     a = torch.randn(b, d, device=device)
     t = corr * a + torch.randn(b, d, device=device)
@@ -105,8 +119,9 @@ def term_scale(scale: float, other: torch.Tensor, rows: int) -> float:
     return abs(scale) * other.detach().abs().max().item() / rows
 
 
-def assert_grad_close(got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float, what: str,
-                      terms: float = 0.0):
+def assert_grad_close(
+    got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float, what: str, terms: float = 0.0
+):
     got = got.to(F64)
     bound = atol * max(ref.abs().max().item(), terms, 1e-30)
     torch.testing.assert_close(got, ref, atol=bound, rtol=rtol, msg=lambda m: f"{what}: {m}")
@@ -130,15 +145,15 @@ def check_against_clip_loss(b, d, dtype, scale, device, *, loss_fn=None):
     assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol, rtol=rtol)
     assert a.grad.dtype == dtype and t.grad.dtype == dtype and s.grad.dtype == s.dtype
-    assert_grad_close(a.grad, a64.grad, atol, rtol, "grad image_features",
-                      term_scale(scale, t0, b))
-    assert_grad_close(t.grad, t64.grad, atol, rtol, "grad text_features",
-                      term_scale(scale, a0, b))
+    assert_grad_close(a.grad, a64.grad, atol, rtol, "grad image_features", term_scale(scale, t0, b))
+    assert_grad_close(t.grad, t64.grad, atol, rtol, "grad text_features", term_scale(scale, a0, b))
     # d loss / d scale is a single sum over B^2 terms; compare relative to the feature-gradient
     # scale it is built from (|dL/ds| can be ~0 when the loss is near its optimum in s)
     ds_tol = atol * max(1.0, abs(s64.grad.item()))
     assert abs(s.grad.item() - s64.grad.item()) <= ds_tol + rtol * abs(s64.grad.item()), (
-        s.grad.item(), s64.grad.item())
+        s.grad.item(),
+        s64.grad.item(),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,8 +193,10 @@ def test_fp32_within_1e5_of_float64(b, d, scale, path, force_path, device):
         a, t = features(b, d, torch.float32, device)
         loss = info_nce(a, t, torch.tensor(scale, device=device), backend="triton")
         ref = R.info_nce(a.to(F64), t.to(F64), scale)
-        assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7, (loss.item(),
-                                                                               ref.item())
+        assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7, (
+            loss.item(),
+            ref.item(),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,30 +210,30 @@ EPILOGUE_TILES = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4)
 
 def make_plan(path, dtype, m, n, d, *, tiles=None, blocks=None):
     """The launcher's own plan for ``path``, with tiles and blocks overridden (tests only)."""
-    plan = launch._plan_for_path(path, dtype, m, n, d, DEVICE, False,
-                                 launch.INFO_NCE_SCRATCH_BYTES)
+    plan = launch._plan_for_path(path, dtype, m, n, d, DEVICE, False, launch.INFO_NCE_SCRATCH_BYTES)
     if tiles:
         plan = dataclasses.replace(plan, tiles=tuple({**dict(plan.tiles), **tiles}.items()))
     if blocks:
-        plan = dataclasses.replace(plan, fwd_rows=blocks[0], bwd_rows=blocks[1],
-                                   bwd_cols=blocks[2])
+        plan = dataclasses.replace(plan, fwd_rows=blocks[0], bwd_rows=blocks[1], bwd_cols=blocks[2])
     return plan
 
 
 PLANS = {
-    "fused-small-tiles": ("fused", SMALL_TILES, None),    # K loop over D, 3 output chunks
-    "fused": ("fused", None, None),                       # whole feature rows in one block
+    "fused-small-tiles": ("fused", SMALL_TILES, None),  # K loop over D, 3 output chunks
+    "fused": ("fused", None, None),  # whole feature rows in one block
     "blocked-16": ("blocked", EPILOGUE_TILES, (16, 16, 16)),  # 3 chunks / 3 x 3 (4) blocks
-    "blocked-odd": ("blocked", EPILOGUE_TILES, (7, 5, 13)),   # short last chunk and blocks
-    "blocked-one": ("blocked", None, None),               # one chunk, one block
+    "blocked-odd": ("blocked", EPILOGUE_TILES, (7, 5, 13)),  # short last chunk and blocks
+    "blocked-one": ("blocked", None, None),  # one chunk, one block
 }
 
 
 @pytest.fixture
 def force_path(monkeypatch):
     """Make the public entry points take the given path (the rule in kernels/launch.py)."""
+
     def force(path):
         monkeypatch.setattr(launch, "info_nce_path", lambda *args, **kwargs: path)
+
     return force
 
 
@@ -230,11 +247,24 @@ def _paths_problem(symmetric, dtype, device, n_prob=2):
 
 def _run_plan(x0, y0, offset, symmetric, plan, scale, grad):
     s = torch.tensor(scale, device=x0.device)
-    loss, stats_r, stats_c = K._forward(x0, y0, s, symmetric=symmetric, label_offset=offset,
-                                        allow_tf32=False, plan=plan)
-    dx, dy, ds = K._backward(grad, x0, y0, s, stats_r, stats_c, symmetric=symmetric,
-                             label_offset=offset, allow_tf32=False, need_dx=True, need_dy=True,
-                             need_dscale=True, plan=plan)
+    loss, stats_r, stats_c = K._forward(
+        x0, y0, s, symmetric=symmetric, label_offset=offset, allow_tf32=False, plan=plan
+    )
+    dx, dy, ds = K._backward(
+        grad,
+        x0,
+        y0,
+        s,
+        stats_r,
+        stats_c,
+        symmetric=symmetric,
+        label_offset=offset,
+        allow_tf32=False,
+        need_dx=True,
+        need_dy=True,
+        need_dscale=True,
+        plan=plan,
+    )
     return loss, stats_r, stats_c, dx, dy, ds
 
 
@@ -269,17 +299,25 @@ def _check_problems(x0, y0, offset, symmetric, out, scale, grad, *, loss_atol=No
         ref, logits, gx, gy, gs = _reference(x0[p], y0[p], offset, symmetric, scale)
         m = x0.shape[1]
         torch.testing.assert_close(loss[p].to(F64), ref, atol=loss_atol or atol, rtol=rtol)
-        torch.testing.assert_close(lse(stats_r[p]), torch.logsumexp(logits, 1), atol=1e-4,
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            lse(stats_r[p]), torch.logsumexp(logits, 1), atol=1e-4, rtol=1e-4
+        )
         if symmetric:
-            torch.testing.assert_close(lse(stats_c[p]), torch.logsumexp(logits, 0), atol=1e-4,
-                                       rtol=1e-4)
+            torch.testing.assert_close(
+                lse(stats_c[p]), torch.logsumexp(logits, 0), atol=1e-4, rtol=1e-4
+            )
         g = grad[p].item()
-        assert_grad_close(dx[p], g * gx, atol, rtol, f"dx[{p}]", abs(g) * term_scale(scale, y0[p], m))
-        assert_grad_close(dy[p], g * gy, atol, rtol, f"dy[{p}]", abs(g) * term_scale(scale, x0[p], m))
+        assert_grad_close(
+            dx[p], g * gx, atol, rtol, f"dx[{p}]", abs(g) * term_scale(scale, y0[p], m)
+        )
+        assert_grad_close(
+            dy[p], g * gy, atol, rtol, f"dy[{p}]", abs(g) * term_scale(scale, x0[p], m)
+        )
         ds_ref += g * gs.item()
     assert abs(ds.item() - ds_ref) <= atol * max(1.0, abs(ds_ref)) + rtol * abs(ds_ref), (
-        ds.item(), ds_ref)
+        ds.item(),
+        ds_ref,
+    )
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
@@ -290,8 +328,7 @@ def test_paths(name, dtype, symmetric, device):
     and all gradients against float64, on each path and block/tile layout."""
     x0, y0, offset = _paths_problem(symmetric, dtype, device)
     path, tiles, blocks = PLANS[name]
-    plan = make_plan(path, dtype, x0.shape[1], y0.shape[1], x0.shape[2], tiles=tiles,
-                     blocks=blocks)
+    plan = make_plan(path, dtype, x0.shape[1], y0.shape[1], x0.shape[2], tiles=tiles, blocks=blocks)
     grad = torch.tensor([1.5, -0.7], device=device)
     out = _run_plan(x0, y0, offset, symmetric, plan, 20.0, grad)
     _check_problems(x0, y0, offset, symmetric, out, 20.0, grad)
@@ -302,11 +339,13 @@ def test_paths_agree(device):
     gradients to the rounding of G in bf16."""
     x0, y0, _ = _paths_problem(True, torch.bfloat16, device)
     grad = torch.tensor([1.0, 2.0], device=device)
-    outs = [_run_plan(x0, y0, 0, True, make_plan(path, torch.bfloat16, 37, 37, 40), 14.3, grad)
-            for path in ("fused", "blocked")]
-    for fused, blocked in list(zip(*outs))[:3]:
+    outs = [
+        _run_plan(x0, y0, 0, True, make_plan(path, torch.bfloat16, 37, 37, 40), 14.3, grad)
+        for path in ("fused", "blocked")
+    ]
+    for fused, blocked in list(zip(*outs, strict=True))[:3]:
         torch.testing.assert_close(blocked, fused, atol=1e-5, rtol=1e-5)
-    for fused, blocked in list(zip(*outs))[3:]:
+    for fused, blocked in list(zip(*outs, strict=True))[3:]:
         torch.testing.assert_close(blocked.float(), fused.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -314,18 +353,37 @@ def test_paths_agree(device):
 def test_only_some_gradients(path, device):
     """need_dx / need_dy / need_dscale alone give the same values as all three together."""
     x0, y0, offset = _paths_problem(False, torch.float32, device, n_prob=1)
-    plan = make_plan(path, torch.float32, 19, 53, 40, tiles=None,
-                     blocks=(7, 5, 13) if path == "blocked" else None)
+    plan = make_plan(
+        path,
+        torch.float32,
+        19,
+        53,
+        40,
+        tiles=None,
+        blocks=(7, 5, 13) if path == "blocked" else None,
+    )
     s = torch.tensor(9.0, device=device)
     grad = torch.tensor([1.3], device=device)
-    _, stats_r, stats_c = K._forward(x0, y0, s, symmetric=False, label_offset=offset,
-                                     allow_tf32=False, plan=plan)
+    _, stats_r, stats_c = K._forward(
+        x0, y0, s, symmetric=False, label_offset=offset, allow_tf32=False, plan=plan
+    )
     kw = dict(symmetric=False, label_offset=offset, allow_tf32=False, plan=plan)
-    full = K._backward(grad, x0, y0, s, stats_r, stats_c, need_dx=True, need_dy=True,
-                       need_dscale=True, **kw)
+    full = K._backward(
+        grad, x0, y0, s, stats_r, stats_c, need_dx=True, need_dy=True, need_dscale=True, **kw
+    )
     for i, flags in enumerate([(True, False, False), (False, True, False), (False, False, True)]):
-        part = K._backward(grad, x0, y0, s, stats_r, stats_c, need_dx=flags[0],
-                           need_dy=flags[1], need_dscale=flags[2], **kw)
+        part = K._backward(
+            grad,
+            x0,
+            y0,
+            s,
+            stats_r,
+            stats_c,
+            need_dx=flags[0],
+            need_dy=flags[1],
+            need_dscale=flags[2],
+            **kw,
+        )
         assert [t is None for t in part] == [not f for f in flags]
         torch.testing.assert_close(part[i], full[i], atol=1e-6, rtol=1e-6)
 
@@ -343,21 +401,29 @@ def test_backward_inside_autocast_keeps_fp32(path, force_path, device):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             loss.backward()
         grads.append((a.grad, t.grad))
-    for plain, amp in zip(*grads):
+    for plain, amp in zip(*grads, strict=True):
         assert amp.dtype == torch.float32
         torch.testing.assert_close(amp, plain, atol=1e-7, rtol=1e-6)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    m=st.integers(1, 70), extra=st.integers(0, 40), d=st.integers(1, 40),
-    dtype=st.sampled_from(DTYPES), scale=st.floats(1.0, 100.0), symmetric=st.booleans(),
-    n_prob=st.integers(1, 3), path=st.sampled_from(["fused", "blocked"]),
-    fwd_rows=st.integers(1, 80), bwd_rows=st.integers(1, 80), bwd_cols=st.integers(1, 80),
+    m=st.integers(1, 70),
+    extra=st.integers(0, 40),
+    d=st.integers(1, 40),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.floats(1.0, 100.0),
+    symmetric=st.booleans(),
+    n_prob=st.integers(1, 3),
+    path=st.sampled_from(["fused", "blocked"]),
+    fwd_rows=st.integers(1, 80),
+    bwd_rows=st.integers(1, 80),
+    bwd_cols=st.integers(1, 80),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_fuzz_paths_match_float64(m, extra, d, dtype, scale, symmetric, n_prob, path, fwd_rows,
-                                  bwd_rows, bwd_cols, seed):
+def test_fuzz_paths_match_float64(
+    m, extra, d, dtype, scale, symmetric, n_prob, path, fwd_rows, bwd_rows, bwd_cols, seed
+):
     """Random sizes, scales, label offsets, problem counts, paths and block sizes: losses and
     all gradients against the float64 cross-entropies (seeded by hypothesis)."""
     torch.manual_seed(seed)
@@ -369,8 +435,16 @@ def test_fuzz_paths_match_float64(m, extra, d, dtype, scale, symmetric, n_prob, 
     grad = torch.rand(n_prob, device=DEVICE) + 0.5
     out = _run_plan(x0, y0, offset, symmetric, plan, scale, grad)
     # the loss is a log-sum-exp minus a logit of size ~s: fp32 knows it to ~eps * s absolutely
-    _check_problems(x0, y0, offset, symmetric, out, scale, grad,
-                    loss_atol=TOL[dtype][0] * max(1.0, scale / 14.3))
+    _check_problems(
+        x0,
+        y0,
+        offset,
+        symmetric,
+        out,
+        scale,
+        grad,
+        loss_atol=TOL[dtype][0] * max(1.0, scale / 14.3),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -380,8 +454,7 @@ def test_batch_sizes(path, b, dtype, force_path, request, device):
     """FusedClipLoss at B in {1, 3, 4097} against ClipLoss in float64, on the path the rule picks
     and on each path forced (the all-Triton path at B = 4097 takes minutes under the CPU
     interpreter: slow, i.e. run on CUDA)."""
-    if path == "fused" and b == 4097 and not HAS_CUDA and not request.config.getoption(
-            "--runslow"):
+    if path == "fused" and b == 4097 and not HAS_CUDA and not request.config.getoption("--runslow"):
         pytest.skip("slow (all-Triton B = 4097 under the interpreter): run on CUDA")
     if path != "rule":
         force_path(path)
@@ -391,28 +464,37 @@ def test_batch_sizes(path, b, dtype, force_path, request, device):
 # ------------------------------------------------------------------------------------------------
 # The rule, the blocks, and the model of the module docstring
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,allow_tf32,m,d,expected", [
-    (torch.float32, False, 256, 512, "fused"),     # the CDDS loss's terms at B = 256
-    (torch.float32, False, 512, 512, "fused"),     # IEEE fp32 bound: B = 512 at D = 512
-    (torch.float32, False, 513, 512, "blocked"),
-    (torch.float32, True, 1024, 512, "fused"),     # TF32: the tensor-core bound
-    (torch.bfloat16, False, 1024, 512, "fused"),
-    (torch.bfloat16, False, 1025, 512, "blocked"),
-    (torch.float16, False, 4096, 32, "fused"),     # small D: more rows fit the same FLOPs
-    (torch.bfloat16, False, 4096, 512, "blocked"),
-])
+@pytest.mark.parametrize(
+    "dtype,allow_tf32,m,d,expected",
+    [
+        (torch.float32, False, 256, 512, "fused"),  # the CDDS loss's terms at B = 256
+        (torch.float32, False, 512, 512, "fused"),  # IEEE fp32 bound: B = 512 at D = 512
+        (torch.float32, False, 513, 512, "blocked"),
+        (torch.float32, True, 1024, 512, "fused"),  # TF32: the tensor-core bound
+        (torch.bfloat16, False, 1024, 512, "fused"),
+        (torch.bfloat16, False, 1025, 512, "blocked"),
+        (torch.float16, False, 4096, 32, "fused"),  # small D: more rows fit the same FLOPs
+        (torch.bfloat16, False, 4096, 512, "blocked"),
+    ],
+)
 def test_path_rule(dtype, allow_tf32, m, d, expected):
     assert launch.info_nce_path(dtype, m, m, d, allow_tf32) == expected
     plan = launch.info_nce_plan(dtype, m, m, d, torch.device("cpu"), allow_tf32=allow_tf32)
     assert plan.path == expected
 
 
-@pytest.mark.parametrize("m,n,dtype,budget", [
-    (65536, 65536, torch.bfloat16, 192 * 2**20), (65536, 65536, torch.float32, 192 * 2**20),
-    (16384, 16384, torch.float16, 192 * 2**20), (4096, 4096, torch.bfloat16, 192 * 2**20),
-    (300, 70000, torch.bfloat16, 2**20 * 8), (70000, 300, torch.float32, 2**20 * 8),
-    (5, 7, torch.float32, 2**20),
-])
+@pytest.mark.parametrize(
+    "m,n,dtype,budget",
+    [
+        (65536, 65536, torch.bfloat16, 192 * 2**20),
+        (65536, 65536, torch.float32, 192 * 2**20),
+        (16384, 16384, torch.float16, 192 * 2**20),
+        (4096, 4096, torch.bfloat16, 192 * 2**20),
+        (300, 70000, torch.bfloat16, 2**20 * 8),
+        (70000, 300, torch.float32, 2**20 * 8),
+        (5, 7, torch.float32, 2**20),
+    ],
+)
 def test_blocks_fit_the_budget(m, n, dtype, budget):
     """Blocks within the budget, within the problem, in multiples of 128 unless whole."""
     fwd_rows, rows, cols = launch.info_nce_blocks(m, n, dtype, budget)
@@ -446,12 +528,18 @@ def test_launches_and_scratch_match_the_model():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--count-info-nce"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/kernel_resources.py", "--count-info-nce"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = json.loads(proc.stdout.strip().splitlines()[-1])
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    for b, n, d, dname, budget, n_prob, symmetric, counts in cases:
+    for b, n, d, dname, budget, n_prob, _symmetric, counts in cases:
         dtype = dtypes[dname]
         plan = launch.info_nce_plan(dtype, b, n, d, torch.device("meta"), budget=budget)
         assert counts["plan"] == [plan.path, plan.fwd_rows, plan.bwd_rows, plan.bwd_cols]
@@ -487,11 +575,14 @@ print(before, during, {read}, undo is None)
 """
 
 
-@pytest.mark.parametrize("setup,read,expected", [
-    ("", "m.allow_tf32", "False False False True"),                   # untouched: no change
-    ("m.allow_tf32 = True", "m.allow_tf32", "True False True False"),  # legacy API user
-    ("m.fp32_precision = 'tf32'", "m.fp32_precision", "tf32 ieee tf32 False"),  # new API user
-])
+@pytest.mark.parametrize(
+    "setup,read,expected",
+    [
+        ("", "m.allow_tf32", "False False False True"),  # untouched: no change
+        ("m.allow_tf32 = True", "m.allow_tf32", "True False True False"),  # legacy API user
+        ("m.fp32_precision = 'tf32'", "m.fp32_precision", "tf32 ieee tf32 False"),  # new API user
+    ],
+)
 def test_fp32_gemms_are_ieee_whatever_the_global_tf32_flag(setup, read, expected):
     """The blocked path's fp32 GEMMs turn TF32 off for their duration (allow_tf32=False),
     through whichever flag API the program uses (PyTorch refuses a mix), and restore it."""
@@ -499,8 +590,7 @@ def test_fp32_gemms_are_ieee_whatever_the_global_tf32_flag(setup, read, expected
     import sys
 
     code = _TF32_FLAGS.format(setup=setup, read=read)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-4:] == expected.split()
 
@@ -515,14 +605,15 @@ def test_fp32_gemms_are_ieee_whatever_the_global_tf32_flag(setup, read, expected
 def test_info_nce_gathered(local_loss, rank, dtype, device):
     world, b, d = 3, 11, 24
     all_a0, all_b0 = features(world * b, d, dtype, device)
-    la0 = all_a0[rank * b:(rank + 1) * b]
-    lb0 = all_b0[rank * b:(rank + 1) * b]
+    la0 = all_a0[rank * b : (rank + 1) * b]
+    lb0 = all_b0[rank * b : (rank + 1) * b]
 
     def run(backend, cast):
         la, lb, ga, gb = leaves(la0, lb0, all_a0, all_b0, dtype=cast)
         s = torch.tensor(14.3, device=device, dtype=cast or torch.float32, requires_grad=True)
-        loss = info_nce_gathered(la, lb, ga, gb, s, local_loss=local_loss, rank=rank,
-                                 backend=backend)
+        loss = info_nce_gathered(
+            la, lb, ga, gb, s, local_loss=local_loss, rank=rank, backend=backend
+        )
         loss.backward()
         return loss, [t.grad for t in (la, lb, ga, gb, s)]
 
@@ -532,8 +623,9 @@ def test_info_nce_gathered(local_loss, rank, dtype, device):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(loss.to(F64), ref.detach(), atol=atol, rtol=rtol)
     others = (all_b0, all_a0, lb0, la0)
-    for name, g, r, o in zip(("local_a", "local_b", "all_a", "all_b"), grads[:4], ref_grads[:4],
-                             others):
+    for name, g, r, o in zip(
+        ("local_a", "local_b", "all_a", "all_b"), grads[:4], ref_grads[:4], others, strict=True
+    ):
         if r is None:  # local_loss=False uses only the gathered features (open_clip puts the
             assert g is None, name  # local tensors inside them); here they are separate leaves
             continue
@@ -545,9 +637,17 @@ def test_gathered_reference_is_clip_loss_math(device):
     """info_nce_gathered(local_loss=True) equals ClipLoss's local_loss formula written out."""
     world, b, d, rank = 2, 6, 9, 1
     ga, gb = features(world * b, d, torch.float64, device)
-    la, lb = ga[rank * b:(rank + 1) * b], gb[rank * b:(rank + 1) * b]
-    got = info_nce_gathered(la, lb, ga, gb, 7.0, local_loss=True, rank=rank, backend="triton"
-                            if device.type == "cuda" else "reference")
+    la, lb = ga[rank * b : (rank + 1) * b], gb[rank * b : (rank + 1) * b]
+    got = info_nce_gathered(
+        la,
+        lb,
+        ga,
+        gb,
+        7.0,
+        local_loss=True,
+        rank=rank,
+        backend="triton" if device.type == "cuda" else "reference",
+    )
     labels = torch.arange(b, device=device) + b * rank
     want = (F.cross_entropy(7.0 * la @ gb.T, labels) + F.cross_entropy(7.0 * lb @ ga.T, labels)) / 2
     torch.testing.assert_close(got.to(F64), want, atol=1e-5, rtol=1e-5)
@@ -573,7 +673,7 @@ def test_batch_of_one_is_zero(dtype, path, force_path, device):
 def test_non_contiguous_inputs(path, force_path, device):
     force_path(path)
     b, d = 40, 24
-    a_base = torch.randn(d, b, device=device, requires_grad=True)      # a = a_base.T: column-major
+    a_base = torch.randn(d, b, device=device, requires_grad=True)  # a = a_base.T: column-major
     t_base = torch.randn(b, 2 * d, device=device, requires_grad=True)  # t: every other column
     a, t = a_base.T, t_base[:, ::2]
     assert not a.is_contiguous() and not t.is_contiguous()
@@ -584,10 +684,17 @@ def test_non_contiguous_inputs(path, force_path, device):
     ref = ClipLoss()(a64, t64, 5.0)
     ref.backward()
     torch.testing.assert_close(loss.to(F64), ref.detach(), atol=1e-5, rtol=1e-5)
-    assert_grad_close(a_base.grad.T, a64.grad, 1e-5, 1e-5, "grad through a transposed view",
-                      term_scale(5.0, t, b))
-    assert_grad_close(t_base.grad[:, ::2], t64.grad, 1e-5, 1e-5, "grad through a strided view",
-                      term_scale(5.0, a, b))
+    assert_grad_close(
+        a_base.grad.T, a64.grad, 1e-5, 1e-5, "grad through a transposed view", term_scale(5.0, t, b)
+    )
+    assert_grad_close(
+        t_base.grad[:, ::2],
+        t64.grad,
+        1e-5,
+        1e-5,
+        "grad through a strided view",
+        term_scale(5.0, a, b),
+    )
     assert t_base.grad[:, 1::2].abs().max().item() == 0.0
 
 
@@ -630,8 +737,9 @@ def test_module_api(device):
     out = fused(a, t, torch.tensor(10.0, device=device), output_dict=True)
     assert set(out) == {"contrastive_loss"}
     ref = ClipLoss()(a, t, torch.tensor(10.0, device=device), output_dict=True)
-    torch.testing.assert_close(out["contrastive_loss"], ref["contrastive_loss"], atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        out["contrastive_loss"], ref["contrastive_loss"], atol=1e-5, rtol=1e-5
+    )
     # a plain number as logit_scale, and the cache_labels / use_horovod arguments are accepted
     loss = FusedClipLoss(cache_labels=True, backend="triton")(a, t, 10.0)
     torch.testing.assert_close(loss, ref["contrastive_loss"], atol=1e-5, rtol=1e-5)
@@ -717,8 +825,12 @@ def _bad_cases():
     return [
         ("not-a-tensor", lambda: info_nce([[1.0]], f(), 1.0), TypeError, "image_features"),
         ("int-dtype", lambda: info_nce(f().long(), f(), 1.0), TypeError, "dtype"),
-        ("dtype-complex", lambda: info_nce(f(), f().to(torch.complex64), 1.0), TypeError,
-         "text_features"),
+        (
+            "dtype-complex",
+            lambda: info_nce(f(), f().to(torch.complex64), 1.0),
+            TypeError,
+            "text_features",
+        ),
         ("3-d", lambda: info_nce(f().unsqueeze(0), f(), 1.0), ValueError, "2 dimensions"),
         ("batch-mismatch", lambda: info_nce(f(4), f(5), 1.0), ValueError, "text_features"),
         ("dim-mismatch", lambda: info_nce(f(4, 6), f(4, 7), 1.0), ValueError, "shape"),
@@ -726,30 +838,61 @@ def _bad_cases():
         ("device-mismatch", lambda: info_nce(f(), f().to("meta"), 1.0), ValueError, "device"),
         ("scale-not-0d", lambda: info_nce(f(), f(), torch.ones(1)), ValueError, "logit_scale"),
         ("scale-type", lambda: info_nce(f(), f(), "14.3"), TypeError, "logit_scale"),
-        ("scale-int-tensor", lambda: info_nce(f(), f(), torch.tensor(3)), TypeError,
-         "logit_scale"),
+        ("scale-int-tensor", lambda: info_nce(f(), f(), torch.tensor(3)), TypeError, "logit_scale"),
         ("bad-backend", lambda: info_nce(f(), f(), 1.0, backend="cuda"), ValueError, "backend"),
-        ("logit-bias", lambda: FusedClipLoss()(f(), f(), 1.0, logit_bias=torch.tensor(0.0)),
-         ValueError, "logit_bias"),
-        ("rank-out-of-range", lambda: info_nce_gathered(f(4), f(4), f(8), f(8), 1.0,
-                                                        local_loss=True, rank=2),
-         ValueError, "rank"),
-        ("scale-zero", lambda: info_nce(f(), f(), 0.0), ValueError, "logit_scale: expected a "
-         "finite value > 0"),
+        (
+            "logit-bias",
+            lambda: FusedClipLoss()(f(), f(), 1.0, logit_bias=torch.tensor(0.0)),
+            ValueError,
+            "logit_bias",
+        ),
+        (
+            "rank-out-of-range",
+            lambda: info_nce_gathered(f(4), f(4), f(8), f(8), 1.0, local_loss=True, rank=2),
+            ValueError,
+            "rank",
+        ),
+        (
+            "scale-zero",
+            lambda: info_nce(f(), f(), 0.0),
+            ValueError,
+            "logit_scale: expected a finite value > 0",
+        ),
         ("scale-negative", lambda: FusedClipLoss()(f(), f(), -1.0), ValueError, "logit_scale"),
         ("scale-nan", lambda: info_nce(f(), f(), float("nan")), ValueError, "logit_scale"),
-        ("scale-inf-gathered", lambda: info_nce_gathered(f(4), f(4), f(8), f(8), float("inf"),
-                                                         local_loss=True, rank=1),
-         ValueError, "logit_scale"),
+        (
+            "scale-inf-gathered",
+            lambda: info_nce_gathered(
+                f(4), f(4), f(8), f(8), float("inf"), local_loss=True, rank=1
+            ),
+            ValueError,
+            "logit_scale",
+        ),
         # a tensor scale is checked on the device (no synchronisation): on CPU it raises at once
-        ("scale-negative-tensor", lambda: info_nce(f(), f(), torch.tensor(-2.0)), RuntimeError,
-         "logit_scale: expected a finite value > 0"),
-        ("scale-nan-tensor", lambda: FusedClipLoss(backend="reference")(
-            f(), f(), torch.tensor(float("nan"))), RuntimeError, "logit_scale"),
-        ("budget-too-small", lambda: FusedClipLoss(max_scratch_bytes=4096), ValueError,
-         "max_scratch_bytes: expected an int >= 131072"),
-        ("budget-not-int", lambda: info_nce(f(), f(), 1.0, max_scratch_bytes=2.5e8), ValueError,
-         "max_scratch_bytes"),
+        (
+            "scale-negative-tensor",
+            lambda: info_nce(f(), f(), torch.tensor(-2.0)),
+            RuntimeError,
+            "logit_scale: expected a finite value > 0",
+        ),
+        (
+            "scale-nan-tensor",
+            lambda: FusedClipLoss(backend="reference")(f(), f(), torch.tensor(float("nan"))),
+            RuntimeError,
+            "logit_scale",
+        ),
+        (
+            "budget-too-small",
+            lambda: FusedClipLoss(max_scratch_bytes=4096),
+            ValueError,
+            "max_scratch_bytes: expected an int >= 131072",
+        ),
+        (
+            "budget-not-int",
+            lambda: info_nce(f(), f(), 1.0, max_scratch_bytes=2.5e8),
+            ValueError,
+            "max_scratch_bytes",
+        ),
     ]
 
 

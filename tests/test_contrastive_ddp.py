@@ -1,10 +1,11 @@
 """Two processes (gloo, CPU): FusedClipLoss(world_size=2) gives ClipLoss's loss and gradients.
 
-One spawn per InfoNCE path runs all four combinations of ``local_loss`` x ``gather_with_grad``; each rank saves
-its results and the parent compares them, so failures print as ordinary assertion errors. gloo
-works on CPU tensors, so the children always run the kernels through the Triton interpreter
-(TRITON_INTERPRET=1 is put in their environment, also on a CUDA machine); the distributed
-logic under test (gathering, label offsets, the rectangular kernel, gradient flow) is the same.
+One spawn per InfoNCE path runs all four combinations of ``local_loss`` x ``gather_with_grad``;
+each rank saves its results and the parent compares them, so failures print as ordinary assertion
+errors. gloo works on CPU tensors, so the children always run the kernels through the Triton
+interpreter (TRITON_INTERPRET=1 is put in their environment, also on a CUDA machine); the
+distributed logic under test (gathering, label offsets, the rectangular kernel, gradient flow) is
+the same.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import torch.nn.functional as F
 WORLD = 2
 B, D = 5, 19
 SCALE = 14.3
-COMBOS = [(local_loss, gather_with_grad) for local_loss in (False, True)
-          for gather_with_grad in (False, True)]
+COMBOS = [
+    (local_loss, gather_with_grad)
+    for local_loss in (False, True)
+    for gather_with_grad in (False, True)
+]
 
 
 def _worker(rank: int, init_file: str, data_path: str, out_dir: str, path: str) -> None:
@@ -33,8 +37,7 @@ def _worker(rank: int, init_file: str, data_path: str, out_dir: str, path: str) 
     # B = 5 per rank takes the all-Triton path by the rule; the blocked one is forced here
     launch.info_nce_path = lambda *args, **kwargs: path
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         img_all, txt_all = torch.load(data_path)
         results = {}
@@ -42,17 +45,27 @@ def _worker(rank: int, init_file: str, data_path: str, out_dir: str, path: str) 
             for name in ("fused", "clip"):
                 # the reference is ClipLoss in float64 on the same values
                 dtype = torch.float32 if name == "fused" else torch.float64
-                img = img_all[rank * B:(rank + 1) * B].to(dtype).requires_grad_()
-                txt = txt_all[rank * B:(rank + 1) * B].to(dtype).requires_grad_()
+                img = img_all[rank * B : (rank + 1) * B].to(dtype).requires_grad_()
+                txt = txt_all[rank * B : (rank + 1) * B].to(dtype).requires_grad_()
                 scale = torch.tensor(SCALE, dtype=dtype, requires_grad=True)
-                kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad,
-                              rank=rank, world_size=WORLD)
-                loss_fn = FusedClipLoss(backend="triton", **kwargs) if name == "fused" \
+                kwargs = dict(
+                    local_loss=local_loss,
+                    gather_with_grad=gather_with_grad,
+                    rank=rank,
+                    world_size=WORLD,
+                )
+                loss_fn = (
+                    FusedClipLoss(backend="triton", **kwargs)
+                    if name == "fused"
                     else ClipLoss(**kwargs)
+                )
                 loss = loss_fn(img, txt, scale)
                 loss.backward()
                 results[(local_loss, gather_with_grad, name)] = [
-                    loss.detach(), img.grad, txt.grad, scale.grad,
+                    loss.detach(),
+                    img.grad,
+                    txt.grad,
+                    scale.grad,
                 ]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -72,8 +85,12 @@ def test_fused_clip_loss_matches_clip_loss_on_two_ranks(path, tmp_path, monkeypa
     txt = F.normalize(0.5 * img + torch.randn(WORLD * B, D), dim=-1)
     data_path = str(tmp_path / "features.pt")
     torch.save((img, txt), data_path)
-    mp.spawn(_worker, args=(str(tmp_path / "init"), data_path, str(tmp_path), path),
-             nprocs=WORLD, join=True)
+    mp.spawn(
+        _worker,
+        args=(str(tmp_path / "init"), data_path, str(tmp_path), path),
+        nprocs=WORLD,
+        join=True,
+    )
 
     for rank in range(WORLD):
         results = torch.load(tmp_path / f"rank{rank}.pt")
@@ -82,11 +99,22 @@ def test_fused_clip_loss_matches_clip_loss_on_two_ranks(path, tmp_path, monkeypa
             want = results[(local_loss, gather_with_grad, "clip")]
             where = f"rank {rank}, local_loss={local_loss}, gather_with_grad={gather_with_grad}"
             assert got[0].dtype == torch.float32
-            torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"loss, {where}: {m}")
-            for name, g, w in zip(("image grad", "text grad", "logit_scale grad"), got[1:],
-                                  want[1:]):
+            torch.testing.assert_close(
+                got[0].double(),
+                want[0],
+                atol=1e-5,
+                rtol=1e-5,
+                msg=lambda m, where=where: f"loss, {where}: {m}",
+            )
+            for name, g, w in zip(
+                ("image grad", "text grad", "logit_scale grad"), got[1:], want[1:], strict=True
+            ):
                 assert g is not None and w is not None, (name, where)
                 # gradients of size ~s/B; 1e-5 of that scale (see test_contrastive.term_scale)
-                torch.testing.assert_close(g.double(), w, atol=1e-5 * SCALE / B, rtol=1e-5,
-                                           msg=lambda m: f"{name}, {where}: {m}")
+                torch.testing.assert_close(
+                    g.double(),
+                    w,
+                    atol=1e-5 * SCALE / B,
+                    rtol=1e-5,
+                    msg=lambda m, name=name, where=where: f"{name}, {where}: {m}",
+                )

@@ -11,10 +11,24 @@ import torch
 from cdds_fast import demo
 from cdds_fast.dispatch import resolve_backend
 
-TERMS = ("contrastive_loss", "semantic_loss", "modality_loss", "completeness_loss",
-         "x_completeness_loss")  # fmt: skip
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_mean_rank",
-           "t2i_mean_rank", "rsum")  # fmt: skip
+TERMS = (
+    "contrastive_loss",
+    "semantic_loss",
+    "modality_loss",
+    "completeness_loss",
+    "x_completeness_loss",
+)
+METRICS = (
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "i2t_mean_rank",
+    "t2i_mean_rank",
+    "rsum",
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +52,9 @@ def test_quick_demo_writes_report(quick_run, capsys):
     steps = cfg["steps"]
     assert cfg["quick"] and steps == demo.QUICK["steps"]
     device = torch.device(report["device"]["device"])
-    assert cfg["backend"] == resolve_backend("auto" if device.type == "cuda" else "reference",
-                                             device, torch.float32)
+    assert cfg["backend"] == resolve_backend(
+        "auto" if device.type == "cuda" else "reference", device, torch.float32
+    )
     assert set(cfg["cdds_head"]) >= {"z", "n_enc", "n_dec", "heads", "sigma"}
     assert cfg["params"]["cdds"] > cfg["params"]["clip"]
 
@@ -91,9 +106,26 @@ def test_table_rows():
 
 
 def test_no_plot_and_ablation(tmp_path):
-    argv = ["--quick", "--steps", "2", "--train-images", "16", "--test-images", "10",
-            "--batch-size", "8", "--out", str(tmp_path), "--no-plot", "--no-progress",
-            "--ablation", "--threads", "1", "--z", "1"]  # fmt: skip
+    argv = [
+        "--quick",
+        "--steps",
+        "2",
+        "--train-images",
+        "16",
+        "--test-images",
+        "10",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path),
+        "--no-plot",
+        "--no-progress",
+        "--ablation",
+        "--threads",
+        "1",
+        "--z",
+        "1",
+    ]
     assert demo.main(argv) == 0
     assert (tmp_path / "report.json").exists() and not (tmp_path / "report.png").exists()
     report = json.loads((tmp_path / "report.json").read_text())
@@ -168,7 +200,7 @@ def test_batch_schedule_distinct_images_and_deterministic():
     a = demo.batch_schedule(50, 5, 16, 10, seed=3)
     b = demo.batch_schedule(50, 5, 16, 10, seed=3)
     assert len(a) == 10
-    for (ia, ca), (ib, cb) in zip(a, b):
+    for (ia, ca), (ib, cb) in zip(a, b, strict=True):
         assert torch.equal(ia, ib) and torch.equal(ca, cb)
         assert len(set(ia.tolist())) == 16  # no two captions of one image in a batch
         assert int(ca.min()) >= 0 and int(ca.max()) < 5
@@ -183,7 +215,7 @@ def test_lr_schedule():
     lrs = [demo.lr_at(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0)
-    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))  # cosine decay
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:], strict=False))  # cosine decay
     assert lrs[-1] < 1e-3
 
 
@@ -199,7 +231,21 @@ def test_optimizer_groups():
 def test_cli_dispatch(tmp_path):
     from cdds_fast.cli import main
 
-    argv = ["demo", "--quick", "--steps", "1", "--train-images", "8", "--test-images", "6",
-            "--batch-size", "4", "--out", str(tmp_path), "--no-plot", "--no-progress"]  # fmt: skip
+    argv = [
+        "demo",
+        "--quick",
+        "--steps",
+        "1",
+        "--train-images",
+        "8",
+        "--test-images",
+        "6",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--no-plot",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert (tmp_path / "report.json").exists()

@@ -40,10 +40,15 @@ def _write_run(root: Path) -> None:
     path.parent.mkdir(parents=True)
     state = {"module." + k: v for k, v in model.state_dict().items()}
     torch.save({"epoch": 25, "state_dict": state}, path)
-    cfg = build_parser().parse_args(["--cdds-heads", str(HEADS), "--cdds-enc-layers", "1",
-                                     "--cdds-dec-layers", "1"])
-    write_sidecar(Namespace(model=TINY_MODEL, pretrained="", precision="fp32",
-                            checkpoint_path=str(path.parent)), cfg)
+    cfg = build_parser().parse_args(
+        ["--cdds-heads", str(HEADS), "--cdds-enc-layers", "1", "--cdds-dec-layers", "1"]
+    )
+    write_sidecar(
+        Namespace(
+            model=TINY_MODEL, pretrained="", precision="fp32", checkpoint_path=str(path.parent)
+        ),
+        cfg,
+    )
 
 
 def _as_run(block: str) -> str:
@@ -100,7 +105,9 @@ def test_citations_of_method_md_name_sections_that_exist():
             known = sections if kind.startswith("section") else decisions
             for number in map(int, re.findall(r"\d+", numbers)):
                 cited += 1
-                assert number in known, f"{path.relative_to(ROOT)} cites docs/method.md {kind} {number}"
+                assert number in known, (
+                    f"{path.relative_to(ROOT)} cites docs/method.md {kind} {number}"
+                )
     assert cited > 20
 
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from cdds_fast.data import SceneCaptions, write_csv
 from cdds_fast.eval.command import main as eval_main
-from cdds_fast.open_clip import CDDS_CONFIG_FILENAME, CDDSModel
 from cdds_fast.eval.retrieval import encode_dataset, retrieval_metrics
+from cdds_fast.open_clip import CDDS_CONFIG_FILENAME, CDDSModel
 from tests._openclip_fixtures import HEADS, TINY_CONFIG, TINY_MODEL, tiny_config_dir
 
 HEAD = {"n_enc": 1, "n_dec": 1, "heads": HEADS, "z": 2, "sigma": 0.1}
@@ -45,13 +45,25 @@ def cdds_run(tmp_path_factory) -> dict:
     model = CDDSModel(_tiny_clip(0), **HEAD, output_dict=True)
     _perturb(model, 1)
     state = {"module." + k: v for k, v in model.state_dict().items()}
-    torch.save({"epoch": 1, "name": "tiny", "state_dict": state, "optimizer": {}}, run / "epoch_1.pt")
+    torch.save(
+        {"epoch": 1, "name": "tiny", "state_dict": state, "optimizer": {}}, run / "epoch_1.pt"
+    )
     sidecar = {
-        "model": TINY_MODEL, "pretrained": None, "precision": "fp32",
-        "cdds": {**HEAD, "a_c": 1.0, "a_s": 1.0, "a_m": 0.1, "a_f": 0.5, "tau_kl": 1.0,
-                 "rho": 0.01, "backend": "auto"},
+        "model": TINY_MODEL,
+        "pretrained": None,
+        "precision": "fp32",
+        "cdds": {
+            **HEAD,
+            "a_c": 1.0,
+            "a_s": 1.0,
+            "a_m": 0.1,
+            "a_f": 0.5,
+            "tau_kl": 1.0,
+            "rho": 0.01,
+            "backend": "auto",
+        },
         "model_config": TINY_CONFIG,
-    }  # fmt: skip
+    }
     (run / CDDS_CONFIG_FILENAME).write_text(json.dumps(sidecar))
     return {"path": run / "epoch_1.pt", "model": model.eval()}
 
@@ -62,8 +74,10 @@ def plain_ckpt(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("plain")
     clip = _tiny_clip(2)
     _perturb(clip, 3)
-    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in clip.state_dict().items()}},
-               folder / "epoch_1.pt")  # fmt: skip
+    torch.save(
+        {"epoch": 1, "state_dict": {"module." + k: v for k, v in clip.state_dict().items()}},
+        folder / "epoch_1.pt",
+    )
     return {"path": folder / "epoch_1.pt", "model": clip.eval()}
 
 
@@ -72,17 +86,46 @@ def karpathy(tmp_path_factory) -> dict:
     """A Karpathy-format JSON with 10 test images (5 captions each), 2 train images."""
     root = tmp_path_factory.mktemp("karpathy")
     (root / "imgs").mkdir()
-    colours = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan", "white", "grey"]
-    rgb = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 20), (150, 30, 160),
-           (250, 140, 0), (250, 120, 180), (0, 220, 220), (245, 245, 245), (128, 128, 128)]  # fmt: skip
+    colours = [
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "purple",
+        "orange",
+        "pink",
+        "cyan",
+        "white",
+        "grey",
+    ]
+    rgb = [
+        (220, 30, 30),
+        (30, 200, 30),
+        (30, 30, 220),
+        (230, 230, 20),
+        (150, 30, 160),
+        (250, 140, 0),
+        (250, 120, 180),
+        (0, 220, 220),
+        (245, 245, 245),
+        (128, 128, 128),
+    ]
     images = []
-    for n, (name, c) in enumerate(zip(colours + colours[:2], rgb + rgb[:2])):
+    for n, (name, c) in enumerate(zip(colours + colours[:2], rgb + rgb[:2], strict=True)):
         fname = f"im_{n:02d}.png"
         Image.new("RGB", (40, 40), c).save(root / "imgs" / fname)
-        sentences = [{"raw": f"a {adj} {name} square", "tokens": []}
-                     for adj in ("plain", "flat", "big", "simple", "bright")]  # fmt: skip
-        images.append({"filepath": "imgs", "filename": fname, "split": "test" if n < 10 else "train",
-                       "sentences": sentences})  # fmt: skip
+        sentences = [
+            {"raw": f"a {adj} {name} square", "tokens": []}
+            for adj in ("plain", "flat", "big", "simple", "bright")
+        ]
+        images.append(
+            {
+                "filepath": "imgs",
+                "filename": fname,
+                "split": "test" if n < 10 else "train",
+                "sentences": sentences,
+            }
+        )
     path = root / "dataset_tiny.json"
     path.write_text(json.dumps({"dataset": "tiny", "images": images}))
     return {"json": path, "root": root}
@@ -108,14 +151,24 @@ def _direct(model, n_img: int) -> dict:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    enc = encode_dataset(model, ds, batch_size=7, transform=transform, tokenizer=tokenizer,
-                         disable=True)  # fmt: skip
+    enc = encode_dataset(
+        model, ds, batch_size=7, transform=transform, tokenizer=tokenizer, disable=True
+    )
     return retrieval_metrics(*enc)
 
 
 def test_cdds_checkpoint_on_embedded_split(cdds_run, tmp_path, capsys):
-    res = _run(["--checkpoint", str(cdds_run["path"]), "--embedded-size", str(N_EMBEDDED),
-                "--batch-size", "5"], tmp_path)  # fmt: skip
+    res = _run(
+        [
+            "--checkpoint",
+            str(cdds_run["path"]),
+            "--embedded-size",
+            str(N_EMBEDDED),
+            "--batch-size",
+            "5",
+        ],
+        tmp_path,
+    )
     assert res["model"]["kind"] == "cdds" and res["model"]["features"] == "semantic"
     assert res["model"]["model"] == TINY_MODEL
     assert res["model"]["cdds_head"]["n_enc"] == 1 and res["model"]["cdds_head"]["heads"] == HEADS
@@ -131,8 +184,17 @@ def test_cdds_checkpoint_on_embedded_split(cdds_run, tmp_path, capsys):
 
 
 def test_cdds_checkpoint_clip_features(cdds_run, tmp_path):
-    res = _run(["--checkpoint", str(cdds_run["path"]), "--embedded-size", str(N_EMBEDDED),
-                "--features", "clip"], tmp_path)  # fmt: skip
+    res = _run(
+        [
+            "--checkpoint",
+            str(cdds_run["path"]),
+            "--embedded-size",
+            str(N_EMBEDDED),
+            "--features",
+            "clip",
+        ],
+        tmp_path,
+    )
     assert res["model"]["features"] == "clip"
     expected = _direct(cdds_run["model"].clip, N_EMBEDDED)
     for key, value in expected.items():
@@ -147,8 +209,19 @@ def test_cdds_checkpoint_without_sidecar(cdds_run, tmp_path, capsys):
     bare.write_bytes(Path(cdds_run["path"]).read_bytes())
     assert eval_main(["--checkpoint", str(bare), "--no-progress"]) == 2
     assert "--model" in capsys.readouterr().err
-    res = _run(["--checkpoint", str(bare), "--model", TINY_MODEL, "--cdds-heads", str(HEADS),
-                "--embedded-size", str(N_EMBEDDED)], tmp_path)  # fmt: skip
+    res = _run(
+        [
+            "--checkpoint",
+            str(bare),
+            "--model",
+            TINY_MODEL,
+            "--cdds-heads",
+            str(HEADS),
+            "--embedded-size",
+            str(N_EMBEDDED),
+        ],
+        tmp_path,
+    )
     assert res["model"]["cdds_head"]["heads"] == HEADS and res["model"]["cdds_head"]["n_enc"] == 1
     expected = _direct(cdds_run["model"], N_EMBEDDED)
     for key, value in expected.items():
@@ -182,39 +255,91 @@ def test_checkpoint_of_another_layout_is_refused(tmp_path, capsys):
 
 
 def test_plain_open_clip_model(tmp_path):
-    res = _run(["--model", TINY_MODEL, "--model-config", str(tiny_config_dir()),
-                "--embedded-size", str(N_EMBEDDED)], tmp_path)  # fmt: skip
-    assert res["model"] == {"kind": "clip", "model": TINY_MODEL, "pretrained": None,
-                            "features": "clip"}  # fmt: skip
+    res = _run(
+        [
+            "--model",
+            TINY_MODEL,
+            "--model-config",
+            str(tiny_config_dir()),
+            "--embedded-size",
+            str(N_EMBEDDED),
+        ],
+        tmp_path,
+    )
+    assert res["model"] == {
+        "kind": "clip",
+        "model": TINY_MODEL,
+        "pretrained": None,
+        "features": "clip",
+    }
     _check_range(res["metrics"], N_EMBEDDED)
 
 
 def test_plain_checkpoint_needs_model_name(plain_ckpt, tmp_path, capsys):
     assert eval_main(["--checkpoint", str(plain_ckpt["path"]), "--no-progress"]) == 2
     assert "--model" in capsys.readouterr().err
-    res = _run(["--checkpoint", str(plain_ckpt["path"]), "--model", TINY_MODEL,
-                "--embedded-size", str(N_EMBEDDED)], tmp_path)  # fmt: skip
+    res = _run(
+        [
+            "--checkpoint",
+            str(plain_ckpt["path"]),
+            "--model",
+            TINY_MODEL,
+            "--embedded-size",
+            str(N_EMBEDDED),
+        ],
+        tmp_path,
+    )
     assert res["model"]["kind"] == "clip"
     expected = _direct(plain_ckpt["model"], N_EMBEDDED)
     for key, value in expected.items():
         assert res["metrics"][key] == pytest.approx(value, abs=1e-6), key
     # the same weights through --model --pretrained FILE (open_clip's own loader)
-    res2 = _run(["--model", TINY_MODEL, "--pretrained", str(plain_ckpt["path"]),
-                 "--embedded-size", str(N_EMBEDDED)], tmp_path)  # fmt: skip
+    res2 = _run(
+        [
+            "--model",
+            TINY_MODEL,
+            "--pretrained",
+            str(plain_ckpt["path"]),
+            "--embedded-size",
+            str(N_EMBEDDED),
+        ],
+        tmp_path,
+    )
     assert res2["metrics"] == pytest.approx(res["metrics"])
 
 
 def test_karpathy_fixture(cdds_run, karpathy, tmp_path, capsys):
-    res = _run(["--checkpoint", str(cdds_run["path"]), "--karpathy-json", str(karpathy["json"]),
-                "--image-root", str(karpathy["root"]), "--split", "test"], tmp_path)  # fmt: skip
+    res = _run(
+        [
+            "--checkpoint",
+            str(cdds_run["path"]),
+            "--karpathy-json",
+            str(karpathy["json"]),
+            "--image-root",
+            str(karpathy["root"]),
+            "--split",
+            "test",
+        ],
+        tmp_path,
+    )
     assert res["data"]["source"] == "karpathy" and res["data"]["dataset"] == "tiny"
     assert res["data"]["images"] == 10 and res["data"]["captions"] == 50
     _check_range(res["metrics"], 10)
     assert "folds" not in res
 
     # the 1K protocol path: 5 folds of consecutive images, averaged; plus the whole split
-    res = _run(["--checkpoint", str(cdds_run["path"]), "--karpathy-json", str(karpathy["json"]),
-                "--image-root", str(karpathy["root"]), "--coco-1k"], tmp_path)  # fmt: skip
+    res = _run(
+        [
+            "--checkpoint",
+            str(cdds_run["path"]),
+            "--karpathy-json",
+            str(karpathy["json"]),
+            "--image-root",
+            str(karpathy["root"]),
+            "--coco-1k",
+        ],
+        tmp_path,
+    )
     assert len(res["folds"]) == 5 and res["fold_images"] == 2
     for key in ("i2t_r1", "t2i_r5", "rsum", "t2i_mean_rank"):
         mean = sum(f[key] for f in res["folds"]) / 5
@@ -226,8 +351,10 @@ def test_karpathy_fixture(cdds_run, karpathy, tmp_path, capsys):
 
 def test_csv(tmp_path):
     csv_path = write_csv(tmp_path / "csv", "test", n=6, image_size=32)
-    res = _run(["--model", TINY_MODEL, "--model-config", str(tiny_config_dir()),
-                "--csv", str(csv_path)], tmp_path)  # fmt: skip
+    res = _run(
+        ["--model", TINY_MODEL, "--model-config", str(tiny_config_dir()), "--csv", str(csv_path)],
+        tmp_path,
+    )
     assert res["data"]["source"] == "csv" and res["data"]["images"] == 6
     assert res["data"]["captions"] == 30
     _check_range(res["metrics"], 6)
@@ -253,6 +380,19 @@ def test_bad_input(argv, message, capsys):
 def test_cli_dispatch(cdds_run, capsys):
     from cdds_fast.cli import main
 
-    assert main(["eval", "--checkpoint", str(cdds_run["path"]), "--embedded-size", "6",
-                 "--no-progress", "--name", "mine"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(cdds_run["path"]),
+                "--embedded-size",
+                "6",
+                "--no-progress",
+                "--name",
+                "mine",
+            ]
+        )
+        == 0
+    )
     assert re.search(r"^\|\s*metric\s*\|\s*mine\s*\|$", capsys.readouterr().out, re.MULTILINE)

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cdds_fast.contract import LOSS_KEYS
 from cdds_fast.fused_loss import cdds_loss_triton
 from cdds_fast.reference import cdds_loss as reference_cdds_loss
-from cdds_fast.contract import LOSS_KEYS
 from tests._inputs import assert_close, make_inputs, subnormal_ulp
 from tests.conftest import DEVICE
 
@@ -50,18 +50,30 @@ from tests.conftest import DEVICE
 # for every input dtype and always use the fp32 row (both sides compute in fp32 from the same
 # input values). Gradients of tensors of a given dtype use that dtype's row.
 TOLS = [
-    (torch.float32, 1e-5, 1e-4,
-     "fp32 math on both sides; the loss chains ~6 reductions (stats -> softmax over D -> W -> "
-     "c, a -> InfoNCE / constraint sums) in different orders; alpha and semantic gradients sum "
-     "thousands of terms with cancellation (<= ~5e-6 of max observed)"),
-    (torch.bfloat16, 1e-2, 1e-2,
-     "gradients are fp32 on both sides, then rounded to bf16 (2^-8 = 3.9e-3 relative). They are "
-     "compared with float64 (see check): atol (x max|f64|) bounds what the fp32 reference's own "
-     "error does not explain, i.e. ~2.5 bf16 ulps at the largest entries"),
-    (torch.float16, 2e-3, 2e-3,
-     "as bf16 with fp16's 2^-11 = 4.9e-4 relative rounding (~4 ulps at the largest entries); "
-     "gradients below fp16's smallest normal (6e-5) are subnormals, exact only to 2^-24 "
-     "absolute, which floors atol (subnormal_ulp)"),
+    (
+        torch.float32,
+        1e-5,
+        1e-4,
+        "fp32 math on both sides; the loss chains ~6 reductions (stats -> softmax over D -> W -> "
+        "c, a -> InfoNCE / constraint sums) in different orders; alpha and semantic gradients sum "
+        "thousands of terms with cancellation (<= ~5e-6 of max observed)",
+    ),
+    (
+        torch.bfloat16,
+        1e-2,
+        1e-2,
+        "gradients are fp32 on both sides, then rounded to bf16 (2^-8 = 3.9e-3 relative). They are "
+        "compared with float64 (see check): atol (x max|f64|) bounds what the fp32 reference's own "
+        "error does not explain, i.e. ~2.5 bf16 ulps at the largest entries",
+    ),
+    (
+        torch.float16,
+        2e-3,
+        2e-3,
+        "as bf16 with fp16's 2^-11 = 4.9e-4 relative rounding (~4 ulps at the largest entries); "
+        "gradients below fp16's smallest normal (6e-5) are subnormals, exact only to 2^-24 "
+        "absolute, which floors atol (subnormal_ulp)",
+    ),
 ]
 TOL = {dt: (atol, rtol) for dt, atol, rtol, _ in TOLS}
 F32 = TOL[torch.float32]
@@ -82,9 +94,21 @@ FACTOR = 10.0
 # they move the reference as far as they move the fast path.
 N_ORDERS = 3
 
-LEAF_NAMES = ("image_tokens", "image_semantic", "image_modality", "text_tokens",
-              "text_semantic", "text_modality", "alpha_image", "alpha_text", "w_s_image",
-              "w_m_image", "w_s_text", "w_m_text", "logit_scale")
+LEAF_NAMES = (
+    "image_tokens",
+    "image_semantic",
+    "image_modality",
+    "text_tokens",
+    "text_semantic",
+    "text_modality",
+    "alpha_image",
+    "alpha_text",
+    "w_s_image",
+    "w_m_image",
+    "w_s_text",
+    "w_m_text",
+    "logit_scale",
+)
 PARAM_NAMES = LEAF_NAMES[6:12]
 
 
@@ -95,10 +119,12 @@ def text_mask(batch, length, *, min_valid, device):
 
 def inputs(batch, patches, length, dim, dtype, device, *, mask=None, smooth=False):
     if mask is None:
-        mask = text_mask(batch, length, min_valid=max(1, length // 2) if smooth else 1,
-                         device=device)
-    tensors, params = make_inputs(batch, patches, length, dim, dtype=dtype, device=device,
-                                  mask=mask)
+        mask = text_mask(
+            batch, length, min_valid=max(1, length // 2) if smooth else 1, device=device
+        )
+    tensors, params = make_inputs(
+        batch, patches, length, dim, dtype=dtype, device=device, mask=mask
+    )
     if smooth:
         with torch.no_grad():
             for key in ("alpha_image", "alpha_text"):
@@ -123,14 +149,17 @@ def repair_alpha(tensors, params, *, margin=1e-5, candidates=48, rho=0.01):
     mask = tensors[6]
     mu_v, s_v = column_stats(tensors[1].detach().double())
     mu_t, s_t = column_stats(tensors[4].detach().double(), mask)
-    for key, (ms, ss, md, sd) in (("alpha_image", (mu_v, s_v, mu_t, s_t)),
-                                  ("alpha_text", (mu_t, s_t, mu_v, s_v))):
+    for key, (ms, ss, md, sd) in (
+        ("alpha_image", (mu_v, s_v, mu_t, s_t)),
+        ("alpha_text", (mu_t, s_t, mu_v, s_v)),
+    ):
         pr = related_probabilities(ms, ss, md, sd)  # [B, D, D]
         mean, mx = pr.mean(-1), pr.amax(-1)
         std = ((pr - mean[..., None]) ** 2).mean(-1).sqrt()
         alpha = params[key]
-        cand = -1.0 + 4.0 * torch.rand(candidates, alpha.shape[0], dtype=torch.float64,
-                                       device=alpha.device)
+        cand = -1.0 + 4.0 * torch.rand(
+            candidates, alpha.shape[0], dtype=torch.float64, device=alpha.device
+        )
         best, best_margin = cand[0], torch.full_like(cand[0], -1.0)
         for c in cand:
             t1, t2 = mean + c * std, (1.0 - rho) * mx
@@ -144,7 +173,8 @@ def repair_alpha(tensors, params, *, margin=1e-5, candidates=48, rho=0.01):
         if not bool(ok.all()):  # e.g. D = 1 (std = 0: alpha is irrelevant, the min never ties)
             ok = ok | (std.amax(0) == 0)
         assert bool(ok.all()), (
-            f"{key}: no candidate keeps margin {margin} for {int((~ok).sum())} columns")
+            f"{key}: no candidate keeps margin {margin} for {int((~ok).sum())} columns"
+        )
         with torch.no_grad():
             alpha.copy_(best.to(alpha.dtype))
     return params
@@ -157,7 +187,7 @@ def run(fn, tensors, params, *, cast=None, **kw):
     out = fn(*leaves, tensors[6], **p, **kw)
     assert list(out) == list(LOSS_KEYS)
     grads = torch.autograd.grad(sum(out.values()), [*leaves, *p.values()])
-    return out, dict(zip(LEAF_NAMES, grads))
+    return out, dict(zip(LEAF_NAMES, grads, strict=True))
 
 
 def run_reference_perturbed(tensors, params, **kw):
@@ -186,7 +216,9 @@ def run_reference_perturbed(tensors, params, **kw):
         out = reference_cdds_loss(*leaves, permuted[6], **p, **kw)
     finally:
         reference_loss.column_stats = exact_stats
-    grads = dict(zip(LEAF_NAMES, torch.autograd.grad(sum(out.values()), [*leaves, *p.values()])))
+    grads = dict(
+        zip(LEAF_NAMES, torch.autograd.grad(sum(out.values()), [*leaves, *p.values()]), strict=True)
+    )
     inv_v, inv_t = torch.argsort(perm_v), torch.argsort(perm_t)
     for i, name in enumerate(LEAF_NAMES[:6]):
         grads[name] = grads[name][:, inv_v if i < 3 else inv_t]
@@ -227,9 +259,10 @@ def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, floors=N
     out, grads = run(fast, tensors, params, **kw)
     ref, ref_grads = run(reference_cdds_loss, tensors, params, **kw)
     ref64, ref64_grads = run(reference_cdds_loss, tensors, params, cast=torch.float64, **kw)
-    refs = [(ref, ref_grads)] + [run_reference_perturbed(tensors, params, **kw)
-                                 for _ in range(N_ORDERS - 1)]
-    leaves = dict(zip(LEAF_NAMES, [*tensors[:6], *params.values()]))
+    refs = [(ref, ref_grads)] + [
+        run_reference_perturbed(tensors, params, **kw) for _ in range(N_ORDERS - 1)
+    ]
+    leaves = dict(zip(LEAF_NAMES, [*tensors[:6], *params.values()], strict=True))
     # The [D] parameter vectors share one scale: a gradient that vanishes mathematically (alpha
     # when every Pr is saturated, e.g. texts of one token) is rounding noise of terms that cancel,
     # and those terms are the size of the other parameters' gradients, not of its own ~0.
@@ -238,13 +271,18 @@ def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, floors=N
     # terms an absolute accuracy ~eps * logit_scale however small their value (a well aligned
     # batch has L_s ~ 1e-5), and d L / d logit_scale is a sum of probability x cosine terms of
     # size <= 1. These are their natural scales when the value itself is smaller.
-    floors = {"contrastive_loss": float(params["logit_scale"]),
-              "semantic_loss": float(params["logit_scale"]), "logit_scale": 1.0, **(floors or {})}
+    floors = {
+        "contrastive_loss": float(params["logit_scale"]),
+        "semantic_loss": float(params["logit_scale"]),
+        "logit_scale": 1.0,
+        **(floors or {}),
+    }
     for k in LOSS_KEYS:
         assert out[k].dtype == torch.float32 and out[k].dim() == 0, k
         if conditioned:
-            _within_fp32_reference_error(k, out[k], [r[k] for r, _ in refs], ref64[k], F32,
-                                         scale=floors.get(k))
+            _within_fp32_reference_error(
+                k, out[k], [r[k] for r, _ in refs], ref64[k], F32, scale=floors.get(k)
+            )
         else:
             assert_close(out[k], ref[k], F32, k, scale=floors.get(k))
     for name, leaf in leaves.items():
@@ -258,7 +296,11 @@ def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, floors=N
             if name in THROUGH_SAMPLING:
                 tol = max(tol, SAMPLING_TOL)
             _within_fp32_reference_error(
-                f"grad {name}", g, [rg[name] for _, rg in refs], ref64_grads[name], tol,
+                f"grad {name}",
+                g,
+                [rg[name] for _, rg in refs],
+                ref64_grads[name],
+                tol,
                 scale=param_scale if name in PARAM_NAMES else floors.get(name),
             )
     return out, grads
@@ -329,8 +371,11 @@ def test_matches_reference_conditioned(batch, patches, length, dim, make_mask, d
 
 @settings(max_examples=12, deadline=None)
 @given(
-    batch=st.integers(1, 4), patches=st.integers(1, 7), length=st.integers(1, 9),
-    dim=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    batch=st.integers(1, 4),
+    patches=st.integers(1, 7),
+    length=st.integers(1, 9),
+    dim=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_fuzz_matches_reference(batch, patches, length, dim, dtype, seed):
@@ -359,8 +404,9 @@ def test_large_magnitudes(dtype, scale, device):
     at unit scale: every term and gradient stays finite and matches."""
     # at least half the text tokens valid so the fp16 gradients (~ 2 r / (D Ntok)) stay far below
     # 65504 -- with fewer tokens they could overflow fp16 legitimately, on both sides
-    tensors, params = inputs(3, 6, 8, 64, torch.float32, device,
-                             mask=text_mask(3, 8, min_valid=4, device=device))
+    tensors, params = inputs(
+        3, 6, 8, 64, torch.float32, device, mask=text_mask(3, 8, min_valid=4, device=device)
+    )
     with torch.no_grad():
         tensors = [t.detach() for t in tensors]
         for i in (0, 1, 3, 4):
@@ -406,8 +452,13 @@ def test_pooled_x_semantic_is_normalized_c(device):
     for semantic, m in ((tensors[1], None), (tensors[4], mask)):
         xs = semantic.detach().requires_grad_()
         mu, s = column_stats(xs, m)
-        w = related_weights(mu.detach(), s.detach(), mu.detach().flip(0), s.detach().flip(0),
-                            params["alpha_image"].detach())
+        w = related_weights(
+            mu.detach(),
+            s.detach(),
+            mu.detach().flip(0),
+            s.detach().flip(0),
+            params["alpha_image"].detach(),
+        )
         c, a = sampling_coefficients(w, mu.detach().flip(0), s.detach().flip(0))
         pooled = pool(x_semantic(xs, mu, s, c, a), m)
         # mean_n zeta_n = (mean_n x_n - mu) / s is 0 up to the rounding of the mean, so pool(X^x)
@@ -423,7 +474,8 @@ def test_pooled_x_semantic_is_normalized_c(device):
         err = (pooled.detach() - F.normalize(c, dim=-1)).abs()
         bound = 16 * torch.finfo(torch.float32).eps * terms + 1e-7
         assert bool((err <= bound).all()), (
-            f"pool(X^x) vs normalize(c): excess {(err - bound).max().item():.3g}")
+            f"pool(X^x) vs normalize(c): excess {(err - bound).max().item():.3g}"
+        )
         up = torch.randn_like(pooled)
         (g,) = torch.autograd.grad((pooled * up).sum(), xs)
         # the direct path through zeta alone (mu, s held fixed) is what the mu and s paths cancel;
@@ -431,7 +483,8 @@ def test_pooled_x_semantic_is_normalized_c(device):
         direct = pool(x_semantic(xs, mu.detach(), s.detach(), c, a), m)
         (g_direct,) = torch.autograd.grad((direct * up).sum(), xs)
         assert float(g.abs().max()) <= 1e-4 * float(g_direct.abs().max()), (
-            "d pool(X^x) / d X^s must vanish (to rounding of the cancelling paths)")
+            "d pool(X^x) / d X^s must vanish (to rounding of the cancelling paths)"
+        )
 
 
 def test_non_contiguous_inputs(device):
@@ -454,8 +507,10 @@ def test_non_contiguous_inputs(device):
 def test_mixed_dtypes(device):
     """Autocast-style mixes: bf16 image side, fp16 text side, fp32 parameters."""
     tensors, params = inputs(3, 6, 8, 20, torch.float32, device, smooth=True)
-    tensors = [t.detach().to(torch.bfloat16) if i < 3 else
-               (t.detach().to(torch.float16) if i < 6 else t) for i, t in enumerate(tensors)]
+    tensors = [
+        t.detach().to(torch.bfloat16) if i < 3 else (t.detach().to(torch.float16) if i < 6 else t)
+        for i, t in enumerate(tensors)
+    ]
     check_smooth(tensors, params)
 
 
@@ -511,8 +566,11 @@ def test_bad_input_raises_before_launch(device):
     # with check_finite the host check before any launch
     with pytest.raises(RuntimeError, match="text_mask: expected at least one valid token"):
         fast(*tensors[:6], empty, **params)
-    with pytest.raises(ValueError, match=r"text_mask: expected at least one valid token per "
-                                         r"row, got rows \[1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"text_mask: expected at least one valid token per "
+        r"row, got rows \[1\]",
+    ):
         fast(*tensors[:6], empty, **params, check_finite=True)
     with pytest.raises(ValueError, match="text_tokens: expected feature dim D = 5"):
         fast(*tensors[:3], tensors[3][..., :4], *tensors[4:], **params)
@@ -559,15 +617,22 @@ def _compile_step(device, backend):
     loss_e = step(*tensors, **params)
     grads_e = torch.autograd.grad(loss_e, leaves)
     torch.testing.assert_close(loss_c, loss_e)
-    for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e):
+    for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e, strict=True):
         torch.testing.assert_close(gc, ge, msg=n)
 
 
 def _cdds_loss_inputs(tensors, params):
     """``CDDSLoss``'s keyword inputs from ``inputs()``'s tensors and parameters."""
-    names = ("image_tokens", "image_semantic", "image_modality", "text_tokens", "text_semantic",
-             "text_modality", "text_mask")
-    return {**dict(zip(names, tensors)), **params}
+    names = (
+        "image_tokens",
+        "image_semantic",
+        "image_modality",
+        "text_tokens",
+        "text_semantic",
+        "text_modality",
+        "text_mask",
+    )
+    return {**dict(zip(names, tensors, strict=True)), **params}
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -594,7 +659,7 @@ def test_fullgraph_compile_through_cdds_loss(backend, device):
     loss_e = step(kw)
     grads_e = torch.autograd.grad(loss_e, leaves)
     torch.testing.assert_close(loss_c, loss_e)
-    for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e):
+    for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e, strict=True):
         torch.testing.assert_close(gc, ge, msg=n)
     if backend == "reference":  # the check traced as a device-side assertion still fires
         empty = tensors[6].clone()
@@ -647,14 +712,15 @@ def test_cuda_graph_replay_equals_eager(device):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    fresh, fresh_params = inputs(16, 50, 77, 512, torch.bfloat16, device, smooth=True,
-                                 mask=tensors[6])
+    fresh, fresh_params = inputs(
+        16, 50, 77, 512, torch.bfloat16, device, smooth=True, mask=tensors[6]
+    )
     with torch.no_grad():
-        for leaf, new in zip(leaves, [*fresh[:6], *fresh_params.values()]):
+        for leaf, new in zip(leaves, [*fresh[:6], *fresh_params.values()], strict=True):
             leaf.copy_(new)
     graph.replay()
     eager = step()
-    for name, got, want in zip(("loss", *LEAF_NAMES), captured, eager):
+    for name, got, want in zip(("loss", *LEAF_NAMES), captured, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
 
 
@@ -672,8 +738,11 @@ def test_no_relation_matrix_or_fp32_token_tensor_is_materialised(device):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            self.seen += [(str(func), tuple(t.shape), t.dtype) for t in tree_leaves(out)
-                          if isinstance(t, torch.Tensor)]
+            self.seen += [
+                (str(func), tuple(t.shape), t.dtype)
+                for t in tree_leaves(out)
+                if isinstance(t, torch.Tensor)
+            ]
             return out
 
     batch, patches, length, dim = 2, 5, 6, 64
@@ -685,5 +754,9 @@ def test_no_relation_matrix_or_fp32_token_tensor_is_materialised(device):
     assert rec.seen, "the dispatch mode saw nothing"
     for op, shape, dtype in rec.seen:
         assert shape[-2:] != (dim, dim), f"{op} made a [.., D, D] tensor {shape}"
-        assert not (dtype == torch.float32 and len(shape) == 3 and shape[-1] == dim
-                    and shape[1] in (patches, length)), f"{op} made an fp32 token tensor {shape}"
+        assert not (
+            dtype == torch.float32
+            and len(shape) == 3
+            and shape[-1] == dim
+            and shape[1] in (patches, length)
+        ), f"{op} made an fp32 token tensor {shape}"

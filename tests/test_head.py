@@ -50,12 +50,13 @@ def test_padded_tokens_never_change_valid_outputs(training):
     a = dec(x, mask)
     torch.manual_seed(0)
     b = dec(y, mask)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u[mask], v[mask], atol=1e-5, rtol=1e-5)
 
 
 def test_unet_skip_structure():
-    """d_k = F_k(d_{k-1} + h_{n_enc-k}): with identity-initialised blocks turned off, check wiring."""
+    """d_k = F_k(d_{k-1} + h_{n_enc-k}): with identity-initialised blocks turned off, check the
+    wiring."""
     dec = DualPathDecoupler(8, heads=2, n_enc=2, n_dec=3, z=1).eval()
     calls = []
     for name, blocks in (("enc", dec.encoder), ("sem", dec.semantic_decoder)):
@@ -101,26 +102,42 @@ def test_head_and_loss_end_to_end_every_parameter_gets_a_gradient():
 
 def test_loss_module_total_equals_sum_and_matches_functional():
     tensors, params = make_inputs(3, 5, 4, 8, requires_grad=False)
-    names = ["image_tokens", "image_semantic", "image_modality", "text_tokens", "text_semantic",
-             "text_modality", "text_mask"]
+    names = [
+        "image_tokens",
+        "image_semantic",
+        "image_modality",
+        "text_tokens",
+        "text_semantic",
+        "text_modality",
+        "text_mask",
+    ]
     loss = CDDSLoss(a_c=0.5, a_s=2.0, a_m=0.3, a_f=0.6, tau_kl=0.7, rho=0.05, backend="reference")
-    total = loss(**dict(zip(names, tensors)), **params)
-    terms = R.cdds_loss(*tensors, **params, a_c=0.5, a_s=2.0, a_m=0.3, a_f=0.6, tau_kl=0.7, rho=0.05)
+    total = loss(**dict(zip(names, tensors, strict=True)), **params)
+    terms = R.cdds_loss(
+        *tensors, **params, a_c=0.5, a_s=2.0, a_m=0.3, a_f=0.6, tau_kl=0.7, rho=0.05
+    )
     torch.testing.assert_close(total, sum(terms.values()))
 
 
 def test_loss_accepts_batch_replicated_parameters():
     tensors, params = make_inputs(3, 5, 4, 8)
-    names = ["image_tokens", "image_semantic", "image_modality", "text_tokens", "text_semantic",
-             "text_modality", "text_mask"]
+    names = [
+        "image_tokens",
+        "image_semantic",
+        "image_modality",
+        "text_tokens",
+        "text_semantic",
+        "text_modality",
+        "text_mask",
+    ]
     loss = CDDSLoss(backend="reference")
-    plain = loss(**dict(zip(names, tensors)), **params)
+    plain = loss(**dict(zip(names, tensors, strict=True)), **params)
     plain.backward()
     grads = {k: v.grad.clone() for k, v in params.items()}
     for v in params.values():
         v.grad = None
     rep = {k: (v.expand(3, -1) if v.dim() == 1 else v) for k, v in params.items()}
-    replicated = loss(**dict(zip(names, tensors)), **rep)
+    replicated = loss(**dict(zip(names, tensors, strict=True)), **rep)
     replicated.backward()
     torch.testing.assert_close(plain, replicated)
     for k, v in params.items():
@@ -129,7 +146,14 @@ def test_loss_accepts_batch_replicated_parameters():
 
 def test_loss_rejects_logit_bias():
     tensors, params = make_inputs(2, 3, 4, 8, requires_grad=False)
-    names = ["image_tokens", "image_semantic", "image_modality", "text_tokens", "text_semantic",
-             "text_modality", "text_mask"]
+    names = [
+        "image_tokens",
+        "image_semantic",
+        "image_modality",
+        "text_tokens",
+        "text_semantic",
+        "text_modality",
+        "text_mask",
+    ]
     with pytest.raises(ValueError, match="logit_bias"):
-        CDDSLoss()(**dict(zip(names, tensors)), **params, logit_bias=torch.tensor(0.0))
+        CDDSLoss()(**dict(zip(names, tensors, strict=True)), **params, logit_bias=torch.tensor(0.0))

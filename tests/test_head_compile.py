@@ -28,17 +28,22 @@ def _compare(module, args, backend):
     results = []
     for fn in (compiled, module):
         out = fn(*args)
-        outs = [out] if isinstance(out, torch.Tensor) else [
-            v for v in out.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-        weights = [torch.ones_like(o).uniform_(generator=torch.Generator(o.device).manual_seed(i))
-                   for i, o in enumerate(outs)]
-        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        outs = (
+            [out]
+            if isinstance(out, torch.Tensor)
+            else [v for v in out.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+        )
+        weights = [
+            torch.ones_like(o).uniform_(generator=torch.Generator(o.device).manual_seed(i))
+            for i, o in enumerate(outs)
+        ]
+        loss = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         results.append((outs, grads))
     (outs_c, grads_c), (outs_e, grads_e) = results
-    for i, (c, e) in enumerate(zip(outs_c, outs_e)):
+    for i, (c, e) in enumerate(zip(outs_c, outs_e, strict=True)):
         torch.testing.assert_close(c, e, msg=f"output {i}")
-    for i, (c, e) in enumerate(zip(grads_c, grads_e)):
+    for i, (c, e) in enumerate(zip(grads_c, grads_e, strict=True)):
         assert (c is None) == (e is None), i
         if c is not None:
             torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5, msg=f"grad {i}")
@@ -66,8 +71,9 @@ def test_head_compiles_without_graph_break(device):
     head.train()
     torch._dynamo.reset()
     out = torch.compile(head, fullgraph=True, backend="aot_eager")(image, text, mask)
-    sum(out[k].sum() for k in ("image_semantic", "image_modality", "text_semantic",
-                               "text_modality")).backward()
+    sum(
+        out[k].sum() for k in ("image_semantic", "image_modality", "text_semantic", "text_modality")
+    ).backward()
     assert image.grad is not None and bool(torch.isfinite(image.grad).all())
 
 

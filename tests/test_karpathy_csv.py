@@ -82,8 +82,9 @@ def test_flickr_test_split(flickr):
 
 def test_flickr_other_splits_transform_tokenizer(flickr):
     path, root, splits = flickr
-    tr = KarpathyRetrieval(path, root, "train", transform=lambda im: im.size,
-                           tokenizer=lambda s: [s.upper()])  # fmt: skip
+    tr = KarpathyRetrieval(
+        path, root, "train", transform=lambda im: im.size, tokenizer=lambda s: [s.upper()]
+    )
     assert tr.num_images == 6
     assert tr[0] == ((6, 4), "IMG0 CAPTION 0")
     va = KarpathyRetrieval(path, root, "val")
@@ -141,9 +142,13 @@ def coco(tmp_path_factory):
     for k, (split, folder) in enumerate(extra * 2):
         images.insert(
             2 * k,
-            {"filepath": folder, "filename": f"COCO_{folder}_x{k}.jpg", "split": split,
-             "sentences": _sentences(f"{split}{k}", 5)},
-        )  # fmt: skip
+            {
+                "filepath": folder,
+                "filename": f"COCO_{folder}_x{k}.jpg",
+                "split": split,
+                "sentences": _sentences(f"{split}{k}", 5),
+            },
+        )
     for n in (0, 1000, 2000, 3000, 4000, 4999, 1234):
         _png(root / "val2014" / f"COCO_val2014_{n:012d}.jpg", n)
     for k, (_, folder) in enumerate(extra * 2):
@@ -232,8 +237,14 @@ def test_csv_grouping(tmp_path):
     for n in range(3):
         _png(tmp_path / "imgs" / f"{n}.png", 10 * n)
     a, b, c = (str(tmp_path / "imgs" / f"{n}.png") for n in range(3))
-    rows = [(a, "a one"), (b, "b one"), (a, "a two"), (c, "c, only \"quoted\""), (b, "b two"),
-            (a, "a three")]  # fmt: skip
+    rows = [
+        (a, "a one"),
+        (b, "b one"),
+        (a, "a two"),
+        (c, 'c, only "quoted"'),
+        (b, "b two"),
+        (a, "a three"),
+    ]
     _write_csv(tmp_path / "d.csv", rows)
     ds = CsvRetrieval(tmp_path / "d.csv")
     assert ds.num_images == 3 and len(ds) == 6
@@ -250,7 +261,7 @@ def test_csv_grouping(tmp_path):
     pd = pytest.importorskip("pandas")
 
     df = pd.read_csv(tmp_path / "d.csv", sep="\t")
-    assert list(zip(df["filepath"], df["title"])) == rows
+    assert list(zip(df["filepath"], df["title"], strict=True)) == rows
 
 
 def test_csv_keys_sep_relative_paths(tmp_path, monkeypatch):
@@ -262,8 +273,14 @@ def test_csv_keys_sep_relative_paths(tmp_path, monkeypatch):
         CsvRetrieval(tmp_path / "c.csv", sep=",")
     with pytest.raises(ValueError, match="sep"):
         CsvRetrieval(tmp_path / "c.csv", "image", "text", sep=", ")
-    ds = CsvRetrieval(tmp_path / "c.csv", img_key="image", caption_key="text", sep=",",
-                      image_root=tmp_path, tokenizer=lambda s: [len(s)])  # fmt: skip
+    ds = CsvRetrieval(
+        tmp_path / "c.csv",
+        img_key="image",
+        caption_key="text",
+        sep=",",
+        image_root=tmp_path,
+        tokenizer=lambda s: [len(s)],
+    )
     assert ds.captions(0) == ["ex", "ex2"] and ds[2][1] == 3
     assert ds.images(1).getpixel((0, 0)) == _pixel(6)
     # without image_root, relative paths are relative to the working directory (as in open_clip)

@@ -19,13 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Every ``@triton.jit`` kernel of ``kernels/``; the launch plan has to reach each one.
 KERNELS = {
-    "_stats_fwd_kernel", "_stats_bwd_kernel",
-    "_related_sampling_fwd_kernel", "_related_sampling_bwd_row_kernel",
-    "_related_sampling_bwd_col_kernel", "_related_sampling_vec_kernel",
-    "_row_lse_kernel", "_constraints_fwd_kernel", "_constraints_finalize_kernel",
-    "_terms_grad_kernel", "_constraints_bwd_kernel",
-    "_info_nce_fwd_kernel", "_info_nce_bwd_kernel",
-    "_info_nce_block_fwd_kernel", "_info_nce_block_bwd_kernel", "_info_nce_finalize_kernel",
+    "_stats_fwd_kernel",
+    "_stats_bwd_kernel",
+    "_related_sampling_fwd_kernel",
+    "_related_sampling_bwd_row_kernel",
+    "_related_sampling_bwd_col_kernel",
+    "_related_sampling_vec_kernel",
+    "_row_lse_kernel",
+    "_constraints_fwd_kernel",
+    "_constraints_finalize_kernel",
+    "_terms_grad_kernel",
+    "_constraints_bwd_kernel",
+    "_info_nce_fwd_kernel",
+    "_info_nce_bwd_kernel",
+    "_info_nce_block_fwd_kernel",
+    "_info_nce_block_bwd_kernel",
+    "_info_nce_finalize_kernel",
 }
 
 
@@ -42,21 +51,33 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "specs.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--quick",
-         "--allow-spills", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "kernel_resources.py"),
+            "--quick",
+            "--allow-spills",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     specs = json.loads(out.read_text())
     assert {s["kernel"] for s in specs} == KERNELS
     assert all(s["error"] is None and s["regs"] > 0 for s in specs)
+
     # every kernel keeps its tiles in registers, except the GEMM-like all-Triton InfoNCE tiles
     # (tl.dot with fp32 accumulators; benchmarks/RESULTS.md lists their spills)
     def gemm_like(s):
         return s["kernel"] in ("_info_nce_fwd_kernel", "_info_nce_bwd_kernel")
 
-    spilling = [(s["kernel"], s["constexprs"], s["stack"]) for s in specs
-                if s["stack"] and not gemm_like(s)]
+    spilling = [
+        (s["kernel"], s["constexprs"], s["stack"]) for s in specs if s["stack"] and not gemm_like(s)
+    ]
     assert not spilling, spilling
 
 
@@ -64,7 +85,11 @@ def test_launch_plan_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--quick"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
 
@@ -85,7 +110,11 @@ def step_counts():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--count-launches"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -94,8 +123,7 @@ def step_counts():
 def test_launch_budget_of_one_cdds_step(step_counts):
     for phase, budget in LAUNCH_BUDGET.items():
         launches = step_counts[phase]["triton"] + step_counts[phase]["aten"]
-        assert step_counts[phase]["triton"] > 0 and launches <= budget, (phase,
-                                                                            step_counts[phase])
+        assert step_counts[phase]["triton"] > 0 and launches <= budget, (phase, step_counts[phase])
 
 
 def test_allocated_buffers_match_the_memory_model(step_counts):

@@ -17,8 +17,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 CONTRACT = {"cdds_fast.contract"}
-API = {"cdds_fast", "cdds_fast.dispatch", "cdds_fast.functional", "cdds_fast.contrastive",
-       "cdds_fast.head", "cdds_fast.loss", "cdds_fast.fused_loss"}
+API = {
+    "cdds_fast",
+    "cdds_fast.dispatch",
+    "cdds_fast.functional",
+    "cdds_fast.contrastive",
+    "cdds_fast.head",
+    "cdds_fast.loss",
+    "cdds_fast.fused_loss",
+}
 APPS = {"cdds_fast.cli", "cdds_fast.demo", "cdds_fast.open_clip.train", "cdds_fast.eval.command"}
 #: The only places outside ``reference/`` that import it: where they call it as the fallback path
 #: (``backend="reference"``, float64 inputs), behind :func:`cdds_fast.dispatch.resolve_backend`.
@@ -39,8 +46,11 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    paths = [*ROOT.glob("cdds_fast/**/*.py"), *ROOT.glob("kernels/*.py"),
-             *ROOT.glob("reference/*.py")]
+    paths = [
+        *ROOT.glob("cdds_fast/**/*.py"),
+        *ROOT.glob("kernels/*.py"),
+        *ROOT.glob("reference/*.py"),
+    ]
     return {_module_name(p): p for p in paths if "__pycache__" not in p.parts}
 
 
@@ -63,8 +73,12 @@ def _imports(name: str, path: Path) -> set[str]:
     return {m for m in found if m == "cdds_fast" or m.startswith("cdds_fast.")}
 
 
-EDGES = sorted((name, target) for name, path in _modules().items()
-               for target in _imports(name, path) if target != name)
+EDGES = sorted(
+    (name, target)
+    for name, path in _modules().items()
+    for target in _imports(name, path)
+    if target != name
+)
 
 
 def _layer(module: str) -> str:
@@ -94,8 +108,13 @@ ALLOWED = {
 
 def test_every_module_is_classified_and_the_rules_see_imports():
     modules = _modules()
-    assert {"cdds_fast.contract", "cdds_fast.kernels.contrastive", "cdds_fast.open_clip.model",
-            "cdds_fast.data.scenes", "cdds_fast.eval.retrieval"} <= set(modules)
+    assert {
+        "cdds_fast.contract",
+        "cdds_fast.kernels.contrastive",
+        "cdds_fast.open_clip.model",
+        "cdds_fast.data.scenes",
+        "cdds_fast.eval.retrieval",
+    } <= set(modules)
     assert ("cdds_fast.loss", "cdds_fast.functional") in EDGES  # the parser finds real edges
     assert ("cdds_fast.kernels.contrastive", "cdds_fast.kernels.launch") in EDGES
 
@@ -107,7 +126,8 @@ def test_import_respects_the_layers(edge):
     assert dst in ALLOWED[src], f"{source} ({src}) may not import {target} ({dst})"
     if dst == "reference" and src != "reference":
         assert edge in REFERENCE_FALLBACKS, (
-            f"{source} imports the reference ({target}) outside the fallback path")
+            f"{source} imports the reference ({target}) outside the fallback path"
+        )
 
 
 def test_reference_fallbacks_still_exist():

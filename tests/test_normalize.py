@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_constraints import fast
 from tests.test_fused_loss import (
     F32,
     _within_fp32_reference_error,
@@ -23,7 +24,6 @@ from tests.test_fused_loss import (
     inputs,
     repair_alpha,
 )
-from tests.test_constraints import fast
 
 
 class Recorder:
@@ -31,8 +31,9 @@ class Recorder:
     evaluation (three per evaluation, in the same order on both paths); keeps the features."""
 
     def __init__(self, dim: int, device):
-        self.weights = [(torch.randn(dim, device=device), torch.randn(dim, device=device))
-                        for _ in range(3)]
+        self.weights = [
+            (torch.randn(dim, device=device), torch.randn(dim, device=device)) for _ in range(3)
+        ]
         self.calls = []
 
     def __call__(self, a, b, scale):
@@ -48,26 +49,34 @@ def check(tensors, params):
     check_conditioned(tensors, params, fast=fast, contrastive=recorder, a_c=0.8, a_s=1.3)
     # the evaluations check_conditioned ran, three calls each: the fast path, the fp32
     # reference, the float64 one, then N_ORDERS - 1 perturbed fp32 references
-    evals = [recorder.calls[i:i + 3] for i in range(0, len(recorder.calls), 3)]
+    evals = [recorder.calls[i : i + 3] for i in range(0, len(recorder.calls), 3)]
     fast_calls, ref64_calls = evals[0], evals[2]
     ref32_calls = [evals[1], *evals[3:]]
     for k in range(3):
         for i, part in enumerate(("rows", "columns")):
             assert fast_calls[k][i].dtype == torch.float32
-            _within_fp32_reference_error(f"call {k}: {part}", fast_calls[k][i],
-                                         [r[k][i] for r in ref32_calls], ref64_calls[k][i], F32)
+            _within_fp32_reference_error(
+                f"call {k}: {part}",
+                fast_calls[k][i],
+                [r[k][i] for r in ref32_calls],
+                ref64_calls[k][i],
+                F32,
+            )
     norms = torch.cat([torch.stack((a, b)).norm(dim=-1).flatten() for a, b in fast_calls])
     return norms
 
 
-@pytest.mark.parametrize("batch,patches,length,dim,cap,dtype", [
-    pytest.param(3, 5, 7, 37, None, torch.float32, id="D37-fp32"),
-    pytest.param(3, 5, 7, 37, None, torch.bfloat16, id="D37-bf16"),
-    pytest.param(3, 5, 7, 37, 16, torch.float16, id="D37-chunked-fp16"),
-    pytest.param(2, 3, 4, 1, None, torch.float32, id="D1"),
-    # the row kernel sums <g, y> over the pair's row in several blocks
-    pytest.param(1, 2, 3, 1100, None, torch.float32, id="D1100"),
-])
+@pytest.mark.parametrize(
+    "batch,patches,length,dim,cap,dtype",
+    [
+        pytest.param(3, 5, 7, 37, None, torch.float32, id="D37-fp32"),
+        pytest.param(3, 5, 7, 37, None, torch.bfloat16, id="D37-bf16"),
+        pytest.param(3, 5, 7, 37, 16, torch.float16, id="D37-chunked-fp16"),
+        pytest.param(2, 3, 4, 1, None, torch.float32, id="D1"),
+        # the row kernel sums <g, y> over the pair's row in several blocks
+        pytest.param(1, 2, 3, 1100, None, torch.float32, id="D1100"),
+    ],
+)
 def test_matches_reference(batch, patches, length, dim, cap, dtype, device, row_block_cap):
     if cap is not None:
         row_block_cap(cap)

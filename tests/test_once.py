@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cdds_fast import contract, contrastive
-from cdds_fast.contrastive import FusedClipLoss, info_nce, info_nce_gathered
 from cdds_fast.contract import LOSS_KEYS
+from cdds_fast.contrastive import FusedClipLoss, info_nce, info_nce_gathered
 from cdds_fast.functional import cdds_loss
 from cdds_fast.loss import CDDSLoss
 from cdds_fast.reference import cdds_loss as reference_cdds_loss
@@ -69,8 +69,14 @@ def test_info_nce_gathered_checks_each_argument_once(checked):
     scale = torch.tensor(10.0, device=DEVICE)
     info_nce_gathered(la, lb, ga, gb, scale, local_loss=True, rank=1, backend="reference")
     # the pair checks name local_a twice (with local_b, with all_a); every tensor is one check
-    assert set(checked) == {"local_a", "local_b", "all_a", "all_b", "logit_scale",
-                            "logit_scale value"}
+    assert set(checked) == {
+        "local_a",
+        "local_b",
+        "all_a",
+        "all_b",
+        "logit_scale",
+        "logit_scale value",
+    }
     assert checked.count("logit_scale") == 1 and checked.count("logit_scale value") == 1
     checked.clear()
     info_nce_gathered(la, lb, ga, gb, scale, local_loss=False, rank=1, backend="reference")
@@ -82,8 +88,15 @@ def test_cdds_loss_checks_each_argument_once(checked, backend):
     tensors, params = make_inputs(2, 3, 4, 5, device=DEVICE)
     cdds_loss(*tensors, **params, backend=backend)
     _once(checked)
-    names = {"image_tokens", "image_semantic", "image_modality", "text_tokens", "text_semantic",
-             "text_modality", *(k for k in params)}
+    names = {
+        "image_tokens",
+        "image_semantic",
+        "image_modality",
+        "text_tokens",
+        "text_semantic",
+        "text_modality",
+        *(k for k in params),
+    }
     assert names <= set(checked)
 
 
@@ -120,8 +133,9 @@ def gather_calls(request, monkeypatch):
 
     signature = inspect.signature(open_clip.loss.gather_features)
     if request.param != "installed":
-        signature = signature.replace(parameters=[
-            p for name, p in signature.parameters.items() if name != "use_horovod"])
+        signature = signature.replace(
+            parameters=[p for name, p in signature.parameters.items() if name != "use_horovod"]
+        )
     calls: list[inspect.BoundArguments] = []
 
     def fake(*args, **kwargs):
@@ -138,8 +152,9 @@ def gather_calls(request, monkeypatch):
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_fused_clip_loss_gathers_through_the_installed_signature(gather_calls, local_loss):
     a, b = _features()
-    loss = FusedClipLoss(local_loss=local_loss, rank=1, world_size=WORLD,
-                         backend="reference")(a, b, 10.0)
+    loss = FusedClipLoss(local_loss=local_loss, rank=1, world_size=WORLD, backend="reference")(
+        a, b, 10.0
+    )
     (call,) = gather_calls
     settings = dict(local_loss=local_loss, gather_with_grad=False, rank=1, world_size=WORLD)
     assert {k: v for k, v in call.arguments.items() if k in settings} == settings
@@ -151,8 +166,23 @@ def test_fused_clip_loss_gathers_through_the_installed_signature(gather_calls, l
 def test_cdds_loss_gathers_through_the_installed_signature(gather_calls):
     tensors, params = make_inputs(2, 3, 4, 5, device=DEVICE)
     CDDSLoss(rank=1, world_size=WORLD, local_loss=True, backend="reference")(
-        **dict(zip(("image_tokens", "image_semantic", "image_modality", "text_tokens",
-                    "text_semantic", "text_modality", "text_mask"), tensors)), **params)
+        **dict(
+            zip(
+                (
+                    "image_tokens",
+                    "image_semantic",
+                    "image_modality",
+                    "text_tokens",
+                    "text_semantic",
+                    "text_modality",
+                    "text_mask",
+                ),
+                tensors,
+                strict=True,
+            )
+        ),
+        **params,
+    )
     assert len(gather_calls) == 3  # the pooled features of the three InfoNCE problems
     assert all(c.arguments["rank"] == 1 and c.arguments["local_loss"] for c in gather_calls)
 
@@ -162,8 +192,14 @@ def test_use_horovod_is_refused_where_open_clip_has_no_horovod(monkeypatch):
 
     signature = inspect.signature(open_clip.loss.gather_features)
 
-    def without_horovod(image_features, text_features, local_loss=False, gather_with_grad=False,
-                        rank=0, world_size=1):
+    def without_horovod(
+        image_features,
+        text_features,
+        local_loss=False,
+        gather_with_grad=False,
+        rank=0,
+        world_size=1,
+    ):
         raise AssertionError("not called")
 
     monkeypatch.setattr(open_clip.loss, "gather_features", without_horovod)

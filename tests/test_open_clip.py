@@ -10,11 +10,17 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from tests._openclip_fixtures import HEADS, TINY_MODEL, TINY_RESNET_MODEL, ddp_worker, tiny_config_dir
 
 from cdds_fast import CDDSLoss
-from cdds_fast.open_clip import CDDSModel, load_cdds_checkpoint, text_valid_mask
 from cdds_fast.contract import LOSS_KEYS
+from cdds_fast.open_clip import CDDSModel, load_cdds_checkpoint, text_valid_mask
+from tests._openclip_fixtures import (
+    HEADS,
+    TINY_MODEL,
+    TINY_RESNET_MODEL,
+    ddp_worker,
+    tiny_config_dir,
+)
 
 HEAD_KW = dict(heads=HEADS, n_enc=1, n_dec=2, z=2, sigma=0.1)
 
@@ -76,7 +82,9 @@ def test_encode_matches_forward_in_eval_and_partial_inputs(tokenizer):
     images, texts = batch(tokenizer, 4)
     with torch.no_grad():
         out = model(images, texts)
-        torch.testing.assert_close(model.encode_image(images, normalize=True), out["image_features"])
+        torch.testing.assert_close(
+            model.encode_image(images, normalize=True), out["image_features"]
+        )
         torch.testing.assert_close(model.encode_text(texts, normalize=True), out["text_features"])
         only_text = model(text=texts)
         only_image = model(image=images)
@@ -84,7 +92,9 @@ def test_encode_matches_forward_in_eval_and_partial_inputs(tokenizer):
         torch.testing.assert_close(only_text["text_features"], out["text_features"])
         torch.testing.assert_close(only_image["image_features"], out["image_features"])
         logits_i, logits_t = model.get_logits(images, texts)
-        torch.testing.assert_close(logits_i, out["logit_scale"] * out["image_features"] @ out["text_features"].T)
+        torch.testing.assert_close(
+            logits_i, out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        )
         torch.testing.assert_close(logits_t, logits_i.T)
         model.output_dict = False
         f_img, f_txt, scale = model(images, texts)
@@ -101,36 +111,80 @@ def test_forward_returns_the_loss_dict_whatever_the_inner_models_output_dict(tok
     out = CDDSModel(clip, **HEAD_KW)(images, texts)
     assert isinstance(out, dict)
     assert set(CDDSLoss(backend="reference")(**out, output_dict=True)) == set(LOSS_KEYS)
-    image_features, text_features, scale = CDDSModel(clip, **HEAD_KW, output_dict=False)(images, texts)
+    image_features, text_features, scale = CDDSModel(clip, **HEAD_KW, output_dict=False)(
+        images, texts
+    )
     assert image_features.shape == text_features.shape == (3, 32) and scale.dim() == 0
 
 
 MODEL_INPUT_CASES = [
-    ("image-size", dict(image=torch.randn(2, 3, 16, 16)), ValueError,
-     r"image: expected shape \[B, 3, 32, 32\] \(the image tower's input; open_clip's preprocess "
-     r"transform makes it\), got \[2, 3, 16, 16\]"),
-    ("image-channels", dict(image=torch.randn(2, 1, 32, 32)), ValueError,
-     r"image: expected shape \[B, 3, 32, 32\].*got \[2, 1, 32, 32\]"),
-    ("image-ndim", dict(image=torch.randn(3, 32, 32)), ValueError,
-     r"image: expected 4 dimensions, got shape \[3, 32, 32\]"),
-    ("image-uint8", dict(image=torch.zeros(2, 3, 32, 32, dtype=torch.uint8)), TypeError,
-     "image: expected dtype float32, bfloat16, float16 or float64, got torch.uint8"),
-    ("image-float64", dict(image=torch.randn(2, 3, 32, 32, dtype=torch.float64)), TypeError,
-     "image: expected dtype torch.float32 .*got torch.float64"),
-    ("text-float", dict(text=torch.ones(2, 16)), TypeError,
-     "text: expected token ids of dtype torch.int64 or torch.int32 .*got torch.float32"),
-    ("text-too-long", dict(text=torch.ones(2, 20, dtype=torch.long)), ValueError,
-     r"text: expected shape \[B, L\] with 1 <= L <= context_length = 16, got \[2, 20\]"),
-    ("text-1d", dict(text=torch.ones(16, dtype=torch.long)), ValueError,
-     r"text: expected shape \[B, L\] .*got \[16\]"),
-    ("text-list", dict(text=["a red square", "a blue circle"]), TypeError,
-     "text: expected a torch.Tensor of token ids, got list"),
-    ("batch", dict(text=torch.ones(3, 16, dtype=torch.long)), ValueError,
-     r"text: expected batch size 2 \(from image\), got shape \[3, 16\]"),
+    (
+        "image-size",
+        dict(image=torch.randn(2, 3, 16, 16)),
+        ValueError,
+        r"image: expected shape \[B, 3, 32, 32\] \(the image tower's input; open_clip's preprocess "
+        r"transform makes it\), got \[2, 3, 16, 16\]",
+    ),
+    (
+        "image-channels",
+        dict(image=torch.randn(2, 1, 32, 32)),
+        ValueError,
+        r"image: expected shape \[B, 3, 32, 32\].*got \[2, 1, 32, 32\]",
+    ),
+    (
+        "image-ndim",
+        dict(image=torch.randn(3, 32, 32)),
+        ValueError,
+        r"image: expected 4 dimensions, got shape \[3, 32, 32\]",
+    ),
+    (
+        "image-uint8",
+        dict(image=torch.zeros(2, 3, 32, 32, dtype=torch.uint8)),
+        TypeError,
+        "image: expected dtype float32, bfloat16, float16 or float64, got torch.uint8",
+    ),
+    (
+        "image-float64",
+        dict(image=torch.randn(2, 3, 32, 32, dtype=torch.float64)),
+        TypeError,
+        "image: expected dtype torch.float32 .*got torch.float64",
+    ),
+    (
+        "text-float",
+        dict(text=torch.ones(2, 16)),
+        TypeError,
+        "text: expected token ids of dtype torch.int64 or torch.int32 .*got torch.float32",
+    ),
+    (
+        "text-too-long",
+        dict(text=torch.ones(2, 20, dtype=torch.long)),
+        ValueError,
+        r"text: expected shape \[B, L\] with 1 <= L <= context_length = 16, got \[2, 20\]",
+    ),
+    (
+        "text-1d",
+        dict(text=torch.ones(16, dtype=torch.long)),
+        ValueError,
+        r"text: expected shape \[B, L\] .*got \[16\]",
+    ),
+    (
+        "text-list",
+        dict(text=["a red square", "a blue circle"]),
+        TypeError,
+        "text: expected a torch.Tensor of token ids, got list",
+    ),
+    (
+        "batch",
+        dict(text=torch.ones(3, 16, dtype=torch.long)),
+        ValueError,
+        r"text: expected batch size 2 \(from image\), got shape \[3, 16\]",
+    ),
 ]
 
 
-@pytest.mark.parametrize("change,exc,match", [pytest.param(*c[1:], id=c[0]) for c in MODEL_INPUT_CASES])
+@pytest.mark.parametrize(
+    "change,exc,match", [pytest.param(*c[1:], id=c[0]) for c in MODEL_INPUT_CASES]
+)
 def test_model_refuses_bad_inputs_before_any_compute(tokenizer, change, exc, match):
     model = CDDSModel(make_clip(), **HEAD_KW)
     calls = []
@@ -173,7 +227,9 @@ def test_custom_text_clip(tokenizer):
     with torch.no_grad():
         text_tokens, mask = model.text_tokens(texts)
         eot = texts.argmax(-1)
-        torch.testing.assert_close(text_tokens[torch.arange(3), eot], clip.encode_text(texts), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            text_tokens[torch.arange(3), eot], clip.encode_text(texts), rtol=1e-5, atol=1e-5
+        )
         out = model(images, texts)
     assert out["text_features"].shape == (3, 32)
     assert model.context_length == 16 and model.text is clip.text
@@ -192,9 +248,16 @@ def test_loss_backward_reaches_every_parameter(tokenizer):
     assert not missing
     zero = [n for n, p in model.named_parameters() if not bool(p.grad.abs().sum() > 0)]
     assert not zero
-    for name in ("clip.logit_scale", "head.alpha_image", "head.alpha_text", "head.w_s_image",
-                 "head.w_m_text", "clip.visual.proj", "clip.text_projection",
-                 "head.image_decoupler.encoder.0.qkv.weight"):
+    for name in (
+        "clip.logit_scale",
+        "head.alpha_image",
+        "head.alpha_text",
+        "head.w_s_image",
+        "head.w_m_text",
+        "clip.visual.proj",
+        "clip.text_projection",
+        "head.image_decoupler.encoder.0.qkv.weight",
+    ):
         assert dict(model.named_parameters())[name].grad is not None, name
 
 
@@ -209,16 +272,20 @@ def test_batch_replicated_vectors_give_the_parameter_gradient(tokenizer):
     plain = dict(out)
     for name in model.head.PARAM_NAMES:
         plain[name] = getattr(model.head, name)
-    g_ref = torch.autograd.grad(sum(loss(**plain, output_dict=True).values()), model.head.alpha_text)[0]
-    g_rep = torch.autograd.grad(sum(loss(**out, output_dict=True).values()), model.head.alpha_text)[0]
+    g_ref = torch.autograd.grad(
+        sum(loss(**plain, output_dict=True).values()), model.head.alpha_text
+    )[0]
+    g_rep = torch.autograd.grad(sum(loss(**out, output_dict=True).values()), model.head.alpha_text)[
+        0
+    ]
     torch.testing.assert_close(g_rep, g_ref)
 
     # accumulation: two micro-batches of 2, the other one cached without grad
     grads = torch.zeros_like(model.head.w_s_image)
     with torch.no_grad():
-        cached = [model(images[i:i + 2], texts[i:i + 2]) for i in (0, 2)]
+        cached = [model(images[i : i + 2], texts[i : i + 2]) for i in (0, 2)]
     for j in range(2):
-        cur = model(images[2 * j:2 * j + 2], texts[2 * j:2 * j + 2])
+        cur = model(images[2 * j : 2 * j + 2], texts[2 * j : 2 * j + 2])
         scale = cur.pop("logit_scale")
         inputs = {
             k: torch.cat([cached[0][k] if j else cur[k], cur[k] if j else cached[1][k]])
@@ -226,7 +293,9 @@ def test_batch_replicated_vectors_give_the_parameter_gradient(tokenizer):
         }
         total = sum(loss(**inputs, logit_scale=scale, output_dict=True).values())
         grads += torch.autograd.grad(total, model.head.w_s_image)[0]
-    g_full = torch.autograd.grad(sum(loss(**out, output_dict=True).values()), model.head.w_s_image)[0]
+    g_full = torch.autograd.grad(sum(loss(**out, output_dict=True).values()), model.head.w_s_image)[
+        0
+    ]
     torch.testing.assert_close(grads, g_full, rtol=1e-4, atol=1e-6)
 
 
@@ -243,7 +312,10 @@ def test_trainer_attributes_and_controls(tokenizer):
         model.logit_scale.clamp_(0, math.log(100))  # what the trainer does after each step
     assert clip.logit_scale.item() == pytest.approx(math.log(100))
     model.set_grad_checkpointing(True)
-    assert model.head.image_decoupler.grad_checkpointing and model.head.text_decoupler.grad_checkpointing
+    assert (
+        model.head.image_decoupler.grad_checkpointing
+        and model.head.text_decoupler.grad_checkpointing
+    )
     assert clip.visual.transformer.grad_checkpointing and clip.transformer.grad_checkpointing
     images, texts = batch(tokenizer, 2)
     sum(CDDSLoss(backend="reference")(**model(images, texts), output_dict=True).values()).backward()
@@ -277,8 +349,16 @@ def test_unsupported_towers_are_refused():
     rn = open_clip.create_model(TINY_RESNET_MODEL)
     with pytest.raises(TypeError, match="ModifiedResNet"):
         CDDSModel(rn)
-    vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16,
-              "attentional_pool": True, "attn_pooler_queries": 4, "attn_pooler_heads": 2}
+    vision = {
+        "image_size": 32,
+        "layers": 1,
+        "width": 32,
+        "patch_size": 8,
+        "head_width": 16,
+        "attentional_pool": True,
+        "attn_pooler_queries": 4,
+        "attn_pooler_heads": 2,
+    }
     text = {"context_length": 16, "width": 32, "heads": 2, "layers": 1}
     with pytest.raises(ValueError, match="attentional pool"):
         CDDSModel(open_clip.model.CLIP(32, vision, text))
@@ -294,7 +374,9 @@ def test_text_valid_mask_pool_types():
     assert text_valid_mask(text, "argmax").sum(1).tolist() == [2, 3, 1]
     assert text_valid_mask(text, "eos", eos_id=3).sum(1).tolist() == [3, 5, 5]
     assert text_valid_mask(text, "last", pad_id=0).sum(1).tolist() == [3, 4, 5]
-    assert text_valid_mask(torch.zeros(1, 4, dtype=torch.long), "last").tolist() == [[True, False, False, False]]
+    assert text_valid_mask(torch.zeros(1, 4, dtype=torch.long), "last").tolist() == [
+        [True, False, False, False]
+    ]
     with pytest.raises(ValueError, match="pool_type"):
         text_valid_mask(text, "mean")
 
@@ -346,7 +428,10 @@ def test_loss_ignores_the_trainers_autocast(tokenizer):
     images, texts = batch(tokenizer, 3)
     with torch.no_grad():
         out = model(images, texts)
-    out = {k: (v.bfloat16() if k.endswith(("_tokens", "_semantic", "_modality")) else v) for k, v in out.items()}
+    out = {
+        k: (v.bfloat16() if k.endswith(("_tokens", "_semantic", "_modality")) else v)
+        for k, v in out.items()
+    }
     loss = CDDSLoss(backend="reference")
     plain = loss(**out, output_dict=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

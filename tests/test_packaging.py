@@ -20,13 +20,41 @@ def built(tmp_path_factory) -> tuple[Path, str]:
     since been moved or deleted."""
     out = tmp_path_factory.mktemp("wheel")
     src = tmp_path_factory.mktemp("src") / "cdds-fast"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".whl", ".hypothesis",
-        ".pytest_cache", ".benchmarks", "logs", "demo_out", "results"))
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".whl",
+            ".hypothesis",
+            ".pytest_cache",
+            ".benchmarks",
+            "logs",
+            "demo_out",
+            "results",
+        ),
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
-         "-w", str(out), str(src)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-v",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (path,) = out.glob("cdds_fast-*.whl")
     return path, proc.stdout + proc.stderr
@@ -48,23 +76,44 @@ def test_wheel_has_one_top_level_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"cdds_fast"}, top
-    for module in ("cdds_fast/kernels/launch.py", "cdds_fast/reference/loss.py",
-                   "cdds_fast/contract.py", "cdds_fast/cli.py", "cdds_fast/open_clip/model.py",
-                   "cdds_fast/data/scenes.py", "cdds_fast/eval/command.py"):
+    for module in (
+        "cdds_fast/kernels/launch.py",
+        "cdds_fast/reference/loss.py",
+        "cdds_fast/contract.py",
+        "cdds_fast/cli.py",
+        "cdds_fast/open_clip/model.py",
+        "cdds_fast/data/scenes.py",
+        "cdds_fast/eval/command.py",
+    ):
         assert module in names
     # every module of the tree, and nothing else (no stale build outputs)
-    tree = {str(p.relative_to(ROOT)) for p in ROOT.glob("cdds_fast/**/*.py")
-            if "__pycache__" not in p.parts}
-    tree |= {"cdds_fast/" + str(p.relative_to(ROOT)) for d in ("kernels", "reference")
-             for p in (ROOT / d).glob("*.py")}
+    tree = {
+        str(p.relative_to(ROOT))
+        for p in ROOT.glob("cdds_fast/**/*.py")
+        if "__pycache__" not in p.parts
+    }
+    tree |= {
+        "cdds_fast/" + str(p.relative_to(ROOT))
+        for d in ("kernels", "reference")
+        for p in (ROOT / d).glob("*.py")
+    }
     assert {n for n in names if n.endswith(".py")} == tree
 
 
 def test_installed_tree_has_no_stray_packages(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-         str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
         check=True,
     )
     entries = {p.name for p in target.iterdir()}
@@ -84,8 +133,12 @@ def test_installed_tree_has_no_stray_packages(wheel, tmp_path):
         "print(cdds_fast.reference.__file__)"
     )
     res = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert str(target) in res.stdout
 

@@ -3,7 +3,6 @@ agreement with open_clip's ClipLoss, every bad-input rule, and shape fuzzing."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -36,9 +35,7 @@ def test_gradcheck_column_stats(masked):
 
 def test_gradcheck_related_weights():
     args = (rand(B, D), rand(B, D, positive=True), rand(B, D), rand(B, D, positive=True), rand(D))
-    assert torch.autograd.gradcheck(
-        lambda *a: R.related_weights(*a, tau_kl=0.7, rho=0.01), args
-    )
+    assert torch.autograd.gradcheck(lambda *a: R.related_weights(*a, tau_kl=0.7, rho=0.01), args)
 
 
 def test_gradcheck_sampling():
@@ -76,7 +73,7 @@ def test_gradcheck_total_loss_every_input():
     names = list(params)
 
     def total(*xs):
-        out = R.cdds_loss(*xs[:6], mask, **dict(zip(names, xs[6:])), tau_kl=0.8)
+        out = R.cdds_loss(*xs[:6], mask, **dict(zip(names, xs[6:], strict=True)), tau_kl=0.8)
         return sum(out.values())
 
     assert torch.autograd.gradcheck(total, tensors[:6] + tuple(params.values()))
@@ -100,7 +97,9 @@ def test_strongest_relation_survives_threshold():
     mu_v, s_v = R.column_stats(torch.randn(2, 9, 16))
     mu_t, s_t = R.column_stats(torch.randn(2, 9, 16))
     pr = R.related_probabilities(mu_v, s_v, mu_t, s_t)
-    w = R.related_weights(mu_v, s_v, mu_t, s_t, torch.full((16,), 1e6))  # huge alpha: only the clamp
+    w = R.related_weights(
+        mu_v, s_v, mu_t, s_t, torch.full((16,), 1e6)
+    )  # huge alpha: only the clamp
     assert torch.equal(w.argmax(-1), pr.argmax(-1))
 
 
@@ -109,7 +108,9 @@ def test_gaussian_kl_matches_torch_distributions():
     mu_t, s_t = torch.randn(2, 5, dtype=F64), torch.rand(2, 5, dtype=F64) + 0.3
     p = torch.distributions.Normal(mu_v[:, :, None], s_v[:, :, None])
     q = torch.distributions.Normal(mu_t[:, None, :], s_t[:, None, :])
-    torch.testing.assert_close(R.gaussian_kl(mu_v, s_v, mu_t, s_t), torch.distributions.kl_divergence(p, q))
+    torch.testing.assert_close(
+        R.gaussian_kl(mu_v, s_v, mu_t, s_t), torch.distributions.kl_divergence(p, q)
+    )
 
 
 def test_column_stats_matches_torch_var_mean():
@@ -153,7 +154,7 @@ def test_info_nce_equals_open_clip_clip_loss(local_batch, dtype):
     theirs = ClipLoss()(a, b, s)
     theirs.backward()
     torch.testing.assert_close(ours, theirs)
-    for g, t in zip(grads, (a, b, s)):
+    for g, t in zip(grads, (a, b, s), strict=True):
         torch.testing.assert_close(g, t.grad)
 
 
@@ -213,7 +214,7 @@ def test_16bit_gradients_are_the_fp32_gradient_rounded_once(dtype):
     sum(R.cdds_loss(*tensors, **params).values()).backward()
     wide = [t.detach().float().requires_grad_(True) for t in tensors[:6]]
     sum(R.cdds_loss(*wide, *tensors[6:], **params).values()).backward()
-    for t, w in zip(tensors[:6], wide):
+    for t, w in zip(tensors[:6], wide, strict=True):
         assert torch.equal(t.grad, w.grad.to(dtype))
 
 
@@ -246,7 +247,7 @@ def test_fuzz_reference_loss_is_finite(batch, patches, length, dim, dtype, scale
     wide = [t.detach().float().requires_grad_(True) for t in tensors[:6]]
     sum(R.cdds_loss(*wide, *tensors[6:], **params, tau_kl=tau, rho=rho).values()).backward()
     limit = torch.finfo(torch.float16).max / 2
-    for t, w in zip(tensors[:6], wide):
+    for t, w in zip(tensors[:6], wide, strict=True):
         assert not bool(torch.isnan(t.grad).any())
         representable = w.grad.abs() < limit
         assert bool(torch.isfinite(t.grad[representable]).all())

@@ -1,4 +1,4 @@
-"""Tests for retrieval evaluation (cdds_fast.eval.retrieval): metrics against a brute-force count."""
+"""Retrieval evaluation (cdds_fast.eval.retrieval): metrics against a brute-force count."""
 
 from __future__ import annotations
 
@@ -85,10 +85,18 @@ def test_ties_and_variable_counts_match_brute_force(counts, dim, block, data):
     """Small-integer features: many exact ties; any number of captions per image; shuffled order."""
     n_img, n_txt = len(counts), sum(counts)
     vals = st.integers(-2, 2)
-    img = torch.tensor(data.draw(st.lists(st.lists(vals, min_size=dim, max_size=dim),
-                                          min_size=n_img, max_size=n_img)), dtype=torch.float32)
-    txt = torch.tensor(data.draw(st.lists(st.lists(vals, min_size=dim, max_size=dim),
-                                          min_size=n_txt, max_size=n_txt)), dtype=torch.float32)
+    img = torch.tensor(
+        data.draw(
+            st.lists(st.lists(vals, min_size=dim, max_size=dim), min_size=n_img, max_size=n_img)
+        ),
+        dtype=torch.float32,
+    )
+    txt = torch.tensor(
+        data.draw(
+            st.lists(st.lists(vals, min_size=dim, max_size=dim), min_size=n_txt, max_size=n_txt)
+        ),
+        dtype=torch.float32,
+    )
     t2i = torch.arange(n_img).repeat_interleave(torch.tensor(counts))
     perm = torch.tensor(data.draw(st.permutations(list(range(n_txt)))), dtype=torch.long)
     t2i, txt = t2i[perm], txt[perm]
@@ -197,8 +205,17 @@ def test_fold_metrics_and_average():
 
 
 def test_format_table():
-    a = {"i2t_r1": 12.345, "i2t_r5": 40, "i2t_r10": 55, "t2i_r1": 10, "t2i_r5": 30, "t2i_r10": 45,
-         "rsum": 192.345, "i2t_mean_rank": 20.5, "t2i_mean_rank": 25.25}  # fmt: skip
+    a = {
+        "i2t_r1": 12.345,
+        "i2t_r5": 40,
+        "i2t_r10": 55,
+        "t2i_r1": 10,
+        "t2i_r5": 30,
+        "t2i_r10": 45,
+        "rsum": 192.345,
+        "i2t_mean_rank": 20.5,
+        "t2i_mean_rank": 25.25,
+    }
     b = dict(a, i2t_r1=15.0, i2t_mean_rank=10.0)
     del b["t2i_r10"]
     table = format_table({"InfoNCE": a, "CDDS": b})
@@ -260,14 +277,19 @@ def test_encode_dataset():
     assert [c[2][0] for c in model.calls if c[0] == "image"] == [4, 3]
     assert [c[2] for c in model.calls if c[0] == "text"] == [(4, 77)] * 8 + [(3, 77)]
     with torch.no_grad():
-        x = torch.stack([torch.from_numpy(ds.image_array(i).copy()).permute(2, 0, 1).float() / 255
-                         for i in range(7)])  # fmt: skip
+        x = torch.stack(
+            [
+                torch.from_numpy(ds.image_array(i).copy()).permute(2, 0, 1).float() / 255
+                for i in range(7)
+            ]
+        )
         assert torch.allclose(img, model.encode_image(x, normalize=True), atol=1e-6)
         ref = model.encode_text(tok(ds.all_captions()), normalize=True)
         assert torch.allclose(txt, ref, atol=1e-6)
     # transform / tokenizer taken from the dataset; metrics run on the output
-    ds2 = SceneCaptions("test", size=7, image_size=16, tokenizer=tok,
-                        transform=lambda im: torch.zeros(3, 2, 2))  # fmt: skip
+    ds2 = SceneCaptions(
+        "test", size=7, image_size=16, tokenizer=tok, transform=lambda im: torch.zeros(3, 2, 2)
+    )
     out2 = encode_dataset(model, ds2, batch_size=64, device="cpu", disable=True)
     assert torch.allclose(out2.image_features, out2.image_features[:1].expand(7, -1))
     assert torch.equal(out2.text_features, txt)

@@ -36,12 +36,16 @@ from cdds_fast.reference.sampling import sampling_coefficients
 # gradient is compared on its own scale); inputs are float32 statistics, the truth is float64.
 TOLERANCES = {
     "outputs": (
-        torch.float32, 1e-5, 1e-5,
+        torch.float32,
+        1e-5,
+        1e-5,
         "c, a are W-weighted means of D fp32 values: a few ulps per term, amplified by at most "
         "max(Pr)/Z <= 1/rho in the normalisation; the fp32 reference shows up to ~3e-6",
     ),
     "grads": (
-        torch.float32, 1e-4, 1e-4,
+        torch.float32,
+        1e-4,
+        1e-4,
         "the backward chains 1/Z (Z can be as small as rho * max Pr), the softmax (1/tau) and "
         "1/(D std); the float32 *reference* deviates from float64 by up to ~6e-5 of max|grad| on "
         "these inputs (tau = 0.25), the kernel by about the same",
@@ -65,7 +69,9 @@ def _stats(kind: str, b: int, d: int, g: torch.Generator) -> list[torch.Tensor]:
     """``[mu_v, s_v, mu_t, s_t]`` float32 ``[B, D]``."""
     if kind == "gauss":  # mu ~ N(0, 1), s ~ U(0.5, 2)
         return [
-            torch.randn(b, d, generator=g) if i % 2 == 0 else 0.5 + 1.5 * torch.rand(b, d, generator=g)
+            torch.randn(b, d, generator=g)
+            if i % 2 == 0
+            else 0.5 + 1.5 * torch.rand(b, d, generator=g)
             for i in range(4)
         ]
     if kind in ("tokens", "tokens_1e4"):  # realistic: column_stats of tokens with varied columns
@@ -125,8 +131,13 @@ def _repair(x: list[torch.Tensor], g: torch.Generator, tau: float, rho: float) -
     n_cand = 32
     for _ in range(20):
         clean = True
-        for mu_s, s_s, mu_d, s_d, alpha in ((mu_v, s_v, mu_t, s_t, a_i), (mu_t, s_t, mu_v, s_v, a_t)):
-            cand = torch.cat([alpha[None], -1 + 4 * torch.rand(n_cand - 1, alpha.shape[0], generator=g)])
+        for mu_s, s_s, mu_d, s_d, alpha in (
+            (mu_v, s_v, mu_t, s_t, a_i),
+            (mu_t, s_t, mu_v, s_v, a_t),
+        ):
+            cand = torch.cat(
+                [alpha[None], -1 + 4 * torch.rand(n_cand - 1, alpha.shape[0], generator=g)]
+            )
             margins = _row_margins(mu_s, s_s, mu_d, s_d, cand, tau, rho)  # [B, D, C]
             worst = margins.amin(0)  # [D, C]
             good = worst >= MARGIN
@@ -136,7 +147,9 @@ def _repair(x: list[torch.Tensor], g: torch.Generator, tau: float, rho: float) -
             bad = bad < MARGIN
             if bad.any():
                 clean = False
-                mu_s[bad] += 0.05 * torch.randn(int(bad.sum()), generator=g) * (1 + mu_s[bad].abs() * 1e-3)
+                mu_s[bad] += (
+                    0.05 * torch.randn(int(bad.sum()), generator=g) * (1 + mu_s[bad].abs() * 1e-3)
+                )
         if clean:
             return
     raise AssertionError("could not move the inputs away from the gradient discontinuities")
@@ -171,7 +184,10 @@ def _run(fn, inputs, grads_out, device, dtype=None, prep=None, **kw):
     ]
     args = prep(leaves) if prep is not None else leaves
     outs = fn(*args, **kw)
-    loss = sum((o * go.to(device=device, dtype=o.dtype)).sum() for o, go in zip(outs, grads_out))
+    loss = sum(
+        (o * go.to(device=device, dtype=o.dtype)).sum()
+        for o, go in zip(outs, grads_out, strict=True)
+    )
     loss.backward()
     return (
         [o.detach().double().cpu() for o in outs],
@@ -187,7 +203,10 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, key: str, extra: st
     scale = scale if scale > 0 else 1.0
     err = float((got - want).abs().max()) / scale if want.numel() else 0.0
     torch.testing.assert_close(
-        got, want, atol=atol * scale, rtol=rtol,
+        got,
+        want,
+        atol=atol * scale,
+        rtol=rtol,
         msg=lambda m: f"{name}: max err {err:.2e} x max|ref| ({reason}) {extra}\n{m}",
     )
 
@@ -196,24 +215,27 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, key: str, extra: st
 def sampling_tiles(monkeypatch):
     """``sampling_tiles((BLOCK_I, BLOCK_J, num_warps))``: every sampling kernel launches with
     these tiles for the rest of the test instead of the launch rule's (``sampling._tiles``)."""
+
     def use(tiles):
         monkeypatch.setattr(sampling_mod, "_tiles", lambda d, kernel, device: tiles)
 
     return use
 
 
-def _check_parity(inputs, grads_out, device, *, tau=1.0, rho=0.01, prep=None,
-                  compare_fp32_ref=False):
-    k_out, k_grad, outs, _ = _run(related_sampling, inputs, grads_out, device, prep=prep,
-                                   tau_kl=tau, rho=rho)
+def _check_parity(
+    inputs, grads_out, device, *, tau=1.0, rho=0.01, prep=None, compare_fp32_ref=False
+):
+    k_out, k_grad, outs, _ = _run(
+        related_sampling, inputs, grads_out, device, prep=prep, tau_kl=tau, rho=rho
+    )
     for o in outs:
         assert o.dtype == torch.float32 and o.device.type == device.type
     # exact-tie cases compare with the float32 reference, which sees the very same ties
     ref_dtype = torch.float32 if compare_fp32_ref else torch.float64
     r_out, r_grad, _, _ = _run(_reference, inputs, grads_out, "cpu", ref_dtype, tau_kl=tau, rho=rho)
-    for name, got, want in zip(OUTS, k_out, r_out):
+    for name, got, want in zip(OUTS, k_out, r_out, strict=True):
         _close(name, got, want, "outputs")
-    for name, got, want in zip(NAMES, k_grad, r_grad):
+    for name, got, want in zip(NAMES, k_grad, r_grad, strict=True):
         _close("grad " + name, got, want, "grads")
 
 
@@ -304,8 +326,14 @@ def test_constant_columns_uniform_ties(b, d, device):
     g = _gen(b * 100 + d)
     s = torch.full((b, d), math.sqrt(1e-5))
     mu = torch.full((b, d), 0.3)
-    inputs = [mu, s, mu.clone(), s.clone(), -1 + 4 * torch.rand(d, generator=g),
-              -1 + 4 * torch.rand(d, generator=g)]
+    inputs = [
+        mu,
+        s,
+        mu.clone(),
+        s.clone(),
+        -1 + 4 * torch.rand(d, generator=g),
+        -1 + 4 * torch.rand(d, generator=g),
+    ]
     grads_out = [torch.randn(b, d, generator=g) for _ in range(4)]
     _check_parity(inputs, grads_out, device, compare_fp32_ref=True)
     c_v, a_v, c_t, a_t = related_sampling(*[t.to(device) for t in inputs])
@@ -330,7 +358,7 @@ def test_duplicated_columns_tie_at_max(alpha, device, sampling_tiles):
 
 
 def test_identical_source_columns(device):
-    """Every source column the same distribution: all rows of Pr equal (rows tie with each other)."""
+    """Every source column the same distribution: all rows of Pr are equal (rows tie)."""
     b, d = 2, 23
     g = _gen(3)
     mu_v, s_v, mu_t, s_t = _stats("gauss", b, d, g)
@@ -339,8 +367,13 @@ def test_identical_source_columns(device):
     for alpha in (0.5, 0.3, 0.7, 1.1, -0.2, 2.0):  # one whose threshold keeps a margin
         a = torch.full((d,), alpha)
         inputs = [mu_v, s_v, mu_t, s_t, a, a.clone()]
-        if min(float(_row_margin(*inputs[:4], a, 1.0, 0.01).min()),
-               float(_row_margin(mu_t, s_t, mu_v, s_v, a, 1.0, 0.01).min())) > MARGIN:
+        if (
+            min(
+                float(_row_margin(*inputs[:4], a, 1.0, 0.01).min()),
+                float(_row_margin(mu_t, s_t, mu_v, s_v, a, 1.0, 0.01).min()),
+            )
+            > MARGIN
+        ):
             break
     else:
         raise AssertionError("no alpha with a margin")
@@ -353,13 +386,15 @@ def test_d1_weights_are_one(device):
     inputs, grads_out = _inputs("gauss", 4, 1, 5, 1.0, 0.01)
     _, grads, outs, _ = _run(related_sampling, inputs, grads_out, device)
     mu_v, s_v, mu_t, s_t = inputs[:4]
-    for got, want in zip(outs, (mu_t, s_t, mu_v, s_v)):
+    for got, want in zip(outs, (mu_t, s_t, mu_v, s_v), strict=True):
         torch.testing.assert_close(got.detach().cpu(), want, rtol=1e-6, atol=0)
     # W is the constant 1, but the path through the threshold is computed (as in general D) as a
     # difference of terms of size |g| / Z with Z = rho: it cancels to ~eps / rho, so the grads
     # table applies rather than exact equality
     g_cv, g_av, g_ct, g_at = grads_out
-    for name, got, want in zip(NAMES, grads, (g_ct, g_at, g_cv, g_av, torch.zeros(1), torch.zeros(1))):
+    for name, got, want in zip(
+        NAMES, grads, (g_ct, g_at, g_cv, g_av, torch.zeros(1), torch.zeros(1)), strict=True
+    ):
         _close("grad " + name, got, want.double(), "grads")
 
 
@@ -370,8 +405,12 @@ def test_weights_are_convex_and_hard_threshold_picks_argmax(device):
     inputs, _ = _inputs("tokens", b, d, 9, 1.0, 0.01, repair=False)
     mu_v, s_v, mu_t, s_t, _, _ = inputs
     big = torch.full((d,), 100.0)
-    c_v, a_v, c_t, a_t = (t.cpu() for t in related_sampling(
-        *[t.to(device) for t in (mu_v, s_v, mu_t, s_t, big, big)], rho=1e-3))
+    c_v, a_v, c_t, a_t = (
+        t.cpu()
+        for t in related_sampling(
+            *[t.to(device) for t in (mu_v, s_v, mu_t, s_t, big, big)], rho=1e-3
+        )
+    )
     pr = related_probabilities(mu_v.double(), s_v.double(), mu_t.double(), s_t.double())
     top = pr.topk(2, dim=-1)
     clear = top.values[..., 1] < 0.99 * top.values[..., 0]
@@ -402,7 +441,7 @@ def test_dtypes_of_outputs_and_grads(device):
     leaves = [t.detach().requires_grad_() for t in leaves]
     outs = related_sampling(*leaves)
     assert all(o.dtype == torch.float32 for o in outs)
-    sum((o * go.to(device)).sum() for o, go in zip(outs, grads_out)).backward()
+    sum((o * go.to(device)).sum() for o, go in zip(outs, grads_out, strict=True)).backward()
     for t in leaves:
         assert t.grad.dtype == t.dtype and t.grad.shape == t.shape
 
@@ -411,7 +450,7 @@ def test_deterministic(device):
     inputs, grads_out = _inputs("tokens", 2, 37, 8, 1.0, 0.01)
     a = _run(related_sampling, inputs, grads_out, device)
     b = _run(related_sampling, inputs, grads_out, device)
-    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+    for x, y in zip(a[0] + a[1], b[0] + b[1], strict=True):
         assert torch.equal(x, y)
 
 
@@ -420,7 +459,7 @@ def test_unused_outputs_get_zero_grad(device):
     zero = [torch.zeros_like(grads_out[0])] * 2
     _, k_grad, _, _ = _run(lambda *a: related_sampling(*a)[:2], inputs, grads_out[:2], device)
     _, r_grad, _, _ = _run(_reference, inputs, grads_out[:2] + zero, "cpu", torch.float64)
-    for name, got, want in zip(NAMES, k_grad, r_grad):
+    for name, got, want in zip(NAMES, k_grad, r_grad, strict=True):
         _close("grad " + name, got, want, "grads")
 
 
@@ -434,8 +473,15 @@ def test_opcheck(device):
     args = [t.to(device).requires_grad_(i < 6) for i, t in enumerate(inputs)]
     torch.library.opcheck(torch.ops.cdds_fast.related_sampling.default, (*args, 1.0, 0.01))
     c, a, stats = torch.ops.cdds_fast.related_sampling(*[t.detach() for t in args], 1.0, 0.01)
-    bwd_args = (torch.randn_like(c), torch.randn_like(a), args[4].detach(), args[5].detach(),
-                stats, 1.0, 0.01)
+    bwd_args = (
+        torch.randn_like(c),
+        torch.randn_like(a),
+        args[4].detach(),
+        args[5].detach(),
+        stats,
+        1.0,
+        0.01,
+    )
     torch.library.opcheck(torch.ops.cdds_fast.related_sampling_backward.default, bwd_args)
 
 
@@ -453,7 +499,7 @@ def test_torch_compile_caller(device):
     le.backward()
     lc.backward()
     torch.testing.assert_close(lc, le)
-    for x, y in zip(comp, eager):
+    for x, y in zip(comp, eager, strict=True):
         torch.testing.assert_close(x.grad, y.grad)
 
 
@@ -464,8 +510,14 @@ def test_torch_compile_caller(device):
 
 def _good():
     b, d = 2, 5
-    return dict(mu_v=torch.randn(b, d), s_v=torch.rand(b, d) + 0.5, mu_t=torch.randn(b, d),
-                s_t=torch.rand(b, d) + 0.5, alpha_image=torch.rand(d), alpha_text=torch.rand(d))
+    return dict(
+        mu_v=torch.randn(b, d),
+        s_v=torch.rand(b, d) + 0.5,
+        mu_t=torch.randn(b, d),
+        s_t=torch.rand(b, d) + 0.5,
+        alpha_image=torch.rand(d),
+        alpha_text=torch.rand(d),
+    )
 
 
 BAD = [
@@ -486,7 +538,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("name,mutate,exc", BAD, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "name,mutate,exc", BAD, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD)]
+)
 def test_bad_input(name, mutate, exc, device):
     kwargs = {n: t.to(device) for n, t in _good().items()}
     mutate(kwargs)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cdds_fast.data import CsvRetrieval
 from cdds_fast.data.scenes import (
     COLOURS,
     DEFAULT_SIZES,
@@ -25,7 +26,6 @@ from cdds_fast.data.scenes import (
     relation,
     write_csv,
 )
-from cdds_fast.data import CsvRetrieval
 
 
 def _pattern(words) -> re.Pattern:
@@ -320,8 +320,14 @@ def test_write_csv_open_clip_trainer_dataset(tmp_path):
 
     csv_path = write_csv(tmp_path, "test", n=2, image_size=32)
     tok = open_clip.get_tokenizer("ViT-B-32")
-    ds = data.CsvDataset(str(csv_path), lambda im: np.asarray(im.convert("RGB")), "filepath",
-                         "title", sep="\t", tokenizer=tok)  # fmt: skip
+    ds = data.CsvDataset(
+        str(csv_path),
+        lambda im: np.asarray(im.convert("RGB")),
+        "filepath",
+        "title",
+        sep="\t",
+        tokenizer=tok,
+    )
     assert len(ds) == 10
     img, tokens = ds[6]
     ref = SceneCaptions("test", size=2, image_size=32)

@@ -17,16 +17,28 @@ from tests._inputs import assert_close, make_mask, subnormal_ulp
 # mu and s are float32 for every input dtype and are always checked with the float32 row: both
 # sides compute them in fp32 from the same input values, so they differ by summation order only.
 TOLS = [
-    (torch.float32, 1e-6, 1e-5,
-     "fp32 math on both sides; only the summation order of the token reductions differs "
-     "(~N * 2^-24 relative at worst, ~1e-7 observed)"),
-    (torch.bfloat16, 1e-2, 1e-2,
-     "gradient computed in fp32 on both sides, then rounded to bf16 (2^-8 = 3.9e-3 relative): "
-     "fp32 values a few ulp apart may round to neighbouring bf16 values (1 bf16 ulp)"),
-    (torch.float16, 2e-3, 2e-3,
-     "as bf16 with fp16's 2^-11 = 4.9e-4 relative rounding: 1 fp16 ulp plus fp32 noise; "
-     "gradients below fp16's smallest normal (6e-5) are subnormals, exact only to 2^-24 "
-     "absolute, which floors atol (subnormal_ulp)"),
+    (
+        torch.float32,
+        1e-6,
+        1e-5,
+        "fp32 math on both sides; only the summation order of the token reductions differs "
+        "(~N * 2^-24 relative at worst, ~1e-7 observed)",
+    ),
+    (
+        torch.bfloat16,
+        1e-2,
+        1e-2,
+        "gradient computed in fp32 on both sides, then rounded to bf16 (2^-8 = 3.9e-3 relative): "
+        "fp32 values a few ulp apart may round to neighbouring bf16 values (1 bf16 ulp)",
+    ),
+    (
+        torch.float16,
+        2e-3,
+        2e-3,
+        "as bf16 with fp16's 2^-11 = 4.9e-4 relative rounding: 1 fp16 ulp plus fp32 noise; "
+        "gradients below fp16's smallest normal (6e-5) are subnormals, exact only to 2^-24 "
+        "absolute, which floors atol (subnormal_ulp)",
+    ),
 ]
 TOL = {dt: (atol, rtol) for dt, atol, rtol, _ in TOLS}
 F32 = TOL[torch.float32]
@@ -38,8 +50,11 @@ def run_all(x, mask):
     g_mu = torch.randn(x.shape[0], x.shape[2], device=x.device)
     g_s = torch.randn_like(g_mu)
     out = []
-    for fn, cast in ((column_stats, None), (ref_column_stats, None),
-                     (ref_column_stats, torch.float64)):
+    for fn, cast in (
+        (column_stats, None),
+        (ref_column_stats, None),
+        (ref_column_stats, torch.float64),
+    ):
         xi = x.detach().to(cast or x.dtype).requires_grad_()
         mu, s = fn(xi, mask)
         loss = (mu * g_mu.to(mu.dtype)).sum() + (s * g_s.to(s.dtype)).sum()
@@ -63,8 +78,11 @@ def check(x, mask, dtype, *, conditioned=False):
         # also mu and s: with a few valid tokens of spread ~1 next to a mean ~1e4, the reference's
         # variance carries the square of its mean's rounding error (~2.5e-7 / var relative); the
         # kernel's corrected two-pass removes it
-        for name, ours, ref, exact, tol in (("mu", mu, mu_r, mu_64, F32), ("s", s, s_r, s_64, F32),
-                                            ("grad_x", gx, gx_r, gx_64, TOL[dtype])):
+        for name, ours, ref, exact, tol in (
+            ("mu", mu, mu_r, mu_64, F32),
+            ("s", s, s_r, s_64, F32),
+            ("grad_x", gx, gx_r, gx_64, TOL[dtype]),
+        ):
             err = (ours.double() - exact).abs().max()
             err_ref = (ref.double() - exact).abs().max()
             bound = err_ref + tol[0] * exact.abs().max() + subnormal_ulp(ours.dtype)

@@ -28,10 +28,28 @@ from tests._openclip_fixtures import (
     write_csv_dataset,
 )
 
-TERMS = ("contrastive_loss", "semantic_loss", "modality_loss", "completeness_loss", "x_completeness_loss")
+TERMS = (
+    "contrastive_loss",
+    "semantic_loss",
+    "modality_loss",
+    "completeness_loss",
+    "x_completeness_loss",
+)
 # plain SGD (update = -lr * grad) so that equal gradients give equal parameters after a step
-SGD = ["--opt", "timm/momentum", "--momentum", "0", "--wd", "0", "--lr", "0.1",
-       "--lr-scheduler", "const", "--warmup", "0"]
+SGD = [
+    "--opt",
+    "timm/momentum",
+    "--momentum",
+    "0",
+    "--wd",
+    "0",
+    "--lr",
+    "0.1",
+    "--lr-scheduler",
+    "const",
+    "--warmup",
+    "0",
+]
 DETERMINISTIC = ["--cdds-z", "1", "--cdds-sigma", "0", "--aug-cfg", "scale=(1.0,1.0)"]
 
 
@@ -48,13 +66,42 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 def args(data, name: str, *extra: str, batch_size: int = 4, val: bool = True) -> list[str]:
     out = [
-        "--cdds-model-config", str(data["config"]), "--model", TINY_MODEL,
-        "--train-data", str(data["train"]), "--dataset-type", "csv",
-        "--batch-size", str(batch_size), "--epochs", "1", "--workers", "0", "--report-to", "",
-        "--logs", str(data["logs"]), "--name", name, "--device", "cpu", "--precision", "fp32",
-        "--seed", "0", "--log-every-n-steps", "1",
-        "--cdds-heads", "4", "--cdds-enc-layers", "1", "--cdds-dec-layers", "1",
-        "--cdds-backend", "reference",
+        "--cdds-model-config",
+        str(data["config"]),
+        "--model",
+        TINY_MODEL,
+        "--train-data",
+        str(data["train"]),
+        "--dataset-type",
+        "csv",
+        "--batch-size",
+        str(batch_size),
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--report-to",
+        "",
+        "--logs",
+        str(data["logs"]),
+        "--name",
+        name,
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--seed",
+        "0",
+        "--log-every-n-steps",
+        "1",
+        "--cdds-heads",
+        "4",
+        "--cdds-enc-layers",
+        "1",
+        "--cdds-dec-layers",
+        "1",
+        "--cdds-backend",
+        "reference",
     ]
     if val:
         out += ["--val-data", str(data["val"])]
@@ -85,7 +132,10 @@ def test_one_epoch_run_logs_terms_writes_checkpoint_and_val_metrics(data):
         assert set(TERMS) <= set(row)
         assert all(math.isfinite(row[t]) for t in TERMS)
         assert row["loss"] == pytest.approx(sum(row[t] for t in TERMS), rel=1e-3)
-    results = [json.loads(line) for line in (run / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    results = [
+        json.loads(line)
+        for line in (run / "checkpoints" / "results.jsonl").read_text().splitlines()
+    ]
     metrics = results[-1]
     for key in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5", "clip_val_loss"):
         assert key in metrics
@@ -104,7 +154,10 @@ def test_one_epoch_run_logs_terms_writes_checkpoint_and_val_metrics(data):
     images = torch.stack([preprocess(Image.open(line.split("\t")[0])) for line in lines])
     texts = tokenizer([line.split("\t")[1] for line in lines])
     with torch.no_grad():
-        img, txt = model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)
+        img, txt = (
+            model.encode_image(images, normalize=True),
+            model.encode_text(texts, normalize=True),
+        )
     ranks = (img @ txt.T).argsort(dim=1, descending=True)
     r1 = float(np.mean((ranks[:, 0] == torch.arange(len(lines))).numpy()))
     assert r1 == pytest.approx(metrics["image_to_text_R@1"])
@@ -112,16 +165,20 @@ def test_one_epoch_run_logs_terms_writes_checkpoint_and_val_metrics(data):
     # Evaluation through open_clip's trainer: same flags, no training data, --resume.
     eval_args = args(data, "basic_eval", "--resume", str(run / "checkpoints" / "epoch_1.pt"))
     i = eval_args.index("--train-data")
-    del eval_args[i:i + 2]
+    del eval_args[i : i + 2]
     assert train_main(eval_args) == 0
-    again = json.loads((run_dir(data, "basic_eval") / "checkpoints" / "results.jsonl").read_text().splitlines()[-1])
+    again = json.loads(
+        (run_dir(data, "basic_eval") / "checkpoints" / "results.jsonl").read_text().splitlines()[-1]
+    )
     for key in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_mean_rank"):
         assert again[key] == pytest.approx(metrics[key]), key
 
 
 def test_accum_freq_matches_full_batch_step(data, full_batch_run):
     """--accum-freq 2 with batch 4 = one step over the batch of 8 (one optimizer step each)."""
-    assert train_main(args(data, "accum", *SGD, *DETERMINISTIC, "--accum-freq", "2", val=False)) == 0
+    assert (
+        train_main(args(data, "accum", *SGD, *DETERMINISTIC, "--accum-freq", "2", val=False)) == 0
+    )
     full, accum = state(full_batch_run), state(run_dir(data, "accum"))
     assert full.keys() == accum.keys()
     init_scale = math.log(1 / 0.07)
@@ -138,7 +195,10 @@ def test_accum_freq_matches_full_batch_step(data, full_batch_run):
     d_accum = accum["clip.logit_scale"].item() - init_scale
     assert abs(d_full) > 1e-6
     assert d_accum == pytest.approx(2 * d_full, rel=1e-3)
-    rows_full, rows_accum = parse_train_log(full_batch_run / "out.log"), parse_train_log(run_dir(data, "accum") / "out.log")
+    rows_full, rows_accum = (
+        parse_train_log(full_batch_run / "out.log"),
+        parse_train_log(run_dir(data, "accum") / "out.log"),
+    )
     for t in TERMS:
         assert rows_accum[0][t] == pytest.approx(rows_full[0][t], rel=1e-3)
 
@@ -175,9 +235,17 @@ def test_torchrun_two_process_gloo(data, full_batch_run):
     8 pairs, split 4 + 4 over the ranks and gathered, give the same InfoNCE values."""
     name = "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
         # `--` ends torchrun's own options (its --logs-specs would claim open_clip's --logs)
-        "-m", "--", "cdds_fast.cli", "train",
+        "-m",
+        "--",
+        "cdds_fast.cli",
+        "train",
         *args(data, name, *SGD, *DETERMINISTIC, batch_size=4, val=True),
     ]
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)

@@ -19,8 +19,9 @@ which gives one interface to training and to evaluation:
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ __all__ = ["CAPTIONS_PER_IMAGE", "CaptionedImageFiles", "CaptionedImages", "pil_
 
 #: Captions per image in the standard Flickr30K / MS-COCO retrieval protocol.
 CAPTIONS_PER_IMAGE = 5
+
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> float32 tensor ``[3, H, W]`` in ``[0, 1]`` (converted to RGB first)."""

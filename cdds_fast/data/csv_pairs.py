@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cdds_fast.data.captioned import CaptionedImageFiles
 

@@ -9,15 +9,21 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from cdds_fast.data.captioned import CAPTIONS_PER_IMAGE, CaptionedImageFiles
 
-__all__ = ["COCO_1K_FOLDS", "COCO_1K_FOLD_SIZE", "COCO_5K_TEST_IMAGES", "KarpathyRetrieval",
-           "coco_1k_folds"]
+__all__ = [
+    "COCO_1K_FOLDS",
+    "COCO_1K_FOLD_SIZE",
+    "COCO_5K_TEST_IMAGES",
+    "KarpathyRetrieval",
+    "coco_1k_folds",
+]
 
 #: MS-COCO 1K protocol: the 5K test split cut into this many folds ...
 COCO_1K_FOLDS = 5
@@ -42,15 +48,18 @@ def _parse_splits(split: str) -> tuple[str, ...]:
     return parts
 
 
-def _read_split(json_path: Path, image_root: Path,
-                split: str) -> tuple[str | None, list[str], list[list[str]]]:
+def _read_split(
+    json_path: Path, image_root: Path, split: str
+) -> tuple[str | None, list[str], list[list[str]]]:
     """``(dataset name, image paths, captions per image)`` of the images of ``split`` in a
     Karpathy JSON file (the first :data:`CAPTIONS_PER_IMAGE` captions of each)."""
     splits = _parse_splits(split)
     with open(json_path, encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_path}: expected a Karpathy-split JSON object with an 'images' list")
+        raise ValueError(
+            f"{json_path}: expected a Karpathy-split JSON object with an 'images' list"
+        )
     paths: list[str] = []
     captions: list[list[str]] = []
     for n, entry in enumerate(data["images"]):
@@ -107,8 +116,9 @@ class KarpathyRetrieval(CaptionedImageFiles):
     * MS-COCO 5K: ``split="test"`` (5,000 images, 25,000 captions).
     * MS-COCO 1K: ``split="test", coco_1k_fold=k`` for ``k`` in ``0..4``: images
       ``[1000 k, 1000 (k + 1))`` of the 5K test split; report the mean over the 5 folds
-      (:func:`coco_1k_folds` builds all five; :func:`cdds_fast.eval.retrieval.average_metrics` averages;
-      :func:`cdds_fast.eval.retrieval.fold_metrics` does the same from the 5K features directly).
+      (:func:`coco_1k_folds` builds all five; :func:`cdds_fast.eval.retrieval.average_metrics`
+      averages; :func:`cdds_fast.eval.retrieval.fold_metrics` does the same from the 5K features
+      directly).
     * Training: ``split="train"`` (Flickr30K), ``split="train+restval"`` (the usual MS-COCO
       training set of 113K images).
 
@@ -147,7 +157,8 @@ class KarpathyRetrieval(CaptionedImageFiles):
         self.image_paths: list[str]
         self._captions: list[list[str]]
         self.dataset_name, self.image_paths, self._captions = _read_split(
-            self.json_path, self.image_root, split)
+            self.json_path, self.image_root, split
+        )
         if coco_1k_fold is not None:
             self._select_fold(coco_1k_fold)
         if check_files and not os.path.isfile(self.image_paths[0]):

@@ -44,9 +44,9 @@ import csv
 import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -289,9 +289,21 @@ def _polygon(
     elif shape == "diamond":
         pts = [(0.0, -1.2), (0.75, 0.0), (0.0, 1.2), (-0.75, 0.0)]
     elif shape == "cross":
-        w, l = 0.32, 1.0
-        pts = [(-w, -l), (w, -l), (w, -w), (l, -w), (l, w), (w, w), (w, l), (-w, l), (-w, w),
-               (-l, w), (-l, -w), (-w, -w)]  # fmt: skip
+        w, h = 0.32, 1.0  # arm half-width, half-length
+        pts = [
+            (-w, -h),
+            (w, -h),
+            (w, -w),
+            (h, -w),
+            (h, w),
+            (w, w),
+            (w, h),
+            (-w, h),
+            (-w, w),
+            (-h, w),
+            (-h, -w),
+            (-w, -w),
+        ]
     elif shape == "hexagon":
         pts = [(1.02 * math.cos(a), 1.02 * math.sin(a)) for a in np.radians(np.arange(6) * 60.0)]
     else:  # pragma: no cover - guarded by SHAPES
@@ -443,7 +455,7 @@ class SceneCaptions(CaptionedImages):
                         size=_SIZE_NAMES[int(sz)],
                         position=_POSITION_NAMES[int(sl)],
                     )
-                    for kd, sl, sz in zip(kinds, slots, sizes)
+                    for kd, sl, sz in zip(kinds, slots, sizes, strict=True)
                 )
                 key = frozenset(objs)
                 if key not in seen:

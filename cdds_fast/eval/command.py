@@ -47,7 +47,8 @@ __all__ = ["build_parser", "evaluate", "load_model", "main"]
 
 _PRECISIONS = {"fp32": None, "amp": torch.float16, "amp_bf16": torch.bfloat16}
 
-#: How ``cdds-fast eval`` ranks, and why open_clip's trainer can report other numbers on the same data.
+#: How ``cdds-fast eval`` ranks, and why open_clip's trainer can report other numbers on the same
+#: data.
 RANK_RULES = (
     "Ranks: rows with the same image are one image with several captions; image->text ranks an "
     "image's best-ranked caption, and ties count in the query's favour (rank = 1 + the number of "
@@ -59,47 +60,90 @@ RANK_RULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The eval command's flags: one declaration per flag, long by nature and kept in one place
+    so that ``--help`` reads as the code does."""
     p = argparse.ArgumentParser(
         prog="cdds-fast eval",
         description="Image-text retrieval (R@1/5/10, rSum, mean rank) of a cdds-fast train "
-        "checkpoint or an open_clip model on Karpathy-format data, a CSV, or the embedded test split.",
+        "checkpoint or an open_clip model on Karpathy-format data, a CSV, or the embedded test "
+        "split.",
         epilog=RANK_RULES,
     )
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", metavar="PATH", help="checkpoint written by cdds-fast train")
-    m.add_argument("--model", metavar="NAME", help="open_clip model name (default for --checkpoint: "
-                   "from cdds_config.json next to it)")  # fmt: skip
-    m.add_argument("--pretrained", metavar="TAG_OR_PATH", default=None,
-                   help="open_clip pretrained tag or weights file for --model (default: random init)")  # fmt: skip
-    m.add_argument("--cdds-model-config", "--model-config", dest="model_config", metavar="PATH",
-                   action="append", default=[],
-                   help="register an open_clip model config JSON (file or folder); repeatable "
-                   "(as in cdds-fast train; a checkpoint's cdds_config.json already holds its config)")  # fmt: skip
-    m.add_argument("--cdds-heads", type=int, default=None,
-                   help="attention heads of a CDDS checkpoint's head (default: from cdds_config.json, "
-                   "else 8); only needed without the side-car, since the weights do not record it")  # fmt: skip
-    m.add_argument("--features", choices=("semantic", "clip"), default="semantic",
-                   help="for a CDDS checkpoint: pooled semantic components (default) or the CLIP "
-                   "towers' own pooled features")  # fmt: skip
+    m.add_argument(
+        "--model",
+        metavar="NAME",
+        help="open_clip model name (default for --checkpoint: from cdds_config.json next to it)",
+    )
+    m.add_argument(
+        "--pretrained",
+        metavar="TAG_OR_PATH",
+        default=None,
+        help="open_clip pretrained tag or weights file for --model (default: random init)",
+    )
+    m.add_argument(
+        "--cdds-model-config",
+        "--model-config",
+        dest="model_config",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="register an open_clip model config JSON (file or folder); repeatable "
+        "(as in cdds-fast train; a checkpoint's cdds_config.json already holds its config)",
+    )
+    m.add_argument(
+        "--cdds-heads",
+        type=int,
+        default=None,
+        help="attention heads of a CDDS checkpoint's head (default: from cdds_config.json, "
+        "else 8); only needed without the side-car, since the weights do not record it",
+    )
+    m.add_argument(
+        "--features",
+        choices=("semantic", "clip"),
+        default="semantic",
+        help="for a CDDS checkpoint: pooled semantic components (default) or the CLIP "
+        "towers' own pooled features",
+    )
     d = p.add_argument_group("data (default: the embedded captioned-scenes test split)")
-    d.add_argument("--karpathy-json", metavar="PATH", help="dataset_flickr30k.json / dataset_coco.json")
-    d.add_argument("--image-root", metavar="DIR", help="folder the Karpathy / CSV image paths are relative to")
+    d.add_argument(
+        "--karpathy-json", metavar="PATH", help="dataset_flickr30k.json / dataset_coco.json"
+    )
+    d.add_argument(
+        "--image-root", metavar="DIR", help="folder the Karpathy / CSV image paths are relative to"
+    )
     d.add_argument("--split", default="test", help="Karpathy split (default test)")
-    d.add_argument("--coco-1k", action="store_true",
-                   help="MS-COCO 1K protocol: mean over 5 folds of the test split (plus the whole split)")  # fmt: skip
+    d.add_argument(
+        "--coco-1k",
+        action="store_true",
+        help="MS-COCO 1K protocol: mean over 5 folds of the test split (plus the whole split)",
+    )
     d.add_argument("--csv", metavar="PATH", help="open_clip CSV (one row per image-caption pair)")
     d.add_argument("--csv-img-key", default="filepath", help="CSV image column (default filepath)")
     d.add_argument("--csv-caption-key", default="title", help="CSV caption column (default title)")
     d.add_argument("--csv-separator", default="\t", help="CSV separator (default tab)")
-    d.add_argument("--embedded-size", type=int, default=None,
-                   help="images of the embedded test split (default 500)")  # fmt: skip
+    d.add_argument(
+        "--embedded-size",
+        type=int,
+        default=None,
+        help="images of the embedded test split (default 500)",
+    )
     d.add_argument("--seed", type=int, default=0, help="seed of the embedded data (default 0)")
     r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=int, default=64, help="images / captions per forward (default 64)")
+    r.add_argument(
+        "--batch-size", type=int, default=64, help="images / captions per forward (default 64)"
+    )
     r.add_argument("--workers", type=int, default=0, help="image loading workers (default 0)")
-    r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    r.add_argument("--precision", choices=tuple(_PRECISIONS), default="fp32",
-                   help="fp32 (default), amp (fp16 autocast) or amp_bf16")  # fmt: skip
+    r.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    r.add_argument(
+        "--precision",
+        choices=tuple(_PRECISIONS),
+        default="fp32",
+        help="fp32 (default), amp (fp16 autocast) or amp_bf16",
+    )
     r.add_argument("--name", default=None, help="column label in the table")
     r.add_argument("--json-out", metavar="PATH", help="write metrics and run description as JSON")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -139,9 +183,12 @@ def load_model(
     register_model_configs(model_configs)
     if checkpoint is not None:
         if pretrained:
-            raise ValueError("--pretrained goes with --model alone; a --checkpoint has its own weights")
-        return _checkpoint_model(read_checkpoint(checkpoint, argument="--checkpoint"), model,
-                                 device, cdds_heads)
+            raise ValueError(
+                "--pretrained goes with --model alone; a --checkpoint has its own weights"
+            )
+        return _checkpoint_model(
+            read_checkpoint(checkpoint, argument="--checkpoint"), model, device, cdds_heads
+        )
     if not model:
         raise ValueError("a model is needed: pass --checkpoint PATH or --model NAME")
     clip = open_clip.create_model(model, pretrained, device=device)
@@ -169,8 +216,12 @@ def _checkpoint_model(
         extra = {} if cdds_heads is None else {"heads": cdds_heads}
         with quiet_random_init():
             wrapper = CDDSModel.from_checkpoint(checkpoint, model_name=name, device=device, **extra)
-        info = {"kind": "cdds", "model": name, "checkpoint": str(path),
-                "cdds_head": dict(wrapper.cdds_config)}  # fmt: skip
+        info = {
+            "kind": "cdds",
+            "model": name,
+            "checkpoint": str(path),
+            "cdds_head": dict(wrapper.cdds_config),
+        }
         return wrapper.eval(), name, info
     if not name:
         raise ValueError(
@@ -187,8 +238,6 @@ def _checkpoint_model(
 def _image_size(model: torch.nn.Module) -> int:
     size = getattr(model.visual, "image_size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,19 +260,29 @@ def load_data(args: argparse.Namespace, image_size: int):
         if args.coco_1k and args.split != "test":
             raise ValueError(f"--coco-1k needs --split test, got --split {args.split}")
         ds = KarpathyRetrieval(args.karpathy_json, args.image_root, args.split)
-        desc = {"source": "karpathy", "json": str(args.karpathy_json), "split": args.split,
-                "dataset": ds.dataset_name}  # fmt: skip
+        desc = {
+            "source": "karpathy",
+            "json": str(args.karpathy_json),
+            "split": args.split,
+            "dataset": ds.dataset_name,
+        }
     elif args.csv:
         from cdds_fast.data import CsvRetrieval
 
-        ds = CsvRetrieval(args.csv, args.csv_img_key, args.csv_caption_key, args.csv_separator,
-                          image_root=args.image_root)  # fmt: skip
+        ds = CsvRetrieval(
+            args.csv,
+            args.csv_img_key,
+            args.csv_caption_key,
+            args.csv_separator,
+            image_root=args.image_root,
+        )
         desc = {"source": "csv", "csv": str(args.csv)}
     else:
         from cdds_fast.data import SceneCaptions
 
-        ds = SceneCaptions("test", size=args.embedded_size, image_size=max(16, image_size),
-                           seed=args.seed)  # fmt: skip
+        ds = SceneCaptions(
+            "test", size=args.embedded_size, image_size=max(16, image_size), seed=args.seed
+        )
         desc = {"source": "embedded", "dataset": repr(ds)}
     desc.update(images=ds.num_images, captions=ds.num_captions)
     return ds, desc
@@ -238,16 +297,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation the parsed flags describe; returns the result dict."""
     import open_clip
 
-    from cdds_fast.eval.retrieval import encode_dataset, fold_metrics, format_table, retrieval_metrics
+    from cdds_fast.eval.retrieval import (
+        encode_dataset,
+        fold_metrics,
+        format_table,
+        retrieval_metrics,
+    )
 
     t0 = time.perf_counter()
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, name, info = load_model(
-        checkpoint=args.checkpoint, model=args.model, pretrained=args.pretrained,
-        model_configs=args.model_config, device=device, cdds_heads=args.cdds_heads,
-    )  # fmt: skip
+        checkpoint=args.checkpoint,
+        model=args.model,
+        pretrained=args.pretrained,
+        model_configs=args.model_config,
+        device=device,
+        cdds_heads=args.cdds_heads,
+    )
     encoder = model
     if info["kind"] == "cdds":
         info["features"] = args.features
@@ -258,10 +326,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = open_clip.get_tokenizer(name, context_length=model.context_length)
     ds, data = load_data(args, _image_size(model))
     enc = encode_dataset(
-        encoder, ds, batch_size=args.batch_size, device=device, transform=eval_transform(model),
-        tokenizer=tokenizer, num_workers=args.workers,
-        autocast_dtype=_PRECISIONS[args.precision], disable=args.no_progress,
-    )  # fmt: skip
+        encoder,
+        ds,
+        batch_size=args.batch_size,
+        device=device,
+        transform=eval_transform(model),
+        tokenizer=tokenizer,
+        num_workers=args.workers,
+        autocast_dtype=_PRECISIONS[args.precision],
+        disable=args.no_progress,
+    )
     label = args.name or (f"{name} (CDDS {info['features']})" if info["kind"] == "cdds" else name)
     result: dict[str, Any] = {"model": info, "data": data, "precision": args.precision}
     if args.coco_1k:
@@ -290,10 +364,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdds-fast eval: {e}", file=sys.stderr)
         return 2
     data, model = result["data"], result["model"]
-    where = model.get("checkpoint") or (model["model"] + (f" ({model['pretrained']})" if model.get("pretrained") else ""))
+    where = model.get("checkpoint") or (
+        model["model"] + (f" ({model['pretrained']})" if model.get("pretrained") else "")
+    )
     print(f"model: {where} [{model['kind']}, features: {model['features']}]")
-    print(f"data: {data['source']} ({data['images']} images, {data['captions']} captions)"
-          + (f", MS-COCO 1K protocol: 5 folds of {result['fold_images']} images" if "folds" in result else ""))  # fmt: skip
+    print(
+        f"data: {data['source']} ({data['images']} images, {data['captions']} captions)"
+        + (
+            f", MS-COCO 1K protocol: 5 folds of {result['fold_images']} images"
+            if "folds" in result
+            else ""
+        )
+    )
     print()
     print(result["table"])
     if args.json_out:

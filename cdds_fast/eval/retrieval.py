@@ -26,7 +26,8 @@ boolean comparison), and the MS-COCO 5K protocol (5,000 x 25,000) fits anywhere.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -370,9 +371,12 @@ def encode_dataset(
         )
     texts, text_to_image = _flat_captions(dataset)
     images = DataLoader(
-        _ImageView(dataset, transform), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, pin_memory=device.type == "cuda",
-    )  # fmt: skip
+        _ImageView(dataset, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     tokens = DataLoader(
         _TextView(texts), batch_size=batch_size, shuffle=False, collate_fn=_Tokenize(tokenizer)
     )
@@ -384,8 +388,9 @@ def encode_dataset(
             text_features = _encode(model.encode_text, tokens, device, autocast_dtype, bar)
     finally:
         model.train(was_training)
-    return EncodedDataset(image_features, text_features,
-                          torch.tensor(text_to_image, dtype=torch.long, device=device))
+    return EncodedDataset(
+        image_features, text_features, torch.tensor(text_to_image, dtype=torch.long, device=device)
+    )
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -404,8 +409,13 @@ def _flat_captions(dataset: RetrievalDataset) -> tuple[list[str], list[int]]:
     return texts, owners
 
 
-def _encode(encode: Callable, loader: DataLoader, device: torch.device,
-            autocast_dtype: torch.dtype | None, bar: Any) -> torch.Tensor:
+def _encode(
+    encode: Callable,
+    loader: DataLoader,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    bar: Any,
+) -> torch.Tensor:
     """``encode(batch, normalize=True)`` over every batch of ``loader``, as one float32 tensor;
     under ``torch.autocast`` with ``autocast_dtype``, else with autocast off."""
     features = []
@@ -434,7 +444,9 @@ _TABLE_ROWS: tuple[tuple[str, str, bool], ...] = (
 
 
 def format_table(
-    results: dict[str, dict[str, float]], digits: int = 1, highlight_best: bool = False,
+    results: dict[str, dict[str, float]],
+    digits: int = 1,
+    highlight_best: bool = False,
     extra_rows: dict[str, dict[str, str]] | None = None,
 ) -> str:
     """A markdown table comparing methods side by side.

@@ -34,14 +34,17 @@ def strip_state_dict_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
 
 def read_cdds_config(path: Path) -> dict[str, Any]:
     """The ``cdds_config.json`` next to a checkpoint (its folder or the run folder), or ``{}``."""
-    for candidate in (path.parent / CDDS_CONFIG_FILENAME, path.parent.parent / CDDS_CONFIG_FILENAME):
+    for candidate in (
+        path.parent / CDDS_CONFIG_FILENAME,
+        path.parent.parent / CDDS_CONFIG_FILENAME,
+    ):
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return {}
@@ -61,11 +64,12 @@ def register_sidecar_model(sidecar: dict[str, Any]) -> None:
 
 
 def infer_depths(state: dict[str, Tensor]) -> dict[str, int]:
-    """``n_enc`` / ``n_dec`` from the keys ``head.image_decoupler.{encoder,semantic_decoder}.<i>.``."""
+    """``n_enc`` / ``n_dec`` from the state dict's keys
+    ``head.image_decoupler.{encoder,semantic_decoder}.<i>.``."""
     found: dict[str, int] = {}
     for key_name, part in (("n_enc", "encoder"), ("n_dec", "semantic_decoder")):
         prefix = f"head.image_decoupler.{part}."
-        idx = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+        idx = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
         if idx:
             found[key_name] = max(idx) + 1
     return found
@@ -103,7 +107,9 @@ def read_checkpoint(path: str | os.PathLike, *, argument: str = "path") -> Check
     return Checkpoint(path, strip_state_dict_prefixes(state), read_cdds_config(path))
 
 
-def load_cdds_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+def load_cdds_checkpoint(
+    model: nn.Module, path: str | os.PathLike, strict: bool = True
+) -> nn.Module:
     """Load a ``cdds-fast train`` checkpoint into an existing :class:`CDDSModel` (or plain CLIP).
 
     Reads it with :func:`read_checkpoint`. Returns ``model`` (unchanged mode).

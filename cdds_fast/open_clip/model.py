@@ -15,10 +15,11 @@ tower *token by token* and feeds the projected tokens to a :class:`cdds_fast.CDD
 ``logit_scale``) where the features are the pooled *semantic* components (docs/method.md section 5:
 masked mean over tokens, then L2 normalisation), plus every tensor :class:`cdds_fast.CDDSLoss`
 needs, so ``loss(**model_out, output_dict=True)`` works unchanged (in open_clip's trainer and in a
-loop of your own: the dict is the default whatever ``output_dict`` the inner model was built with). Everything except
-``logit_scale`` has the batch on dim 0 (the trainer concatenates cached micro-batch outputs under
-``--accum-freq``); the six learnable CDDS vectors are emitted as ``[B, D]`` expanded views, which
-``CDDSLoss`` averages back (so their gradients stay exact under accumulation and DDP).
+loop of your own: the dict is the default whatever ``output_dict`` the inner model was built
+with). Everything except ``logit_scale`` has the batch on dim 0 (the trainer concatenates cached
+micro-batch outputs under ``--accum-freq``); the six learnable CDDS vectors are emitted as
+``[B, D]`` expanded views, which ``CDDSLoss`` averages back (so their gradients stay exact under
+accumulation and DDP).
 ``encode_image`` / ``encode_text`` return the pooled semantic components too, so any CLIP
 evaluation (open_clip's zero-shot and retrieval code, ``cdds-fast eval``) measures CDDS.
 """
@@ -71,8 +72,8 @@ def _check_supported(model: nn.Module) -> None:
         )
     if getattr(visual, "attn_pool", None) is not None:
         raise ValueError(
-            "model.visual: attentional pooling (attentional_pool=True) replaces the patch tokens by "
-            "learned queries; CDDSModel needs the patch tokens, use a tower without attn_pool"
+            "model.visual: attentional pooling (attentional_pool=True) replaces the patch tokens "
+            "by learned queries; CDDSModel needs the patch tokens, use a tower without attn_pool"
         )
     if getattr(visual, "proj", None) is None:
         raise ValueError("model.visual.proj: expected a projection to the joint space, got None")
@@ -113,7 +114,9 @@ def text_valid_mask(
         mask = pos[None, :] <= text.argmax(dim=-1, keepdim=True)
     elif pool_type == "eos":
         if eos_id is None:
-            raise ValueError("eos_id: expected the tokenizer's end-of-sequence id for pool_type='eos'")
+            raise ValueError(
+                "eos_id: expected the tokenizer's end-of-sequence id for pool_type='eos'"
+            )
         is_eos = text == eos_id
         end = torch.where(
             is_eos.any(-1), is_eos.int().argmax(-1), torch.full_like(text[:, 0], length - 1)
@@ -254,7 +257,9 @@ class CDDSModel(nn.Module):
         clip = self.clip
         if hasattr(clip, "text"):  # CustomTextCLIP
             t = clip.text
-            return dict(proj=t.text_projection, pool_type=t.pool_type, eos_id=t.eos_id, pad_id=t.pad_id)
+            return dict(
+                proj=t.text_projection, pool_type=t.pool_type, eos_id=t.eos_id, pad_id=t.pad_id
+            )
         return dict(
             proj=clip.text_projection,
             pool_type=clip.text_pool_type,
@@ -282,7 +287,9 @@ class CDDSModel(nn.Module):
     def _check_text(self, text: object) -> Tensor:
         """``text``: integer token ids ``[B, L]``, ``1 <= L <= context_length``."""
         if not isinstance(text, Tensor):
-            raise TypeError(f"text: expected a torch.Tensor of token ids, got {type(text).__name__}")
+            raise TypeError(
+                f"text: expected a torch.Tensor of token ids, got {type(text).__name__}"
+            )
         if text.dtype not in (torch.int64, torch.int32):
             raise TypeError(
                 f"text: expected token ids of dtype torch.int64 or torch.int32 (the tokenizer's "
@@ -449,12 +456,15 @@ class CDDSModel(nn.Module):
 
     # ------------------------------------------------------------------ training controls
     def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
-        """Freeze the image tower (LiT), as open_clip's ``lock_image_tower``; the head stays trainable."""
+        """Freeze the image tower (LiT), as open_clip's ``lock_image_tower``; the head stays
+        trainable."""
         self.clip.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
 
     def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
         """Freeze the text tower, as open_clip's ``lock_text_tower``; the head stays trainable."""
-        self.clip.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
+        self.clip.lock_text_tower(
+            unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -481,7 +491,7 @@ class CDDSModel(nn.Module):
         precision: str = "fp32",
         strict: bool = True,
         **cdds_kwargs: Any,
-    ) -> "CDDSModel":
+    ) -> CDDSModel:
         """Build the wrapper and load a checkpoint written by ``cdds-fast train``, in eval mode.
 
         Args:
@@ -532,8 +542,9 @@ def eval_transform(model: nn.Module) -> Any:
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)),
-                              is_train=False)
+    return image_transform_v2(
+        PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False
+    )
 
 
 @contextlib.contextmanager

@@ -38,7 +38,9 @@ __all__ = ["build_parser", "main", "patched_open_clip_train", "write_sidecar"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Parser of the ``--cdds-*`` flags only (everything else goes to open_clip_train)."""
+    """Parser of the ``--cdds-*`` flags only (everything else goes to open_clip_train): one
+    declaration per flag, long by nature and kept in one place so that ``--help`` reads as the code
+    does."""
     p = argparse.ArgumentParser(
         prog="cdds-fast train",
         description=(
@@ -49,55 +51,92 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("-h", "--help", action="store_true", default=argparse.SUPPRESS,
-                   help="show this help and open_clip's flags")
+    p.add_argument(
+        "-h",
+        "--help",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show this help and open_clip's flags",
+    )
     g = p.add_argument_group("CDDS loss (docs/method.md section 5)")
-    g.add_argument("--cdds-a-c", type=float, default=1.0, help="weight of the CLIP InfoNCE term (0 = paper)")
-    g.add_argument("--cdds-a-s", type=float, default=1.0, help="weight of the x-semantic InfoNCE term")
+    g.add_argument(
+        "--cdds-a-c", type=float, default=1.0, help="weight of the CLIP InfoNCE term (0 = paper)"
+    )
+    g.add_argument(
+        "--cdds-a-s", type=float, default=1.0, help="weight of the x-semantic InfoNCE term"
+    )
     g.add_argument("--cdds-a-m", type=float, default=0.1, help="weight of the modality KL term")
-    g.add_argument("--cdds-a-f", type=float, default=0.5, help="completeness weight (x-completeness gets 1 - a_f)")
+    g.add_argument(
+        "--cdds-a-f",
+        type=float,
+        default=0.5,
+        help="completeness weight (x-completeness gets 1 - a_f)",
+    )
     g.add_argument("--cdds-tau-kl", type=float, default=1.0, help="related-weights temperature")
     g.add_argument("--cdds-rho", type=float, default=0.01, help="related-weights threshold clamp")
     g.add_argument(
-        "--cdds-backend", default="auto", choices=("auto", "triton", "reference"),
+        "--cdds-backend",
+        default="auto",
+        choices=("auto", "triton", "reference"),
         help="loss backend: auto = Triton on CUDA, reference (plain PyTorch) on CPU",
     )
     h = p.add_argument_group("CDDS head (docs/method.md section 1)")
-    h.add_argument("--cdds-enc-layers", type=int, default=2, help="shared encoder blocks per modality")
-    h.add_argument("--cdds-dec-layers", type=int, default=2, help="blocks per decoder (semantic, modality)")
+    h.add_argument(
+        "--cdds-enc-layers", type=int, default=2, help="shared encoder blocks per modality"
+    )
+    h.add_argument(
+        "--cdds-dec-layers", type=int, default=2, help="blocks per decoder (semantic, modality)"
+    )
     h.add_argument("--cdds-heads", type=int, default=8, help="attention heads of the head's blocks")
     h.add_argument("--cdds-z", type=int, default=4, help="noise groups in training")
     h.add_argument("--cdds-sigma", type=float, default=0.1, help="noise std in training")
     o = p.add_argument_group("other")
     o.add_argument(
-        "--cdds-off", action="store_true",
+        "--cdds-off",
+        action="store_true",
         help="plain CLIP baseline: no wrapper, contrastive loss only (FusedClipLoss or ClipLoss)",
     )
     o.add_argument(
-        "--cdds-model-config", action="append", default=[], metavar="PATH",
-        help="register an open_clip model config JSON (file or folder) before creating the model; repeatable",
+        "--cdds-model-config",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="register an open_clip model config JSON (file or folder) before creating the "
+        "model; repeatable",
     )
     return p
 
 
 def _head_kwargs(cfg: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        n_enc=cfg.cdds_enc_layers, n_dec=cfg.cdds_dec_layers, heads=cfg.cdds_heads,
-        z=cfg.cdds_z, sigma=cfg.cdds_sigma,
+        n_enc=cfg.cdds_enc_layers,
+        n_dec=cfg.cdds_dec_layers,
+        heads=cfg.cdds_heads,
+        z=cfg.cdds_z,
+        sigma=cfg.cdds_sigma,
     )
 
 
 def _loss_kwargs(cfg: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        a_c=cfg.cdds_a_c, a_s=cfg.cdds_a_s, a_m=cfg.cdds_a_m, a_f=cfg.cdds_a_f,
-        tau_kl=cfg.cdds_tau_kl, rho=cfg.cdds_rho, backend=cfg.cdds_backend,
+        a_c=cfg.cdds_a_c,
+        a_s=cfg.cdds_a_s,
+        a_m=cfg.cdds_a_m,
+        a_f=cfg.cdds_a_f,
+        tau_kl=cfg.cdds_tau_kl,
+        rho=cfg.cdds_rho,
+        backend=cfg.cdds_backend,
     )
 
 
 def _clip_dist_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
-        rank=args.rank, world_size=args.world_size, use_horovod=args.horovod,
+        local_loss=args.local_loss,
+        gather_with_grad=args.gather_with_grad,
+        cache_labels=True,
+        rank=args.rank,
+        world_size=args.world_size,
+        use_horovod=args.horovod,
     )
 
 
@@ -110,17 +149,23 @@ def _baseline_loss(args: argparse.Namespace, backend: str) -> torch.nn.Module:
         return open_clip.create_loss(args)
     from cdds_fast.contrastive import FusedClipLoss
 
-    logging.info(f"cdds-fast: --cdds-off, loss = cdds_fast.contrastive.FusedClipLoss(backend={backend!r})")
+    logging.info(
+        f"cdds-fast: --cdds-off, loss = cdds_fast.contrastive.FusedClipLoss(backend={backend!r})"
+    )
     return FusedClipLoss(**_clip_dist_kwargs(args), backend=backend)
 
 
 def _refuse_unsupported(args: argparse.Namespace) -> None:
     if args.siglip:
-        raise ValueError("--siglip: CDDS uses CLIP's softmax InfoNCE; drop --siglip or add --cdds-off")
+        raise ValueError(
+            "--siglip: CDDS uses CLIP's softmax InfoNCE; drop --siglip or add --cdds-off"
+        )
     if args.distill:
         raise ValueError("--distill-model: distillation is not supported with CDDS; add --cdds-off")
     if "coca" in args.model.lower():
-        raise ValueError(f"--model {args.model}: CoCa models are not supported with CDDS; add --cdds-off")
+        raise ValueError(
+            f"--model {args.model}: CoCa models are not supported with CDDS; add --cdds-off"
+        )
 
 
 def write_sidecar(args: argparse.Namespace, cfg: argparse.Namespace) -> str:
@@ -147,7 +192,13 @@ def write_sidecar(args: argparse.Namespace, cfg: argparse.Namespace) -> str:
 class _CpuSafeDDP(torch.nn.parallel.DistributedDataParallel):
     """DDP that ignores ``device_ids`` for CPU modules (open_clip passes ``[device]`` always)."""
 
-    def __init__(self, module: torch.nn.Module, device_ids: Sequence[Any] | None = None, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device_ids: Sequence[Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
             device_ids = None
         super().__init__(module, device_ids, *args, **kwargs)
@@ -163,7 +214,9 @@ def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
     import open_clip
     import open_clip_train.main as oc_main
 
-    def create_model_and_transforms(model_name: str, pretrained: str | None = None, *args: Any, **kwargs: Any):
+    def create_model_and_transforms(
+        model_name: str, pretrained: str | None = None, *args: Any, **kwargs: Any
+    ):
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             model_name, pretrained, *args, **kwargs
         )
@@ -183,17 +236,27 @@ def patched_open_clip_train(cfg: argparse.Namespace) -> Iterator[Any]:
         logging.info(f"cdds-fast: loss = CDDSLoss({_loss_kwargs(cfg)}), head = {_head_kwargs(cfg)}")
         return loss
 
-    with (mock.patch.object(oc_main, "create_model_and_transforms", create_model_and_transforms),
-          mock.patch.object(oc_main, "create_loss", create_loss),
-          mock.patch.object(torch.nn.parallel, "DistributedDataParallel", _CpuSafeDDP)):
+    with (
+        mock.patch.object(oc_main, "create_model_and_transforms", create_model_and_transforms),
+        mock.patch.object(oc_main, "create_loss", create_loss),
+        mock.patch.object(torch.nn.parallel, "DistributedDataParallel", _CpuSafeDDP),
+    ):
         yield oc_main
 
 
 #: The ``--cdds-*`` flag of each loss / head setting, for refusals that name the flag.
 FLAGS = {
-    "a_c": "--cdds-a-c", "a_s": "--cdds-a-s", "a_m": "--cdds-a-m", "a_f": "--cdds-a-f",
-    "tau_kl": "--cdds-tau-kl", "rho": "--cdds-rho", "n_enc": "--cdds-enc-layers",
-    "n_dec": "--cdds-dec-layers", "heads": "--cdds-heads", "z": "--cdds-z", "sigma": "--cdds-sigma",
+    "a_c": "--cdds-a-c",
+    "a_s": "--cdds-a-s",
+    "a_m": "--cdds-a-m",
+    "a_f": "--cdds-a-f",
+    "tau_kl": "--cdds-tau-kl",
+    "rho": "--cdds-rho",
+    "n_enc": "--cdds-enc-layers",
+    "n_dec": "--cdds-dec-layers",
+    "heads": "--cdds-heads",
+    "z": "--cdds-z",
+    "sigma": "--cdds-sigma",
 }
 
 
@@ -221,8 +284,10 @@ def _refuse_heads(rest: list[str], cfg: argparse.Namespace, open_clip: Any) -> s
     config = None if ":" in name else open_clip.get_model_config(name)
     dim = (config or {}).get("embed_dim")
     if dim and dim % cfg.cdds_heads:
-        return (f"--cdds-heads: expected a divisor of the embedding dim {dim} of --model {name}, "
-                f"got {cfg.cdds_heads}")
+        return (
+            f"--cdds-heads: expected a divisor of the embedding dim {dim} of --model {name}, "
+            f"got {cfg.cdds_heads}"
+        )
     return None
 
 
@@ -231,7 +296,9 @@ def _logging_restored() -> Iterator[None]:
     """Undo what open_clip's ``setup_logging`` does on every call (root handlers added, every
     logger's level set), so that a second in-process run does not write into this run's log."""
     handlers_before = list(logging.root.handlers)
-    levels_before = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    levels_before = {
+        name: logging.getLogger(name).level for name in logging.root.manager.loggerDict
+    }
     root_level = logging.root.level
     try:
         yield
