@@ -11,6 +11,7 @@ passed them. Python numbers are checked on the host; checks on tensor *values* g
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -247,6 +248,20 @@ def check_number(
             left, right = "(" if low_open else "[", ")" if high_open else "]"
             expected = f"a number in {left}{low:g}, {high:g}{right}"
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def check_distributed(*, rank: object, world_size: object, use_horovod: object) -> None:
+    """``ClipLoss``'s distributed settings, checked when a loss module is built."""
+    check_number("world_size", world_size, low=1, integer=True)
+    check_number("rank", rank, low=0, high=world_size, integer=True)
+    if use_horovod:
+        from open_clip.loss import gather_features
+
+        if "use_horovod" not in inspect.signature(gather_features).parameters:
+            raise ValueError(
+                "use_horovod: expected False (the installed open_clip's gather_features has no "
+                "use_horovod argument), got True"
+            )
 
 
 def check_hyper(*, tau_kl: float, rho: float, **weights: float) -> None:

@@ -25,7 +25,12 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from cdds_fast.contract import check_number, check_scale, check_scale_values, check_tensor
+from cdds_fast.contract import (
+    check_distributed,
+    check_scale,
+    check_scale_values,
+    check_tensor,
+)
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.kernels.launch import INFO_NCE_SCRATCH_BYTES, check_scratch_bytes
 
@@ -268,7 +273,7 @@ def _gather_features(
     use_horovod: bool,
 ) -> tuple[Tensor, Tensor]:
     """open_clip's ``gather_features``, every setting by keyword; ``use_horovod`` only where the
-    installed open_clip still has it (its main branch removed it; :func:`_check_distributed`
+    installed open_clip still has it (its main branch removed it; :func:`check_distributed`
     refuses ``use_horovod=True`` there)."""
     from open_clip.loss import gather_features
 
@@ -280,7 +285,7 @@ def _gather_features(
     return gather_features(a, b, **settings)
 
 
-def _gathered_info_nce(
+def gathered_info_nce(
     a: Tensor,
     b: Tensor,
     logit_scale: Tensor | float,
@@ -297,7 +302,7 @@ def _gathered_info_nce(
     """This rank's InfoNCE over features gathered from every rank, as open_clip's ``ClipLoss``
     computes it (docs/method.md section 6): the one DDP path of :class:`FusedClipLoss` and of
     :class:`cdds_fast.CDDSLoss`, on checked arguments (``rank < world_size`` by
-    :func:`_check_distributed`, so ``rank``'s rows lie inside the gathered ones)."""
+    :func:`check_distributed`, so ``rank``'s rows lie inside the gathered ones)."""
     all_a, all_b = _gather_features(
         a,
         b,
@@ -311,20 +316,6 @@ def _gathered_info_nce(
     if local_loss:
         return _info_nce_local(a, b, all_a, all_b, logit_scale, rank=rank, **kw)
     return _info_nce(all_a, all_b, logit_scale, **kw)
-
-
-def _check_distributed(*, rank: object, world_size: object, use_horovod: object) -> None:
-    """``ClipLoss``'s distributed settings, checked when a loss module is built."""
-    check_number("world_size", world_size, low=1, integer=True)
-    check_number("rank", rank, low=0, high=world_size, integer=True)
-    if use_horovod:
-        from open_clip.loss import gather_features
-
-        if "use_horovod" not in inspect.signature(gather_features).parameters:
-            raise ValueError(
-                "use_horovod: expected False (the installed open_clip's gather_features has no "
-                "use_horovod argument), got True"
-            )
 
 
 class FusedClipLoss(nn.Module):
@@ -358,7 +349,7 @@ class FusedClipLoss(nn.Module):
         max_scratch_bytes: int = INFO_NCE_SCRATCH_BYTES,
     ) -> None:
         super().__init__()
-        _check_distributed(rank=rank, world_size=world_size, use_horovod=use_horovod)
+        check_distributed(rank=rank, world_size=world_size, use_horovod=use_horovod)
         check_scratch_bytes(max_scratch_bytes)
         self.max_scratch_bytes = max_scratch_bytes
         self.local_loss = local_loss
@@ -394,7 +385,7 @@ class FusedClipLoss(nn.Module):
             max_scratch_bytes=self.max_scratch_bytes,
         )
         if self.world_size > 1:
-            loss = _gathered_info_nce(
+            loss = gathered_info_nce(
                 image_features,
                 text_features,
                 logit_scale,

@@ -7,8 +7,8 @@ import functools
 
 from torch import Tensor, nn
 
-from cdds_fast.contract import LOSS_KEYS, Contrastive, check_hyper
-from cdds_fast.contrastive import _check_distributed, _gathered_info_nce
+from cdds_fast.contract import LOSS_KEYS, Contrastive, check_distributed, check_hyper
+from cdds_fast.contrastive import gathered_info_nce
 from cdds_fast.dispatch import BACKENDS
 from cdds_fast.functional import cdds_loss
 
@@ -88,7 +88,7 @@ class CDDSLoss(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if check_finite not in (None, True, False):
             raise TypeError(f"check_finite: expected None, True or False, got {check_finite!r}")
-        _check_distributed(rank=rank, world_size=world_size, use_horovod=use_horovod)
+        check_distributed(rank=rank, world_size=world_size, use_horovod=use_horovod)
         self.a_c, self.a_s, self.a_m, self.a_f = a_c, a_s, a_m, a_f
         self.tau_kl, self.rho = tau_kl, rho
         self.backend, self.check_finite = backend, check_finite
@@ -103,7 +103,7 @@ class CDDSLoss(nn.Module):
         if self.world_size <= 1:
             return None
         return functools.partial(
-            _gathered_info_nce,
+            gathered_info_nce,
             local_loss=self.local_loss,
             gather_with_grad=self.gather_with_grad,
             rank=self.rank,
