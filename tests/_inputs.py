@@ -77,3 +77,39 @@ def make_inputs(
         ).requires_grad_(requires_grad),
     }
     return tensors, params
+
+
+def expect_device_assertion(call: str, device: torch.device, match: str) -> None:
+    """The device-side value check (``torch._assert_async``) that ``call`` makes fails.
+
+    ``call`` names a module-level function ``"tests.module:function"`` taking the device. On CPU
+    tensors the assertion raises ``RuntimeError`` at once, checked here with ``match``. On CUDA it
+    fires at the device's next synchronisation and leaves the process's CUDA context unusable
+    (every later CUDA call fails), so the call runs in a child process, which must return from it
+    without waiting for the device (the check is asynchronous) and then die at the
+    synchronisation with CUDA's device-side assert."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    module, function = call.split(":")
+    if device.type != "cuda":
+        import importlib
+
+        with pytest.raises(RuntimeError, match=match):
+            getattr(importlib.import_module(module), function)(device)
+        return
+    script = (
+        f"import torch\nfrom {module} import {function}\n"
+        f"{function}(torch.device('cuda'))\nprint('returned', flush=True)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode != 0, "the device-side assertion did not fire"
+    assert "returned" in child.stdout, f"the call itself raised or synchronised:\n{child.stderr}"
+    assert "device-side assert" in child.stderr, child.stderr[-2000:]

@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 from cdds_fast.contract import LOSS_KEYS
 from cdds_fast.fused_loss import cdds_loss_triton
 from cdds_fast.reference import cdds_loss as reference_cdds_loss
-from tests._inputs import assert_close, make_inputs, subnormal_ulp
+from tests._inputs import assert_close, expect_device_assertion, make_inputs, subnormal_ulp
 from tests.conftest import DEVICE
 
 # (dtype, atol, rtol, reason); atol is relative to max|expected|. The five loss terms are fp32
@@ -551,6 +551,16 @@ def test_custom_contrastive_is_used(device):
     assert float(out["semantic_loss"].detach()) == 0.0
 
 
+def empty_text_row_call(device):
+    """A default fast-path call whose text mask has a row with no valid token (for
+    ``expect_device_assertion``)."""
+    from cdds_fast.functional import cdds_loss
+
+    tensors, params = inputs(2, 3, 4, 5, torch.float32, device)
+    tensors[6][1] = False
+    return cdds_loss(*tensors, **params, backend="triton")
+
+
 def test_bad_input_raises_before_launch(device):
     """Through the public entry, which checks the inputs once (cdds_loss_triton checks nothing)."""
     from cdds_fast.functional import cdds_loss
@@ -562,10 +572,13 @@ def test_bad_input_raises_before_launch(device):
         fast(*tensors[:6], bad_mask, **params)
     empty = tensors[6].clone()
     empty[1] = False
-    # by default a device-side assertion (no synchronisation; on CPU tensors it raises at once),
-    # with check_finite the host check before any launch
-    with pytest.raises(RuntimeError, match="text_mask: expected at least one valid token"):
-        fast(*tensors[:6], empty, **params)
+    # by default a device-side assertion (no synchronisation), with check_finite the host check
+    # before any launch
+    expect_device_assertion(
+        "tests.test_fused_loss:empty_text_row_call",
+        device,
+        "text_mask: expected at least one valid token",
+    )
     with pytest.raises(
         ValueError,
         match=r"text_mask: expected at least one valid token per "
@@ -662,10 +675,24 @@ def test_fullgraph_compile_through_cdds_loss(backend, device):
     for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e, strict=True):
         torch.testing.assert_close(gc, ge, msg=n)
     if backend == "reference":  # the check traced as a device-side assertion still fires
-        empty = tensors[6].clone()
-        empty[0] = False
-        with pytest.raises(RuntimeError, match="text_mask: expected at least one valid token"):
-            compiled({**kw, "text_mask": empty})
+        expect_device_assertion(
+            "tests.test_fused_loss:empty_text_row_compiled_reference_call",
+            device,
+            "text_mask: expected at least one valid token",
+        )
+
+
+def empty_text_row_compiled_reference_call(device):
+    """``CDDSLoss(backend="reference")`` under ``torch.compile(fullgraph=True)`` on a text mask
+    with a row with no valid token (for ``expect_device_assertion``)."""
+    from cdds_fast import CDDSLoss
+
+    tensors, params = inputs(3, 5, 6, 16, torch.float32, device, smooth=True)
+    tensors[6][0] = False
+    loss_fn = CDDSLoss(backend="reference")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda kw: loss_fn(**kw), fullgraph=True, backend="aot_eager")
+    return compiled(_cdds_loss_inputs(tensors, params))
 
 
 HAS_CUDA = torch.cuda.is_available()
