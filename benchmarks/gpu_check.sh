@@ -9,7 +9,8 @@
 #
 # Stage limits (seconds) can be overridden: PARITY_S, NCE_S, BUDGETS_S, CDDS_S, STEP_S; STAGES
 # picks stages (default "parity nce budgets cdds step"), e.g. to finish in a second call what a
-# first one cut short. The limits sum to 560 s: 30 s are left for installing and start-up.
+# first one cut short; PARITY_WORKERS sets the parity stage's pytest-xdist workers (default 8).
+# The limits sum to 560 s: 30 s are left for installing and start-up.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
@@ -45,7 +46,11 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 #    checks of a CDDS step: no host synchronisation (sync debug mode "error"), a CUDA-graph
 #    capture of forward + backward replaying equal to eager, fullgraph compile with inductor;
 #    test_head_compile.py compiles the head (fullgraph, inductor)
-want parity && stage parity "${PARITY_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+#    Eight pytest-xdist workers (in the image) share the one GPU: the stage's time is mostly
+#    Triton compiling each test's specialisations on the host, one core per process (Triton's
+#    on-disk cache is shared, so a kernel compiled by one worker is reused by the others)
+XDIST=$(python3 -c "import xdist" 2> /dev/null && echo "-n ${PARITY_WORKERS:-8}")
+want parity && stage parity "${PARITY_S:-150}" python3 -m pytest -q -p no:cacheprovider $XDIST \
   --maxfail=25 --durations=10 tests/test_contrastive.py tests/test_sampling.py tests/test_stats.py \
   tests/test_normalize.py tests/test_constraints.py tests/test_fused_loss.py \
   tests/test_head_compile.py
