@@ -107,10 +107,11 @@ def check_values(ok: Tensor, message: str, *, host: bool) -> None:
 
     ``host=True``: read now, raising ``ValueError(message)``; on a CUDA tensor that read waits for
     the device, so callers pass it only where a synchronisation was asked for (``check_finite``).
-    ``host=False``: a device-side assertion (``torch._assert_async``) that nothing waits for; a
-    failure stops the program at the device's next synchronisation (on CPU tensors it raises
-    ``RuntimeError(message)`` at once). While ``torch.compile`` traces, the check is always the
-    device-side one: a host read would break the graph.
+    ``host=False``: a device-side assertion (``torch._assert_async``) that nothing waits for; on
+    CPU tensors a failure raises ``RuntimeError(message)`` at once, on CUDA it surfaces at the
+    next synchronisation as "device-side assert triggered" and leaves the CUDA context unusable.
+    While ``torch.compile`` traces, the check is always the device-side one: a host read would
+    break the graph.
     """
     ok = ok if ok.dim() == 0 else ok.all()
     if host and not torch.compiler.is_compiling():

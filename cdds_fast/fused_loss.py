@@ -42,8 +42,9 @@ once (``cdds_fast.contract``) and routed float64 inputs to the reference (docs/m
 least one valid token per text row, and a ``logit_scale`` tensor finite and > 0, folded into the
 finalize kernel (it has every row's token count, and reads the scale) and raised by ONE
 device-side ``torch._assert_async``: no synchronisation, CUDA-graph capturable, traced by
-``torch.compile(fullgraph=True)``. A failure surfaces at the device's next synchronisation (on CPU
-tensors at once) as a RuntimeError naming both (one flag). With ``check_finite=True`` the caller
+``torch.compile(fullgraph=True)``. On CPU tensors a failure raises a RuntimeError naming both (one
+flag) at once; on CUDA it surfaces at the next synchronisation as "device-side assert triggered"
+and leaves the CUDA context unusable. With ``check_finite=True`` the caller
 reads those values on the host instead, before any launch; with a ``contrastive`` of the caller's
 the op never sees the scale, and the caller asserts it.
 
