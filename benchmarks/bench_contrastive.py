@@ -192,6 +192,7 @@ def run_table(args) -> list[dict]:
                 rec = {
                     "dtype": dname,
                     "batch": b,
+                    "dim": d,
                     "method": name,
                     "full_ms": None,
                     "peak_mb": peak,
@@ -365,7 +366,9 @@ def run_tune(args) -> None:
         _cleanup()
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``benchmarks/report.py`` builds its InfoNCE run from it too, so the two
+    cannot drift apart."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (B in {1024, 4096})")
     p.add_argument("--sizes", type=int, nargs="+", default=None)
@@ -415,7 +418,15 @@ def main(argv=None) -> int:
         choices=["cuda", "cpu"],
         help="cpu: a smoke run of the script itself (tests), under TRITON_INTERPRET=1",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def default_sizes(quick: bool) -> list[int]:
+    return [1024, 4096] if quick else [4096, 16384, 65536]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     global DEVICE
     DEVICE = args.device
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -425,7 +436,7 @@ def main(argv=None) -> int:
         )
         return 0
     if args.sizes is None:
-        args.sizes = [1024, 4096] if args.quick else [4096, 16384, 65536]
+        args.sizes = default_sizes(args.quick)
     from benchmarks.common import environment
 
     print(f"{environment()}; D = {args.dim}", flush=True)

@@ -55,24 +55,47 @@ def cdds_min_bytes(shape: str, dtype: str) -> int:
     return 2 * 3 * (b * p * d + b * length * d) * item
 
 
+def contrastive_args(quick: bool) -> argparse.Namespace:
+    """bench_contrastive's table at its defaults (every path and anchor, D = 512, fp32 and bf16,
+    compiled ClipLoss in bf16), through its own parser."""
+    from benchmarks import bench_contrastive
+
+    sizes = bench_contrastive.default_sizes(quick)
+    return bench_contrastive.build_parser().parse_args(["--sizes", *map(str, sizes)])
+
+
 def contrastive_rows(quick: bool) -> list[dict]:
     from benchmarks import bench_contrastive
 
-    args = argparse.Namespace(
-        quick=quick,
-        sizes=[1024, 4096] if quick else [4096, 16384, 65536],
-        dim=512,
-        dtypes=["fp32", "bf16"],
-        methods=None,
-        clip_max_b=1 << 30,
-        warmup=25,
-        rep=100,
-        verbose=False,
-        budget=192,
-        fused_max_b=16384,
-        compile_dtypes=["bf16"],
-    )
-    return bench_contrastive.run_table(args)
+    return bench_contrastive.run_table(contrastive_args(quick))
+
+
+def contrastive_section(clip: list[dict], ceilings: dict[str, float]) -> list[str]:
+    """The report's InfoNCE table from ``bench_contrastive.run_table``'s rows; each timed row also
+    gets ``matmul_roofline_fraction``: its 8 B^2 D TFLOP/s (bench_contrastive's yardstick) over
+    the GEMM rate measured in ``ceilings`` for its dtype."""
+
+    def pct(value):
+        return "" if value is None else f"{100 * value:.0f}%"
+
+    lines = [
+        f"## Symmetric InfoNCE (D = {clip[0]['dim']})",
+        "",
+        "| dtype | B | method | fwd+bwd ms | peak extra MiB | TFLOP/s | matmul roofline "
+        "| cost model |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in clip:
+        if r["full_ms"]:
+            rate = ceilings["matmul_bf16_TFLOPs" if r["dtype"] == "bf16" else "matmul_fp32_TFLOPs"]
+            r["matmul_roofline_fraction"] = r["tflops"] / rate
+        lines.append(
+            f"| {r['dtype']} | {r['batch']} | {r['method']} | {fmt(r['full_ms'])} | "
+            f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['tflops'], '.1f')} | "
+            f"{pct(r.get('matmul_roofline_fraction'))} | "
+            f"{pct(r.get('model_fraction'))} |"
+        )
+    return [*lines, ""]
 
 
 def _save(fig, axes, title: str, path: Path) -> Path:
@@ -102,12 +125,17 @@ def plot(cdds: list[dict], clip: list[dict], out: Path) -> list[Path]:
             ]
             if not pts:
                 continue
-            xs = [r["batch"] for r in pts]
-            axes[0].plot(xs, [r["full_ms"] for r in pts], marker="o", label=f"{method} {dtype}")
-            axes[1].plot(xs, [r["peak_mb"] for r in pts], marker="o", label=f"{method} {dtype}")
+            label = f"{method} {dtype}"
+            axes[0].plot([r["batch"] for r in pts], [r["full_ms"] for r in pts], "o-", label=label)
+            mem = [r for r in pts if r["peak_mb"]]  # no device memory counter on CPU
+            if mem:
+                axes[1].plot(
+                    [r["batch"] for r in mem], [r["peak_mb"] for r in mem], "o-", label=label
+                )
         for ax, ylabel in zip(axes, ("fwd+bwd ms", "peak extra MiB"), strict=True):
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            if ax.lines:  # an empty log axis cannot be drawn
+                ax.set_yscale("log")
             ax.set_xlabel("batch size B (D = 512)")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
@@ -183,10 +211,6 @@ def main(argv=None) -> int:
             floor_ms = cdds_min_bytes(r["shape"], r["dtype"]) / (ceilings["copy_GBps"] * 1e6)
             r["byte_roofline_fraction"] = floor_ms / r["full_ms"]
     clip = [] if (args.skip_contrastive or not cuda) else contrastive_rows(args.quick)
-    for r in clip:
-        if r["full_ms"]:  # 8 B^2 D (bench_contrastive's yardstick) at the measured GEMM rate
-            rate = ceilings["matmul_bf16_TFLOPs" if r["dtype"] == "bf16" else "matmul_fp32_TFLOPs"]
-            r["matmul_roofline_fraction"] = r["tflops"] / rate
     lines = ["# Benchmark report", "", f"Environment: `{json.dumps(env)}`", ""]
     if ceilings:
         lines += [
@@ -205,25 +229,7 @@ def main(argv=None) -> int:
             "",
         ]
     if clip:
-        lines += [
-            "## Symmetric InfoNCE (D = 512)",
-            "",
-            "| dtype | B | method | fwd+bwd ms | peak extra MiB | TFLOP/s | matmul roofline "
-            "| cost model |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-
-        def pct(value):
-            return "" if value is None else f"{100 * value:.0f}%"
-
-        for r in clip:
-            lines.append(
-                f"| {r['dtype']} | {r['batch']} | {r['method']} | {fmt(r['full_ms'])} | "
-                f"{fmt(r['peak_mb'], '.1f')} | {fmt(r['tflops'], '.1f')} | "
-                f"{pct(r.get('matmul_roofline_fraction'))} | "
-                f"{pct(r.get('model_fraction'))} |"
-            )
-        lines.append("")
+        lines += contrastive_section(clip, ceilings)
     pngs = plot(cdds, clip, out)
     lines += [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")

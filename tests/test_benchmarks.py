@@ -29,6 +29,34 @@ def test_report_quick_writes_markdown_json_and_plot(tmp_path):
     assert (tmp_path / "cdds_loss.png").stat().st_size > 1000
 
 
+def test_report_contrastive_part_on_rows_run_table_made(tmp_path, monkeypatch):
+    """The report's InfoNCE part runs only with CUDA (the device run would be its first run):
+    here its arguments come from bench_contrastive's own parser, its table and plot are made from
+    rows that ``run_table`` measured on CPU (interpreter, tiny sizes: the numbers mean nothing),
+    with stand-in GEMM rates."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_contrastive, report
+
+    args = report.contrastive_args(quick=True)
+    assert args.sizes == [1024, 4096] and args.dim == 512 and args.methods is None
+    monkeypatch.setattr(bench_contrastive, "DEVICE", "cpu")
+    args.sizes, args.dim, args.dtypes, args.warmup, args.rep = [40], 24, ["fp32", "bf16"], 1, 1
+    args.methods, args.compile_dtypes = ["FusedClipLoss", "ClipLoss"], []
+    rows = bench_contrastive.run_table(args)
+    assert {(r["dtype"], r["method"]) for r in rows} == {
+        (d, m) for d in ("fp32", "bf16") for m in ("FusedClipLoss", "ClipLoss")
+    }
+    lines = report.contrastive_section(rows, {"matmul_bf16_TFLOPs": 2.0, "matmul_fp32_TFLOPs": 1.0})
+    assert lines[0] == "## Symmetric InfoNCE (D = 24)"
+    table = [line for line in lines if line.startswith("| fp32") or line.startswith("| bf16")]
+    assert len(table) == len(rows)
+    for r in rows:
+        rate = 2.0 if r["dtype"] == "bf16" else 1.0
+        assert r["matmul_roofline_fraction"] == pytest.approx(r["tflops"] / rate)
+    (png,) = report.plot([], rows, tmp_path)
+    assert png.name == "contrastive.png" and png.stat().st_size > 1000
+
+
 @pytest.mark.parametrize("script", ["bench_cdds.py", "bench_contrastive.py", "bench_step.py"])
 def test_gpu_scripts_exit_cleanly_without_cuda(script):
     env = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
