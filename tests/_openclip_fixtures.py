@@ -6,10 +6,12 @@ The tiny config's name keeps "vit", "coca" and "siglip" out (open_clip keys beha
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,12 +46,14 @@ _CONFIG_DIR: Path | None = None
 
 
 def tiny_config_dir() -> Path:
-    """Write the tiny model configs once per process into a temp folder, register it, return it."""
+    """Write the tiny model configs once per process into a temp folder, register it, return it
+    (removed when the process exits)."""
     global _CONFIG_DIR
     if _CONFIG_DIR is None:
         import open_clip
 
         d = Path(tempfile.mkdtemp(prefix="cdds_openclip_cfg_"))
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
         (d / f"{TINY_MODEL}.json").write_text(json.dumps(TINY_CONFIG))
         (d / f"{TINY_RESNET_MODEL}.json").write_text(json.dumps(TINY_RESNET_CONFIG))
         open_clip.add_model_config(d)

@@ -228,7 +228,7 @@ def test_help_and_refused_flags(capsys, data):
     assert train_main(["--cdds-model-config", "/nonexistent/x.json", "--model", TINY_MODEL]) == 2
 
 
-def test_torchrun_two_process_gloo(data, full_batch_run):
+def test_torchrun_two_process_gloo(data, full_batch_run, tmp_path):
     """`torchrun --nproc_per_node 2` with the launcher on CPU (gloo): finishes, every parameter
     gets a gradient (DDP raises on unused ones), the checkpoint (module.-prefixed) loads into the
     wrapper, and the contrastive terms of the first step equal the single-process ones: the same
@@ -248,7 +248,9 @@ def test_torchrun_two_process_gloo(data, full_batch_run):
         "train",
         *args(data, name, *SGD, *DETERMINISTIC, batch_size=4, val=True),
     ]
-    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    # torchrun leaves a torchelastic_* folder in TMPDIR: keep it in the test's own folder
+    env = {**cpu_env(), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run = run_dir(data, name)
     rows = parse_train_log(run / "out.log")
