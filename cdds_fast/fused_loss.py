@@ -64,8 +64,8 @@ Total: **341 MB with every text token valid** (the token tensors alone: 300 MB),
 benchmarks' text lengths** (uniform in [5, 77]: 53 % of the text tokens valid). The ``[B, D]``
 state is what a further cut would have to remove (recomputing sweep 2 of the sampling in its
 backward saves 7 planes but costs ~20 % more of its instructions). Sampling instructions per
-element of the virtual ``[2, B, D, D]``: ~114 (``kernels/sampling.py``); at this shape the
-sampling is the compute-bound part (~0.46 ms ALU by the instruction count), the rest bandwidth
+element of the virtual ``[2, B, D, D]``: ~116 (``kernels/sampling.py``); at this shape the
+sampling is the compute-bound part (~0.47 ms ALU by the instruction count), the rest bandwidth
 bound (~0.07 ms at 4.8 TB/s).
 Extra memory above the inputs: the saved state (26.4 MB) plus the larger of the sampling
 backward's buffers (14.7 MB) and the token gradients with the statistics' gradients (99.9 +

@@ -97,11 +97,12 @@ Cost (fp32).  Bytes: O(B D) only: 13 x 2 B D saved (+ the 2 x 2 B D statistics r
 backward's 6 x 2 B D scratch, 3 x 2 B D per-pair rows and 2 x 2 B D gradients: ~25 x 2 B D x 4 B
 = 26 MB at B = 256, D = 512, most of it written and read back while still in L2, so the op is
 compute bound. Per element of the virtual [B, D, D] per direction: forward 3 sweeps, 2 exp2
-(sweeps 1, 2), backward 2 sweeps (row, column), 2 exp2: 4 exp2 in all. The loop bodies compiled
-for sm_90 (triton 3.8, tiles 16 x 64 at 8 warps, D % 64 == 0) hold about 8 + 14 + 25 (forward
-sweeps), 29 (row) and 37.5 (column) PTX instructions per element, ~114 in all. At B = 256,
+(sweeps 1, 2), backward 2 sweeps (row, column), 2 exp2: 4 exp2 in all. The innermost loop bodies
+of the loss's specialisations, compiled for sm_90 (triton 3.8, ``FUSED``, 1024-element tiles at 8
+warps: 16 x 64 forward and row, 64 x 16 column; D % 64 == 0), hold 8 + 14.25 + 25.5 (forward
+sweeps), 29 (row) and 39.25 (column) PTX instructions per element, ~116 in all. At B = 256,
 D = 512, both directions: 2 x 256 x 512^2 = 134 M elements -> 537 M exp2 = 0.13 ms of MUFU at
-16 ex2/clk/SM x 132 SMs x 1.98 GHz (4.2 T/s), and ~15 G instructions = 0.46 ms at 33.4 T
+16 ex2/clk/SM x 132 SMs x 1.98 GHz (4.2 T/s), and ~15.6 G instructions = 0.47 ms at 33.4 T
 lane-instructions/s (the FMA pipe): the ALU bound (fwd ~0.19 ms, bwd ~0.27 ms) dominates the MUFU
 one (a model, not a measurement; kernels/launch.pairwise_tiles has the tile choice).
 """
