@@ -65,7 +65,7 @@ def cdds_loss(
     # added in fp32 and rounded to the input dtype once. Casting per use made autograd add 16-bit
     # partial gradients, which overflow where they are large and cancel (inf - inf = NaN in fp16
     # although the gradient itself is ~10: found by the fuzz test at D = 2).
-    cd = compute_dtype(
+    inputs = (
         image_tokens,
         image_semantic,
         image_modality,
@@ -79,6 +79,7 @@ def cdds_loss(
         w_s_text,
         w_m_text,
     )
+    cd = compute_dtype(*inputs)
     (
         image_tokens,
         image_semantic,
@@ -92,23 +93,7 @@ def cdds_loss(
         w_m_image,
         w_s_text,
         w_m_text,
-    ) = (
-        t.to(cd)
-        for t in (
-            image_tokens,
-            image_semantic,
-            image_modality,
-            text_tokens,
-            text_semantic,
-            text_modality,
-            alpha_image,
-            alpha_text,
-            w_s_image,
-            w_m_image,
-            w_s_text,
-            w_m_text,
-        )
-    )
+    ) = (t.to(cd) for t in inputs)
 
     # docs/method.md section 2: column statistics of the semantic components.
     mu_v, s_v = column_stats(image_semantic)
