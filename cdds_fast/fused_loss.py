@@ -486,70 +486,6 @@ _cdds_loss_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------------
 
 
-def _fast_terms(
-    tensors: tuple[Tensor, ...],
-    text_mask: Tensor,
-    params: dict[str, Tensor],
-    logit_scale: Tensor | float,
-    *,
-    a_c: float,
-    a_s: float,
-    a_m: float,
-    a_f: float,
-    tau_kl: float,
-    rho: float,
-    contrastive: Contrastive | None,
-) -> dict[str, Tensor]:
-    """The terms on the kernels, for validated fp32/bf16/fp16 inputs."""
-    v, v_s, v_m, t, t_s, t_m = (x.contiguous() for x in tensors)
-    vectors = [
-        params[k].contiguous()
-        for k in ("alpha_image", "alpha_text", "w_s_image", "w_m_image", "w_s_text", "w_m_text")
-    ]
-    scale = None
-    if contrastive is None:
-        scale = (
-            logit_scale
-            if isinstance(logit_scale, Tensor)
-            else torch.full((), float(logit_scale), dtype=torch.float32, device=v.device)
-        )
-    out = _cdds_loss_op(
-        v,
-        v_s,
-        v_m,
-        t,
-        t_s,
-        t_m,
-        text_mask.contiguous(),
-        *vectors,
-        scale,
-        float(a_c),
-        float(a_s),
-        float(a_m),
-        float(a_f),
-        float(tau_kl),
-        float(rho),
-    )
-    terms = dict(zip(LOSS_KEYS, out[:5], strict=True))
-    if contrastive is not None:
-        # pool(X^s) of image and text, pool(X^x) of image and text (see N_NCE)
-        feat = out[5]
-        image_feat, text_feat, image_x_feat, text_x_feat = (
-            feat[0, 0],
-            feat[1, 0],
-            feat[1, 1],
-            feat[1, 2],
-        )
-        l_clip = contrastive(image_feat, text_feat, logit_scale)
-        l_s = (
-            contrastive(image_feat, image_x_feat, logit_scale)
-            + contrastive(text_feat, text_x_feat, logit_scale)
-        ) / 2
-        terms["contrastive_loss"] = a_c * l_clip
-        terms["semantic_loss"] = a_s * l_s
-    return terms
-
-
 def cdds_loss_triton(
     image_tokens: Tensor,
     image_semantic: Tensor,
@@ -588,6 +524,13 @@ def cdds_loss_triton(
         dict ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss`` of 0-d float32 tensors whose sum is the total loss.
     """
+    scale = None
+    if contrastive is None:
+        scale = (
+            logit_scale
+            if isinstance(logit_scale, Tensor)
+            else torch.full((), float(logit_scale), dtype=torch.float32, device=image_tokens.device)
+        )
     tensors = (
         image_tokens,
         image_semantic,
@@ -595,14 +538,31 @@ def cdds_loss_triton(
         text_tokens,
         text_semantic,
         text_modality,
+        text_mask,
+        alpha_image,
+        alpha_text,
+        w_s_image,
+        w_m_image,
+        w_s_text,
+        w_m_text,
     )
-    params = dict(
-        alpha_image=alpha_image,
-        alpha_text=alpha_text,
-        w_s_image=w_s_image,
-        w_m_image=w_m_image,
-        w_s_text=w_s_text,
-        w_m_text=w_m_text,
-    )
-    hyper = dict(a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f, tau_kl=tau_kl, rho=rho)
-    return _fast_terms(tensors, text_mask, params, logit_scale, **hyper, contrastive=contrastive)
+    hyper = (a_c, a_s, a_m, a_f, tau_kl, rho)
+    out = _cdds_loss_op(*(x.contiguous() for x in tensors), scale, *map(float, hyper))
+    terms = dict(zip(LOSS_KEYS, out[:5], strict=True))
+    if contrastive is not None:
+        # pool(X^s) of image and text, pool(X^x) of image and text (see N_NCE)
+        feat = out[5]
+        image_feat, text_feat, image_x_feat, text_x_feat = (
+            feat[0, 0],
+            feat[1, 0],
+            feat[1, 1],
+            feat[1, 2],
+        )
+        l_clip = contrastive(image_feat, text_feat, logit_scale)
+        l_s = (
+            contrastive(image_feat, image_x_feat, logit_scale)
+            + contrastive(text_feat, text_x_feat, logit_scale)
+        ) / 2
+        terms["contrastive_loss"] = a_c * l_clip
+        terms["semantic_loss"] = a_s * l_s
+    return terms
