@@ -1295,12 +1295,13 @@ def _autograd_backward(ctx, grad_loss, _grad_stats_r, _grad_stats_c):
 _info_nce_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def prepare(x: Tensor, y: Tensor, logit_scale: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-    """Contiguous features (once) and the scale as a 0-d tensor on the features' device."""
+def _prepare(x: Tensor, y: Tensor, logit_scale: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """Contiguous features (once) and the scale as a 0-d tensor on the features' device (a number
+    by a fill on the device: a host-to-device copy would wait for the device on every call)."""
     if isinstance(logit_scale, Tensor):
         scale = logit_scale if logit_scale.device == x.device else logit_scale.to(x.device)
     else:
-        scale = torch.tensor(float(logit_scale), dtype=torch.float32, device=x.device)
+        scale = torch.full((), float(logit_scale), dtype=torch.float32, device=x.device)
     return x.contiguous(), y.contiguous(), scale
 
 
@@ -1330,7 +1331,7 @@ def info_nce_triton(
     every argument once (shapes, dtypes, devices, the scale, the scratch budget; ``label_offset``
     is ``B * rank`` for a checked ``rank``).
     """
-    x, y, scale = prepare(x, y, logit_scale)
+    x, y, scale = _prepare(x, y, logit_scale)
     loss = _info_nce_fwd_op(
         x[None],
         y[None],
@@ -1474,6 +1475,5 @@ __all__ = [
     "launch_counts",
     "nce_backward",
     "nce_forward",
-    "prepare",
     "scratch_bytes",
 ]
