@@ -20,6 +20,7 @@ Differences from ``ClipLoss`` (all deliberate):
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -92,10 +93,9 @@ def _check_rank(rank: object, n_local: int, n_all: int) -> None:
 
 
 def _common(*ts: Tensor) -> list[Tensor]:
-    dtype = ts[0].dtype
-    for t in ts[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return [t if t.dtype == dtype else t.to(dtype) for t in ts]
+    """The features in their common (promoted) dtype."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in ts))
+    return [t.to(dtype) for t in ts]
 
 
 # ------------------------------------------------------------------------------------------------
