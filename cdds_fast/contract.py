@@ -11,6 +11,7 @@ passed them. Python numbers are checked on the host; checks on tensor *values* g
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -251,14 +252,25 @@ def check_number(
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
+def gather_takes_horovod() -> bool:
+    """Whether the installed open_clip's ``gather_features`` has a ``use_horovod`` argument (its
+    main branch removed it); its signature is read once per function, not at every DDP step."""
+    from open_clip.loss import gather_features
+
+    return _takes_horovod(gather_features)
+
+
+@functools.lru_cache(maxsize=4)
+def _takes_horovod(gather_features: Callable) -> bool:
+    return "use_horovod" in inspect.signature(gather_features).parameters
+
+
 def check_distributed(*, rank: object, world_size: object, use_horovod: object) -> None:
     """``ClipLoss``'s distributed settings, checked when a loss module is built."""
     check_number("world_size", world_size, low=1, integer=True)
     check_number("rank", rank, low=0, high=world_size, integer=True)
     if use_horovod:
-        from open_clip.loss import gather_features
-
-        if "use_horovod" not in inspect.signature(gather_features).parameters:
+        if not gather_takes_horovod():
             raise ValueError(
                 "use_horovod: expected False (the installed open_clip's gather_features has no "
                 "use_horovod argument), got True"

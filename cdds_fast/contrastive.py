@@ -21,7 +21,6 @@ Differences from ``ClipLoss`` (all deliberate):
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +30,7 @@ from cdds_fast.contract import (
     check_scale,
     check_scale_values,
     check_tensor,
+    gather_takes_horovod,
 )
 from cdds_fast.dispatch import resolve_backend
 from cdds_fast.kernels.launch import INFO_NCE_SCRATCH_BYTES, check_scratch_bytes
@@ -280,7 +280,7 @@ def _gather_features(
     settings = dict(
         local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
     )
-    if "use_horovod" in inspect.signature(gather_features).parameters:
+    if gather_takes_horovod():
         settings["use_horovod"] = use_horovod
     return gather_features(a, b, **settings)
 
