@@ -32,7 +32,7 @@ from cdds_fast.contract import (
     check_tensor,
     gather_takes_horovod,
 )
-from cdds_fast.dispatch import resolve_backend
+from cdds_fast.dispatch import check_backend, resolve_backend
 from cdds_fast.kernels.launch import INFO_NCE_SCRATCH_BYTES, check_scratch_bytes
 
 # ------------------------------------------------------------------------------------------------
@@ -350,6 +350,7 @@ class FusedClipLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_distributed(rank=rank, world_size=world_size, use_horovod=use_horovod)
+        check_backend(backend)
         check_scratch_bytes(max_scratch_bytes)
         self.max_scratch_bytes = max_scratch_bytes
         self.local_loss = local_loss

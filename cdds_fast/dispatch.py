@@ -11,6 +11,12 @@ from cdds_fast.kernels.launch import device_supports_triton
 BACKENDS = ("auto", "triton", "reference")
 
 
+def check_backend(backend: object) -> None:
+    """``backend`` is one of :data:`BACKENDS` (loss modules check it when they are built)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Return ``"triton"`` or ``"reference"`` for tensors on ``device``.
 
@@ -18,8 +24,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     the reference (docs/method.md decision 4).
     ``backend="triton"`` on a device Triton cannot run on is an error, not a silent fallback.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "reference":
         return "reference"
     if dtype is not None and dtype not in KERNEL_DTYPES:

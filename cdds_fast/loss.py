@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from cdds_fast.contract import LOSS_KEYS, Contrastive, check_distributed, check_hyper
 from cdds_fast.contrastive import gathered_info_nce
-from cdds_fast.dispatch import BACKENDS
+from cdds_fast.dispatch import check_backend
 from cdds_fast.functional import cdds_loss
 
 
@@ -84,8 +84,7 @@ class CDDSLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_hyper(tau_kl=tau_kl, rho=rho, a_c=a_c, a_s=a_s, a_m=a_m, a_f=a_f)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if check_finite not in (None, True, False):
             raise TypeError(f"check_finite: expected None, True or False, got {check_finite!r}")
         check_distributed(rank=rank, world_size=world_size, use_horovod=use_horovod)

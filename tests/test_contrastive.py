@@ -882,6 +882,12 @@ def _bad_cases():
             "logit_scale",
         ),
         (
+            "backend-unknown",
+            lambda: FusedClipLoss(backend="cuda"),
+            ValueError,
+            "backend: expected one of",
+        ),
+        (
             "budget-too-small",
             lambda: FusedClipLoss(max_scratch_bytes=4096),
             ValueError,
