@@ -16,6 +16,7 @@ tensors' device, so no kernel file hard-codes its own rule and nothing else stee
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -71,13 +72,9 @@ def num_sms(device: torch.device) -> int:
     )
 
 
-_SMS: dict[int, int] = {}
-
-
+@functools.cache
 def _num_sms_cached(index: int) -> int:
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # --- block sizes and warps -----------------------------------------------------------------------
@@ -320,12 +317,11 @@ def _fused_tiles(dtype: torch.dtype, d: int, allow_tf32: bool, device: torch.dev
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=bk, num_warps=4, num_stages=1)
     # GPU: tiles that compile without spills for sm_90 (benchmarks/RESULTS.md); wider output
     # chunks (fewer logit recomputes) or 64-row blocks spill or reach the 255-register ceiling
+    bk = min(dpow, 32)
     if dtype != torch.float32 or allow_tf32:
-        bk = min(dpow, 32)
         return dict(
             BLOCK_M=32, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 256), num_warps=8, num_stages=2
         )
-    bk = min(dpow, 32)
     return dict(
         BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, BLOCK_DO=min(dpow, 512), num_warps=8, num_stages=2
     )
