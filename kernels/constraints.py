@@ -78,7 +78,7 @@ from cdds_fast.kernels.launch import (
     token_tile,
 )
 from cdds_fast.kernels.stats import STD_EPS, finish_column_stats, stats_grad
-from cdds_fast.kernels.tokens import valid_tokens
+from cdds_fast.kernels.tokens import mask_arg, valid_tokens
 
 # Triton kernels may only read globals that are ``tl.constexpr`` objects (``.value`` in Python).
 _STD_EPS = tl.constexpr(STD_EPS)
@@ -670,10 +670,6 @@ def _bwd_tile(n: int, d: int, device: torch.device) -> tuple[int, int, int]:
     return block_n, block_d, tile_warps(block_n * block_d)
 
 
-def _mask_arg(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.view(torch.uint8) if mask is not None else like
-
-
 def constraints_forward(
     image: tuple[Tensor, Tensor, Tensor],
     text: tuple[Tensor, Tensor, Tensor],
@@ -697,7 +693,7 @@ def constraints_forward(
     pair = torch.empty((N_PAIR, 2, batch), dtype=torch.float32, device=dev)
     lse = torch.empty((batch * (p + length),), dtype=torch.float32, device=dev)
     block_n, block_d, warps = _fwd_tile(max(p, length), d, dev)
-    m_arg = _mask_arg(mask, image[0])
+    m_arg = mask_arg(mask, image[0])
     lse_given = block_d < d
     if lse_given:
         _row_lse_kernel[(batch, triton.cdiv(max(p, length), block_n), 2)](
@@ -814,7 +810,7 @@ def constraints_backward(
     _constraints_bwd_kernel[(batch, triton.cdiv(max(p, length), block_n), 2)](
         *image,
         *text,
-        _mask_arg(mask, image[0]),
+        mask_arg(mask, image[0]),
         *w_image,
         *w_text,
         col,

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from cdds_fast.contract import KERNEL_DTYPES
 from cdds_fast.kernels.launch import sized_for_gpu, tile_warps, token_tile
-from cdds_fast.kernels.tokens import valid_tokens
+from cdds_fast.kernels.tokens import mask_arg, valid_tokens
 
 STD_EPS = 1e-5  # inside the square root, as cdds_fast.reference.stats
 
@@ -194,11 +194,6 @@ def _check(x: Tensor, mask: Tensor | None) -> None:
             raise ValueError(f"mask: expected device {x.device} (of x), got {mask.device}")
 
 
-def _mask_arg(mask: Tensor | None, x: Tensor) -> Tensor:
-    # A dummy pointer when there is no mask (never read: HAS_MASK is a constexpr).
-    return x if mask is None else mask.contiguous().view(torch.uint8)
-
-
 def _fwd_blocks(n: int, d: int, device: torch.device) -> tuple[int, int]:
     block_n, block_d = token_tile(n, d, device)
     if sized_for_gpu(device):
@@ -221,7 +216,7 @@ def stats_forward(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor
     grid = (batch, triton.cdiv(d, block_d))
     _stats_fwd_kernel[grid](
         x,
-        _mask_arg(mask, x),
+        mask_arg(mask, x),
         mu,
         s,
         mu_res,
@@ -260,7 +255,7 @@ def stats_backward(
     grid = (batch, triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     _stats_bwd_kernel[grid](
         x,
-        _mask_arg(mask, x),
+        mask_arg(mask, x),
         count,
         mu,
         mu_res,
