@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import torch
 
 from cdds_fast.cli import missing_extra, refuse_settings
+from cdds_fast.contract import check_number
 from cdds_fast.dispatch import BACKENDS, resolve_backend
 from cdds_fast.open_clip import quiet_random_init
 
@@ -186,8 +187,7 @@ def choose_threads(requested: int | None = None) -> int:
 
 
 def _check_positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value!r}")
+    check_number(f"--{name.replace('_', '-')}", value, low=1, integer=True)
     return value
 
 
@@ -204,12 +204,10 @@ def _checked_settings(args: argparse.Namespace) -> dict[str, Any]:
             f"--heads: expected a divisor of the demo model's embed dim "
             f"{MODEL_CONFIG['embed_dim']}, got {args.heads}"
         )
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if not args.lr > 0 or args.wd < 0 or args.warmup < 0:
-        raise ValueError(
-            f"expected --lr > 0, --wd >= 0, --warmup >= 0, got {args.lr}, {args.wd}, {args.warmup}"
-        )
+    check_number("--seed", args.seed, low=0, integer=True)
+    check_number("--lr", args.lr, low=0.0, low_open=True)
+    check_number("--wd", args.wd, low=0.0)
+    check_number("--warmup", args.warmup, low=0.0)
     return head_cfg
 
 
