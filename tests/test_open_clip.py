@@ -381,6 +381,15 @@ def test_text_valid_mask_pool_types():
         text_valid_mask(text, "mean")
 
 
+def test_wrapper_prefixes_are_stripped_in_any_nesting():
+    from cdds_fast.open_clip.checkpoint import strip_state_dict_prefixes
+
+    w = torch.zeros(1)
+    keys = ["module.a", "_orig_mod.b", "module._orig_mod.c", "_orig_mod.module.d", "e.module.f"]
+    out = strip_state_dict_prefixes(dict.fromkeys(keys, w))
+    assert list(out) == ["a", "b", "c", "d", "e.module.f"]
+
+
 def test_checkpoint_round_trip_with_ddp_prefixes(tmp_path, tokenizer):
     torch.manual_seed(0)
     model = CDDSModel(make_clip(), **HEAD_KW).eval()

@@ -28,15 +28,24 @@ __all__ = [
 CDDS_CONFIG_FILENAME = "cdds_config.json"
 
 
-def strip_state_dict_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Remove DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` key prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
+#: Key prefixes of wrapped models: DDP's and ``torch.compile``'s.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_prefixes(key: str) -> str:
+    while True:
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
                 key = key[len(prefix) :]
-        out[key] = value
-    return out
+                break
+        else:
+            return key
+
+
+def strip_state_dict_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` key prefixes, in whatever
+    order the wrappers nested (``module._orig_mod.`` and ``_orig_mod.module.`` alike)."""
+    return {_strip_prefixes(key): value for key, value in state_dict.items()}
 
 
 def read_cdds_config(path: Path) -> dict[str, Any]:
