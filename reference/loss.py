@@ -11,8 +11,8 @@ from torch import Tensor
 from .common import compute_dtype
 from .constraints import modality_kl, reconstruction_loss
 from .contrastive import info_nce, pool
-from .related import related_weights
-from .sampling import sampling_coefficients, x_semantic
+from .sampling import related_sampling as _related_sampling
+from .sampling import x_semantic
 from .stats import column_stats
 
 
@@ -39,6 +39,7 @@ def cdds_loss(
     tau_kl: float = 1.0,
     rho: float = 0.01,
     contrastive: Callable[[Tensor, Tensor, Tensor | float], Tensor] | None = None,
+    related_sampling: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """The CDDS loss, term by term, already weighted (their sum is the total ``L``).
 
@@ -55,11 +56,16 @@ def cdds_loss(
         contrastive: ``f(a, b, logit_scale) -> loss`` for the two InfoNCE terms; default the local
             :func:`info_nce`. ``CDDSLoss`` passes a gathering version under DDP
             (docs/method.md section 6).
+        related_sampling: computes ``(c_v, a_v, c_t, a_t)`` from the column statistics, with
+            :func:`related_sampling`'s signature; default that function. The API's reference
+            backend passes one that builds the ``[B, D, D]`` matrices a bounded chunk of pairs at
+            a time (``cdds_fast.chunked_sampling``).
     Returns:
         dict with keys ``contrastive_loss, semantic_loss, modality_loss, completeness_loss,
         x_completeness_loss``, each a 0-d float32 tensor (float64 for float64 inputs).
     """
     contrastive = contrastive or info_nce
+    related_sampling = related_sampling or _related_sampling
     mask = text_mask
     # Every input is widened to the compute dtype ONCE, so the gradients of its several uses are
     # added in fp32 and rounded to the input dtype once. Casting per use made autograd add 16-bit
@@ -99,10 +105,9 @@ def cdds_loss(
     mu_v, s_v = column_stats(image_semantic)
     mu_t, s_t = column_stats(text_semantic, mask)
     # Sections 3 and 4: related weights, both directions, and x-semantic components.
-    w_v = related_weights(mu_v, s_v, mu_t, s_t, alpha_image, tau_kl=tau_kl, rho=rho)
-    w_t = related_weights(mu_t, s_t, mu_v, s_v, alpha_text, tau_kl=tau_kl, rho=rho)
-    c_v, a_v = sampling_coefficients(w_v, mu_t, s_t)
-    c_t, a_t = sampling_coefficients(w_t, mu_v, s_v)
+    c_v, a_v, c_t, a_t = related_sampling(
+        mu_v, s_v, mu_t, s_t, alpha_image, alpha_text, tau_kl=tau_kl, rho=rho
+    )
     image_x = x_semantic(image_semantic, mu_v, s_v, c_v, a_v)
     text_x = x_semantic(text_semantic, mu_t, s_t, c_t, a_t)
 

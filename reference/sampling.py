@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .common import compute_dtype
+from .related import related_weights
 
 
 def sampling_coefficients(
@@ -45,3 +46,25 @@ def x_semantic(semantic: Tensor, mu: Tensor, s: Tensor, c: Tensor, a: Tensor) ->
     cd = compute_dtype(semantic, mu, s, c, a)
     zeta = (semantic.to(cd) - mu.to(cd).unsqueeze(1)) / s.to(cd).unsqueeze(1)
     return c.to(cd).unsqueeze(1) + a.to(cd).unsqueeze(1) * zeta
+
+
+def related_sampling(
+    mu_v: Tensor,
+    s_v: Tensor,
+    mu_t: Tensor,
+    s_t: Tensor,
+    alpha_image: Tensor,
+    alpha_text: Tensor,
+    *,
+    tau_kl: float = 1.0,
+    rho: float = 0.01,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both directions of sections 3-4 from the column statistics: ``(c_v, a_v, c_t, a_t)`` with
+    ``c_v = W_v mu_t``, ``a_v = W_v s_t`` (image -> text, ``alpha_image``) and ``c_t = W_t mu_v``,
+    ``a_t = W_t s_v`` (text -> image, ``alpha_text``), each ``[B, D]``.
+
+    The only part of the loss that builds ``[B, D, D]`` matrices; it is per pair, so any split of
+    the batch gives the same values (``cdds_fast.chunked_sampling`` relies on that)."""
+    w_v = related_weights(mu_v, s_v, mu_t, s_t, alpha_image, tau_kl=tau_kl, rho=rho)
+    w_t = related_weights(mu_t, s_t, mu_v, s_v, alpha_text, tau_kl=tau_kl, rho=rho)
+    return (*sampling_coefficients(w_v, mu_t, s_t), *sampling_coefficients(w_t, mu_v, s_v))

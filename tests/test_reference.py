@@ -38,6 +38,19 @@ def test_gradcheck_related_weights():
     assert torch.autograd.gradcheck(lambda *a: R.related_weights(*a, tau_kl=0.7, rho=0.01), args)
 
 
+def test_gradcheck_related_sampling():
+    """Both directions from the column statistics: the relation part of the loss as one op."""
+    args = (
+        rand(B, D),
+        rand(B, D, positive=True),
+        rand(B, D),
+        rand(B, D, positive=True),
+        rand(D),
+        rand(D),
+    )
+    assert torch.autograd.gradcheck(lambda *a: R.related_sampling(*a, tau_kl=0.7, rho=0.01), args)
+
+
 def test_gradcheck_sampling():
     w = torch.softmax(torch.randn(B, D, D, dtype=F64), -1).requires_grad_(True)
     assert torch.autograd.gradcheck(

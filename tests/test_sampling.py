@@ -1,9 +1,10 @@
 """Fused related weights + distribution sampling (``cdds_fast.kernels.sampling``) vs the reference.
 
 Every parity case draws fresh inputs from a seed that is part of the test id (so a failure
-reproduces), runs the Triton op (interpreter on CPU) and ``reference.related.related_weights`` +
-``reference.sampling.sampling_coefficients`` in float64 (the ground truth), and compares the four
-outputs and the gradients of all six inputs under random upstream gradients on all four outputs.
+reproduces), runs the Triton op (interpreter on CPU) and ``reference.sampling.related_sampling``
+(``related_weights`` + ``sampling_coefficients``, both directions) in float64 (the ground truth),
+and compares the four outputs and the gradients of all six inputs under random upstream gradients
+on all four outputs.
 
 Discontinuities.  ``W`` is continuous but its derivative jumps where ``Pr_ij`` crosses the threshold
 ``k_i`` (relu), where ``t1 == t2`` (min) and where the max changes. A float32 computation (the
@@ -30,7 +31,7 @@ from cdds_fast.kernels import sampling as sampling_mod
 from cdds_fast.kernels.sampling import related_sampling
 from cdds_fast.reference import column_stats
 from cdds_fast.reference.related import gaussian_kl, related_probabilities, related_weights
-from cdds_fast.reference.sampling import sampling_coefficients
+from cdds_fast.reference.sampling import related_sampling as reference_related_sampling
 
 # (dtype, atol, rtol, reason). atol is relative to max|reference| of the compared tensor (each
 # gradient is compared on its own scale); inputs are float32 statistics, the truth is float64.
@@ -170,12 +171,6 @@ def _inputs(kind: str, b: int, d: int, seed: int, tau: float, rho: float, repair
 # ----------------------------------------------------------------------------------------------
 
 
-def _reference(mu_v, s_v, mu_t, s_t, alpha_image, alpha_text, *, tau_kl=1.0, rho=0.01):
-    w_v = related_weights(mu_v, s_v, mu_t, s_t, alpha_image, tau_kl=tau_kl, rho=rho)
-    w_t = related_weights(mu_t, s_t, mu_v, s_v, alpha_text, tau_kl=tau_kl, rho=rho)
-    return (*sampling_coefficients(w_v, mu_t, s_t), *sampling_coefficients(w_t, mu_v, s_v))
-
-
 def _run(fn, inputs, grads_out, device, dtype=None, prep=None, **kw):
     """Outputs and input gradients (float64 on CPU) of ``fn``."""
     leaves = [
@@ -232,7 +227,9 @@ def _check_parity(
         assert o.dtype == torch.float32 and o.device.type == device.type
     # exact-tie cases compare with the float32 reference, which sees the very same ties
     ref_dtype = torch.float32 if compare_fp32_ref else torch.float64
-    r_out, r_grad, _, _ = _run(_reference, inputs, grads_out, "cpu", ref_dtype, tau_kl=tau, rho=rho)
+    r_out, r_grad, _, _ = _run(
+        reference_related_sampling, inputs, grads_out, "cpu", ref_dtype, tau_kl=tau, rho=rho
+    )
     for name, got, want in zip(OUTS, k_out, r_out, strict=True):
         _close(name, got, want, "outputs")
     for name, got, want in zip(NAMES, k_grad, r_grad, strict=True):
@@ -384,7 +381,7 @@ def test_identical_source_columns(device):
 def test_d1_weights_are_one(device):
     """D = 1: W = [[1]], so c = mu of the other modality, a = its s; alpha gets no gradient."""
     inputs, grads_out = _inputs("gauss", 4, 1, 5, 1.0, 0.01)
-    _, grads, outs, _ = _run(related_sampling, inputs, grads_out, device)
+    _, grads, outs, _ = _run(reference_related_sampling, inputs, grads_out, device)
     mu_v, s_v, mu_t, s_t = inputs[:4]
     for got, want in zip(outs, (mu_t, s_t, mu_v, s_v), strict=True):
         torch.testing.assert_close(got.detach().cpu(), want, rtol=1e-6, atol=0)
@@ -448,8 +445,8 @@ def test_dtypes_of_outputs_and_grads(device):
 
 def test_deterministic(device):
     inputs, grads_out = _inputs("tokens", 2, 37, 8, 1.0, 0.01)
-    a = _run(related_sampling, inputs, grads_out, device)
-    b = _run(related_sampling, inputs, grads_out, device)
+    a = _run(reference_related_sampling, inputs, grads_out, device)
+    b = _run(reference_related_sampling, inputs, grads_out, device)
     for x, y in zip(a[0] + a[1], b[0] + b[1], strict=True):
         assert torch.equal(x, y)
 
@@ -458,7 +455,9 @@ def test_unused_outputs_get_zero_grad(device):
     inputs, grads_out = _inputs("gauss", 2, 7, 6, 1.0, 0.01)
     zero = [torch.zeros_like(grads_out[0])] * 2
     _, k_grad, _, _ = _run(lambda *a: related_sampling(*a)[:2], inputs, grads_out[:2], device)
-    _, r_grad, _, _ = _run(_reference, inputs, grads_out[:2] + zero, "cpu", torch.float64)
+    _, r_grad, _, _ = _run(
+        reference_related_sampling, inputs, grads_out[:2] + zero, "cpu", torch.float64
+    )
     for name, got, want in zip(NAMES, k_grad, r_grad, strict=True):
         _close("grad " + name, got, want, "grads")
 
