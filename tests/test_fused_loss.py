@@ -110,6 +110,7 @@ LEAF_NAMES = (
     "logit_scale",
 )
 PARAM_NAMES = LEAF_NAMES[6:12]
+ALPHA_NAMES = ("alpha_image", "alpha_text")
 
 
 def text_mask(batch, length, *, min_valid, device):
@@ -288,10 +289,16 @@ def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, floors=N
     for name, leaf in leaves.items():
         g = grads[name]
         assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
-        if leaf.dtype == torch.float32 and not conditioned:
+        smooth_fp32 = leaf.dtype == torch.float32 and not conditioned
+        if smooth_fp32 and name not in ALPHA_NAMES:
             tol = SAMPLING_TOL if name in THROUGH_SAMPLING else F32
             assert_close(g, ref_grads[name], tol, f"grad {name}", scale=floors.get(name))
         else:
+            # The alphas' fp32 gradients in the smooth regime (alpha ~ -30: every Pr above the
+            # threshold) are what is left of terms that cancel over j and over pairs, so two fp32
+            # sums agree elementwise only by luck (1 % apart at B = 4, D = 512, a few seeds in a
+            # hundred). They take the float64 yardstick too, on their own scale: the shared
+            # one (param_scale) would exceed them and let anything pass.
             tol = TOL[leaf.dtype]
             if name in THROUGH_SAMPLING:
                 tol = max(tol, SAMPLING_TOL)
@@ -301,7 +308,7 @@ def check(tensors, params, *, conditioned=False, fast=cdds_loss_triton, floors=N
                 [rg[name] for _, rg in refs],
                 ref64_grads[name],
                 tol,
-                scale=param_scale if name in PARAM_NAMES else floors.get(name),
+                scale=param_scale if name in PARAM_NAMES and not smooth_fp32 else floors.get(name),
             )
     return out, grads
 
