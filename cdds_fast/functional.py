@@ -8,6 +8,7 @@ import functools
 import torch
 from torch import Tensor
 
+from cdds_fast.chunked_sampling import related_sampling_chunked
 from cdds_fast.contract import Contrastive, check_cdds_values, validate_cdds_inputs
 from cdds_fast.contrastive import info_nce, info_nce_gathered
 from cdds_fast.dispatch import resolve_backend
@@ -54,7 +55,9 @@ def cdds_loss(
         a_c, a_s, a_m, a_f, tau_kl, rho: as :class:`cdds_fast.CDDSLoss` (refused outside their
             ranges, docs/method.md section 7).
         backend: ``"auto"`` (Triton for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
-            reference otherwise), ``"triton"`` or ``"reference"``.
+            reference otherwise), ``"triton"`` or ``"reference"`` (the reference's ops, with its
+            ``[B, D, D]`` matrices built a bounded chunk of pairs at a time:
+            :mod:`cdds_fast.chunked_sampling`).
         check_finite: ``True`` reads the inputs on the host and raises ``ValueError`` on
             non-finite values and on a ``logit_scale`` tensor that is not > 0 (on CUDA: a device
             synchronisation). ``False``: those value checks are device-side assertions that
@@ -103,7 +106,11 @@ def cdds_loss(
     # is off here.
     with torch.autocast(device_type=image_tokens.device.type, enabled=False):
         if chosen == "reference":
-            return _reference_cdds_loss(**inputs, **hyper, contrastive=contrastive)
+            # the reference's ops, its [B, D, D] matrices a bounded chunk of pairs at a time
+            chunked = related_sampling_chunked
+            return _reference_cdds_loss(
+                **inputs, **hyper, contrastive=contrastive, related_sampling=chunked
+            )
         from cdds_fast.fused_loss import cdds_loss_triton
 
         return cdds_loss_triton(**inputs, **hyper, contrastive=contrastive)

@@ -47,7 +47,8 @@ class CDDSLoss(nn.Module):
             (docs/method.md section 5; ``a_c = 0`` is the paper's objective).
         tau_kl, rho: related-weights temperature (``> 0``) and threshold clamp (in
             ``[1e-6, 1)``), docs/method.md section 3.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``
+            (:func:`cdds_fast.functional.cdds_loss`).
         check_finite: ``True`` reads the inputs on the host and raises ``ValueError`` on
             non-finite values and on a ``logit_scale`` tensor that is not > 0 (on CUDA this waits
             for the device: a synchronisation per step). ``False``: those value checks become

@@ -25,12 +25,14 @@ API = {
     "cdds_fast.head",
     "cdds_fast.loss",
     "cdds_fast.fused_loss",
+    "cdds_fast.chunked_sampling",
 }
 APPS = {"cdds_fast.cli", "cdds_fast.demo", "cdds_fast.open_clip.train", "cdds_fast.eval.command"}
 #: The only places outside ``reference/`` that import it: where they call it as the fallback path
 #: (``backend="reference"``, float64 inputs), behind :func:`cdds_fast.dispatch.resolve_backend`.
 REFERENCE_FALLBACKS = {
     ("cdds_fast.functional", "cdds_fast.reference"),
+    ("cdds_fast.chunked_sampling", "cdds_fast.reference"),
     ("cdds_fast.contrastive", "cdds_fast.reference.contrastive"),
 }
 
