@@ -3,16 +3,15 @@ reference backend's ``[B, D, D]`` part.
 
 :func:`cdds_fast.reference.related_sampling` builds ``S``, ``Pr``, ``A``, ``W`` for the whole
 batch and autograd keeps several of them for the backward: about :data:`PAIR_MATRICES` fp32
-``[D, D]`` matrices per pair (both directions, forward and backward), 25 MB a pair at D = 512, so
-6.4 GB at B = 256. The matrices of one pair depend on that pair's statistics only, so this
+``[D, D]`` matrices per pair (both directions, forward and backward), 18 MB a pair at D = 512, so
+4.6 GB at B = 256. The matrices of one pair depend on that pair's statistics only, so this
 computes the same function over chunks of pairs, each under ``torch.utils.checkpoint``: the
 forward keeps only the ``[B, D]`` inputs, and the backward rebuilds one chunk's matrices at a time.
 A chunk holds as many pairs as :func:`relation_bytes` allows; a batch that fits runs as one chunk
 without a checkpoint (the reference's computation, nothing recomputed). Otherwise the backward
-recomputes the relation part's forward, yet on CPU the chunked loss is also the faster one: its
-matrices stay in cache, where the whole batch's miss it and fault fresh pages in (measured on the
-2-core CI machine, fwd+bwd of both directions at D = 512 fp32: B = 128 in 1.6 s and < 100 MB of
-live matrices with 4-pair chunks, against 7.4 s and 2.3 GB for the whole batch at once).
+recomputes the relation part's forward, yet on CPU the chunks are also the faster way: their
+matrices stay in cache, where the whole batch's miss it and fault fresh pages in (about 3x faster
+and a few dozen MB instead of GBs at D = 512: benchmarks/RESULTS.md, ``cpu_relation.py``).
 """
 
 from __future__ import annotations

@@ -125,3 +125,19 @@ def test_gpu_check_script_names_files_that_exist():
     )
     missing = sorted(n for n in named if not (ROOT / n).is_file())
     assert not missing, missing
+
+
+def test_cpu_relation_smoke():
+    """cpu_relation's table runs end to end at a size where the chunks split the batch (D = 512,
+    3 pairs a chunk): a row per path, the chunked one reporting its chunk."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_relation.py"), "--batches", "4"]
+        + ["--reps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 4 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["whole batch", "chunks"]
+    assert [r.split("|")[3].strip() for r in rows] == ["4", "3"]
