@@ -62,8 +62,14 @@ At (B, P, L, D) = (256, 50, 77, 512) bf16; ``E = B (P + L) D = 16.6 M`` elements
   the same step (from L2 where it is still resident: counted as one HBM write).
 Total: **341 MB with every text token valid** (the token tensors alone: 300 MB), **284 MB with the
 benchmarks' text lengths** (uniform in [5, 77]: 53 % of the text tokens valid). The ``[B, D]``
-state is what a further cut would have to remove (recomputing sweep 2 of the sampling in its
-backward saves 7 planes but costs ~20 % more of its instructions). Sampling instructions per
+state is what a further cut would have to remove, and its floor is near: short of recomputing a
+sweep of the sampling (~20 % more of its instructions for 7 planes) or re-reading the tokens, a
+deterministic step must keep ``mu, s, c, a``, the token sums ``F1, FZ``, the row statistics
+``m, 1/l, std, Z`` (10 planes), hand the backward token pass ``g_mu, g_s`` (2), the sampling
+backward the four pooled features' gradients (2) and its column kernel four per-row scalars
+(4), and reduce ``qbar`` and the ``alpha, w_s, w_m`` gradients over pairs through per-pair
+partials (4): 22 planes, 23 MB, even with the pooled features normalised inside the InfoNCE
+kernels and every other plane folded away. Sampling instructions per
 element of the virtual ``[2, B, D, D]``: ~116 (``kernels/sampling.py``); at this shape the
 sampling is the compute-bound part (~0.47 ms ALU by the instruction count), the rest bandwidth
 bound (~0.07 ms at 4.8 TB/s).
