@@ -3,6 +3,11 @@
     python benchmarks/bench_cdds.py                 # (256|1024, 50, 77, 512), (256, 50, 77, 1024)
     python benchmarks/bench_cdds.py --quick         # small shapes (CPU smoke run)
 
+``sampling_tile_rows`` times the fast path at (256, 50, 77, 512) bf16 with the sampling kernels'
+tiles at 4 (the default) and 8 elements a thread: the tile candidate of benchmarks/RESULTS.md
+("SASS of the sampling loops"), whose fewer instructions against fewer programs per
+multiprocessor only a GPU can weigh.
+
 Times are medians of CUDA-event timings after warm-up (``benchmarks/common.py``); memory is the
 peak allocated above the inputs during one forward+backward (gradients of the inputs included).
 "backward" is full minus forward. The fast path's rows also give its model
@@ -13,6 +18,7 @@ peak extra memory, and the bandwidth those bytes imply at the measured time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -119,6 +125,82 @@ def run(shapes, dtypes, names=None, *, skip_compile_for=()):
                     row.update(_model(shape, dtype, mask, full.median_ms))
                 rows.append(row)
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+#: Elements a thread holds in the sampling kernels' tiles: the default, then the candidate.
+SAMPLING_TILE_ELEMS = (4, 8)
+
+
+@contextlib.contextmanager
+def sampling_tiles(elems_per_thread: int):
+    """The sampling kernels use GPU tiles of ``elems_per_thread`` elements a thread at 8 warps
+    (``[elems * 64 / 16, 64]`` forward and row, swapped for the column kernel) while inside: an
+    A/B switch for this benchmark only; the library has one tile rule
+    (``kernels/launch.pairwise_tiles``)."""
+    from cdds_fast.kernels import launch, sampling
+
+    rows = 16 * elems_per_thread // 4
+
+    def tiles(n: int, device: torch.device) -> tuple[int, int, int]:
+        bi, bj = launch.block_for(n, cap=rows), launch.block_for(n, cap=64)
+        return bi, bj, max(1, min(8, bi * bj // (32 * elems_per_thread)))
+
+    saved = sampling.pairwise_tiles
+    sampling.pairwise_tiles = tiles
+    try:
+        yield
+    finally:
+        sampling.pairwise_tiles = saved
+
+
+def sampling_tile_rows(shape=GPU_SHAPES[0], dtype=torch.bfloat16, elems=SAMPLING_TILE_ELEMS):
+    """Fast-path rows at ``shape`` with each sampling tile size of ``elems``; the loss and every
+    gradient are first checked against the default tiles' (a wrong kernel is not timed)."""
+    from cdds_fast.functional import cdds_loss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, mask, params = make_problem(*shape, dtype, device)
+    leaves = tensors + list(params.values())
+
+    def fast(*a, **k):
+        return cdds_loss(*a, **k, backend="triton")
+
+    def values():
+        total = step_fn(fast, tensors, mask, params)()
+        return [total.detach().clone()] + [t.grad.clone() for t in leaves]
+
+    def agrees(got, want) -> bool:
+        # another tile sums in another order: rounding, far below 1 % of a tensor's largest entry;
+        # a wrong kernel is off by the entries themselves
+        return all(
+            float((g.float() - w.float()).abs().max()) <= 1e-2 * float(w.float().abs().max())
+            for g, w in zip(got, want, strict=True)
+        )
+
+    rows = []
+    with sampling_tiles(elems[0]):
+        want = values()
+    for e in elems:
+        label = f"fast (triton), sampling tiles of {e} elements a thread"
+        with sampling_tiles(e):
+            if agrees(values(), want):
+                full = measure(step_fn(fast, tensors, mask, params))
+                fwd = measure(step_fn(fast, tensors, mask, params, backward=False))
+            else:  # reported, not raised: the rest of the run still measures
+                label += " (DIFFERS from the default tiles: not timed)"
+                full = fwd = Measurement(float("nan"), None)
+        rows.append(
+            {
+                "shape": "x".join(map(str, shape)),
+                "dtype": str(dtype).replace("torch.", ""),
+                "impl": label,
+                "forward_ms": fwd.median_ms,
+                "backward_ms": full.median_ms - fwd.median_ms,
+                "full_ms": full.median_ms,
+                "peak_mb": full.peak_extra_mb,
+            }
+        )
     return rows
 
 

@@ -61,7 +61,8 @@ want nce && stage nce "${NCE_S:-170}" python3 benchmarks/report.py --skip-cdds \
 # 3. the blocked path's scratch budget (MiB): time and peak memory, bf16
 want budgets && stage budgets "${BUDGETS_S:-50}" python3 benchmarks/bench_contrastive.py \
   --sizes 16384 65536 --dtypes bf16 --budgets 64 128 192 256
-# 4. CDDS loss matrix: fast / eager / torch.compile (compiled for bf16 only, to fit the budget)
+# 4. CDDS loss matrix: fast / eager / torch.compile (compiled for bf16 only, to fit the budget);
+#    last, after the report is written, the sampling tiles at 4 vs 8 elements a thread
 want cdds && stage cdds "${CDDS_S:-120}" python3 benchmarks/report.py --skip-contrastive \
   --compile-dtypes bfloat16 --out "$OUT/report_cdds"
 # 5. end-to-end ViT-B/32 step, batch 256, bf16 autocast, with the z sweep

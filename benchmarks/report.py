@@ -232,14 +232,19 @@ def main(argv=None) -> int:
         lines += contrastive_section(clip, ceilings)
     pngs = plot(cdds, clip, out)
     lines += [f"![{p.stem}]({p.name})" for p in pngs]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(
-        json.dumps(
-            {"env": env, "ceilings": ceilings, "cdds": cdds, "contrastive": clip},
-            indent=1,
-            default=str,
-        )
-    )
+    results = {"env": env, "ceilings": ceilings, "cdds": cdds, "contrastive": clip}
+
+    def write() -> None:
+        (out / "report.md").write_text("\n".join(lines) + "\n")
+        (out / "report.json").write_text(json.dumps(results, indent=1, default=str))
+
+    write()
+    if cuda and cdds and not args.quick:
+        # the sampling tile candidate against today's tiles (RESULTS.md, "SASS of the sampling
+        # loops"), last and written again: if the stage's time runs out here, the rest is saved
+        results["tiles"] = bench_cdds.sampling_tile_rows()
+        lines += ["## CDDS loss: sampling tiles", "", bench_cdds.to_markdown(results["tiles"]), ""]
+        write()
     print("\n".join(lines))
     print(f"written: {out / 'report.md'}, {', '.join(map(str, pngs))}")
     return 0

@@ -141,3 +141,19 @@ def test_cpu_relation_smoke():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 4 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["whole batch", "chunks"]
     assert [r.split("|")[3].strip() for r in rows] == ["4", "3"]
+
+
+def test_sampling_tile_rows_on_cpu():
+    """bench_cdds' sampling-tile comparison (the GPU run's report) runs end to end: both tile
+    sizes agree with the default before they are timed, and the library's tile rule is back in
+    place afterwards (interpreter, tiny shape: the times mean nothing)."""
+    import torch
+
+    from benchmarks import bench_cdds
+    from cdds_fast.kernels import launch, sampling
+
+    rows = bench_cdds.sampling_tile_rows(shape=(2, 4, 5, 48), dtype=torch.float32)
+    labels = [f"fast (triton), sampling tiles of {e} elements a thread" for e in (4, 8)]
+    assert [r["impl"] for r in rows] == labels
+    assert all(r["full_ms"] > 0 for r in rows)
+    assert sampling.pairwise_tiles is launch.pairwise_tiles
