@@ -83,7 +83,7 @@ def check_scale(name: str, scale: object) -> None:
         return
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
+    if not 0 < scale < math.inf:  # NaN fails it; traces as a symbolic float (check_number)
         raise ValueError(_SCALE_MESSAGE.format(name=name, got=repr(scale)))
 
 
@@ -241,7 +241,9 @@ def check_number(
         raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
     above = value > low if low_open else value >= low
     below = value < high if high_open else value <= high
-    if not (above and below and math.isfinite(value)):
+    # comparisons rather than math.isfinite: under torch.compile(dynamic=True) a setting may be a
+    # symbolic float, which comparisons trace and math.isfinite does not (NaN fails both)
+    if not (above and below and -math.inf < value < math.inf):
         if high == math.inf:
             expected = (
                 f"{'an int' if integer else 'a finite number'} {'>' if low_open else '>='} {low:g}"

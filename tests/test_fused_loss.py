@@ -689,6 +689,34 @@ def test_fullgraph_compile_through_cdds_loss(backend, device):
         )
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dynamic_fullgraph_compile_through_cdds_loss(backend, device, monkeypatch):
+    """``torch.compile(step, fullgraph=True, dynamic=True)``: the batch size is symbolic and the
+    loss's float settings may be too, so the host checks of Python numbers must trace
+    (``contract.check_number``) and the reference backend's chunks must split a symbolic batch
+    (two pairs a chunk here). B = 5, then B = 7, each equal to eager."""
+    import cdds_fast.chunked_sampling as chunked
+    from cdds_fast import CDDSLoss
+
+    monkeypatch.setattr(chunked, "pairs_per_chunk", lambda dim, dtype, device: 2)
+    loss_fn = CDDSLoss(backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda kw: loss_fn(**kw), fullgraph=True, dynamic=True, backend="aot_eager"
+    )
+    for batch in (5, 7):
+        tensors, params = inputs(batch, 4, 6, 8, torch.float32, device, smooth=True)
+        leaves = [*tensors[:6], *params.values()]
+        kw = _cdds_loss_inputs(tensors, params)
+        loss_c = compiled(kw)
+        grads_c = torch.autograd.grad(loss_c, leaves)
+        loss_e = loss_fn(**kw)
+        grads_e = torch.autograd.grad(loss_e, leaves)
+        torch.testing.assert_close(loss_c, loss_e)
+        for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e, strict=True):
+            torch.testing.assert_close(gc, ge, msg=n)
+
+
 def empty_text_row_compiled_reference_call(device):
     """``CDDSLoss(backend="reference")`` under ``torch.compile(fullgraph=True)`` on a text mask
     with a row with no valid token (for ``expect_device_assertion``)."""
