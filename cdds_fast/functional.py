@@ -107,9 +107,11 @@ def cdds_loss(
     with torch.autocast(device_type=image_tokens.device.type, enabled=False):
         if chosen == "reference":
             # the reference's ops, its [B, D, D] matrices a bounded chunk of pairs at a time
-            chunked = related_sampling_chunked
             return _reference_cdds_loss(
-                **inputs, **hyper, contrastive=contrastive, related_sampling=chunked
+                **inputs,
+                **hyper,
+                contrastive=contrastive,
+                related_sampling=related_sampling_chunked,
             )
         from cdds_fast.fused_loss import cdds_loss_triton
 

@@ -64,7 +64,7 @@ def related_sampling(
     ``a_t = W_t s_v`` (text -> image, ``alpha_text``), each ``[B, D]``.
 
     The only part of the loss that builds ``[B, D, D]`` matrices; it is per pair, so any split of
-    the batch gives the same values (``cdds_fast.chunked_sampling`` relies on that)."""
+    the batch computes the same function (``cdds_fast.chunked_sampling`` relies on that)."""
     w_v = related_weights(mu_v, s_v, mu_t, s_t, alpha_image, tau_kl=tau_kl, rho=rho)
     w_t = related_weights(mu_t, s_t, mu_v, s_v, alpha_text, tau_kl=tau_kl, rho=rho)
     return (*sampling_coefficients(w_v, mu_t, s_t), *sampling_coefficients(w_t, mu_v, s_v))
