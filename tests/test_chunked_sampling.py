@@ -14,7 +14,7 @@ from cdds_fast import reference as R
 from cdds_fast.contract import LOSS_KEYS
 from cdds_fast.functional import cdds_loss
 from tests._inputs import make_inputs
-from tests.test_fused_loss import LEAF_NAMES, repair_alpha
+from tests.test_fused_loss import LEAF_NAMES, _cdds_loss_inputs, repair_alpha
 
 F64 = torch.float64
 STAT_NAMES = ("mu_v", "s_v", "mu_t", "s_t", "alpha_image", "alpha_text")
@@ -220,11 +220,7 @@ def test_reference_backend_compiles_fullgraph_over_chunks(chunk_pairs):
     chunk_pairs(2)
     tensors, params = make_inputs(5, 4, 6, 8)
     leaves = [*tensors[:6], *params.values()]
-    names = ("image_tokens", "image_semantic", "image_modality", "text_tokens")
-    kw = {
-        **dict(zip((*names, "text_semantic", "text_modality", "text_mask"), tensors, strict=True)),
-        **params,
-    }
+    kw = _cdds_loss_inputs(tensors, params)
     loss_fn = CDDSLoss(backend="reference")
     torch._dynamo.reset()
     compiled = torch.compile(lambda kw: loss_fn(**kw), fullgraph=True, backend="aot_eager")
