@@ -95,6 +95,19 @@ def implementations():
     }
 
 
+def _row(shape, dtype, impl: str, fwd: Measurement, full: Measurement) -> dict:
+    """One table row: forward and forward+backward times, backward as their difference."""
+    return {
+        "shape": "x".join(map(str, shape)),
+        "dtype": str(dtype).replace("torch.", ""),
+        "impl": impl,
+        "forward_ms": fwd.median_ms,
+        "backward_ms": full.median_ms - fwd.median_ms,
+        "full_ms": full.median_ms,
+        "peak_mb": full.peak_extra_mb,
+    }
+
+
 def run(shapes, dtypes, names=None, *, skip_compile_for=()):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -112,15 +125,7 @@ def run(shapes, dtypes, names=None, *, skip_compile_for=()):
                     fwd = measure(step_fn(fn, tensors, mask, params, backward=False))
                 except torch.cuda.OutOfMemoryError:
                     full = fwd = Measurement(float("nan"), None)
-                row = {
-                    "shape": "x".join(map(str, shape)),
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "impl": name,
-                    "forward_ms": fwd.median_ms,
-                    "backward_ms": full.median_ms - fwd.median_ms,
-                    "full_ms": full.median_ms,
-                    "peak_mb": full.peak_extra_mb,
-                }
+                row = _row(shape, dtype, name, fwd, full)
                 if name.startswith("fast"):
                     row.update(_model(shape, dtype, mask, full.median_ms))
                 rows.append(row)
@@ -190,17 +195,7 @@ def sampling_tile_rows(shape=GPU_SHAPES[0], dtype=torch.bfloat16, elems=SAMPLING
             else:  # reported, not raised: the rest of the run still measures
                 label += " (DIFFERS from the default tiles: not timed)"
                 full = fwd = Measurement(float("nan"), None)
-        rows.append(
-            {
-                "shape": "x".join(map(str, shape)),
-                "dtype": str(dtype).replace("torch.", ""),
-                "impl": label,
-                "forward_ms": fwd.median_ms,
-                "backward_ms": full.median_ms - fwd.median_ms,
-                "full_ms": full.median_ms,
-                "peak_mb": full.peak_extra_mb,
-            }
-        )
+        rows.append(_row(shape, dtype, label, fwd, full))
     return rows
 
 

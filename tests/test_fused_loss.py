@@ -655,6 +655,18 @@ def _cdds_loss_inputs(tensors, params):
     return {**dict(zip(names, tensors, strict=True)), **params}
 
 
+def assert_compiled_matches_eager(compiled, eager, kw, leaves):
+    """``compiled(kw)`` and its (AOT-compiled) backward equal ``eager(kw)``'s loss and the
+    gradients of every leaf."""
+    loss_c = compiled(kw)
+    grads_c = torch.autograd.grad(loss_c, leaves)
+    loss_e = eager(kw)
+    grads_e = torch.autograd.grad(loss_e, leaves)
+    torch.testing.assert_close(loss_c, loss_e)
+    for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e, strict=True):
+        torch.testing.assert_close(gc, ge, msg=n)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_fullgraph_compile_through_cdds_loss(backend, device):
     """``torch.compile(step, fullgraph=True)`` of a step's loss through ``CDDSLoss``, as a user
@@ -673,14 +685,7 @@ def test_fullgraph_compile_through_cdds_loss(backend, device):
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    kw = _cdds_loss_inputs(tensors, params)
-    loss_c = compiled(kw)
-    grads_c = torch.autograd.grad(loss_c, leaves)  # the AOT-compiled backward
-    loss_e = step(kw)
-    grads_e = torch.autograd.grad(loss_e, leaves)
-    torch.testing.assert_close(loss_c, loss_e)
-    for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e, strict=True):
-        torch.testing.assert_close(gc, ge, msg=n)
+    assert_compiled_matches_eager(compiled, step, _cdds_loss_inputs(tensors, params), leaves)
     if backend == "reference":  # the check traced as a device-side assertion still fires
         expect_device_assertion(
             "tests.test_fused_loss:empty_text_row_compiled_reference_call",
@@ -708,13 +713,7 @@ def test_dynamic_fullgraph_compile_through_cdds_loss(backend, device, monkeypatc
         tensors, params = inputs(batch, 4, 6, 8, torch.float32, device, smooth=True)
         leaves = [*tensors[:6], *params.values()]
         kw = _cdds_loss_inputs(tensors, params)
-        loss_c = compiled(kw)
-        grads_c = torch.autograd.grad(loss_c, leaves)
-        loss_e = loss_fn(**kw)
-        grads_e = torch.autograd.grad(loss_e, leaves)
-        torch.testing.assert_close(loss_c, loss_e)
-        for n, gc, ge in zip(LEAF_NAMES, grads_c, grads_e, strict=True):
-            torch.testing.assert_close(gc, ge, msg=n)
+        assert_compiled_matches_eager(compiled, lambda kw: loss_fn(**kw), kw, leaves)
 
 
 def empty_text_row_compiled_reference_call(device):
