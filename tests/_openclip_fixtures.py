@@ -198,18 +198,24 @@ def _ddp_checks(rank: int, world: int) -> dict:
         key = f"local={local_loss},grad={gather_with_grad}"
         report["grads"][key] = float((g - expected).abs().max() / expected.abs().max())
 
-    # A DDP-wrapped CDDSModel: two steps, every parameter gets a finite gradient.
+    # A DDP-wrapped CDDSModel: two steps, every parameter gets a finite gradient; again with the
+    # reference backend's relation part in one-pair chunks (a checkpoint each, the head's alphas
+    # used by every chunk under DDP's gradient hooks)
     report["ddp_model"] = _ddp_model_steps(rank, world)
+    report["ddp_model_chunked"] = _ddp_model_steps(rank, world, pairs_per_chunk=1)
     return report
 
 
-def _ddp_model_steps(rank: int, world: int) -> dict:
+def _ddp_model_steps(rank: int, world: int, pairs_per_chunk: int | None = None) -> dict:
     import open_clip
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import cdds_fast.chunked_sampling as chunked
     from cdds_fast import CDDSLoss
     from cdds_fast.open_clip import CDDSModel
 
+    if pairs_per_chunk is not None:  # this worker process only
+        chunked.pairs_per_chunk = lambda dim, dtype, device: pairs_per_chunk
     tiny_config_dir()
     torch.manual_seed(0)
     clip = open_clip.create_model(TINY_MODEL, output_dict=True)
