@@ -22,8 +22,11 @@ backend down to a cubin (ptxas ships with the triton wheel) and its resource usa
 
 Nothing here is timed: the figures are what the compiler produced, and they tell which configs
 spill before a GPU is ever used. ``--count-launches`` and ``--count-info-nce`` count the launches
-and the buffers of one call instead. It must run with ``TRITON_INTERPRET`` unset (``@triton.jit``
-decides at definition time whether it builds interpreter functions).
+and the buffers of one call instead. ``--sampling-sass`` disassembles the sampling kernels of a
+(256, 50, 77, 512) bf16 step (triton's ``nvdisasm``) and counts the instructions of their sweeps
+per element of the virtual ``[B, D, D]``: the compute model of ``kernels/sampling.py``. It must
+run with ``TRITON_INTERPRET`` unset (``@triton.jit`` decides at definition time whether it builds
+interpreter functions).
 """
 
 from __future__ import annotations
@@ -580,6 +583,89 @@ def problems(specs: list[Spec]) -> list[str]:
     return out
 
 
+#: The related-sampling kernels whose sweeps over the virtual ``[B, D, D]`` carry the loss's ALU.
+SAMPLING_KERNELS = (
+    "_related_sampling_fwd_kernel",
+    "_related_sampling_bwd_row_kernel",
+    "_related_sampling_bwd_col_kernel",
+)
+
+
+def sass_loops(cubin: bytes) -> list[Counter]:
+    """The innermost loops of a cubin's SASS (the code from a label to the branch back to it,
+    containing no other such loop), each as a Counter of its opcodes (``MUFU.EX2`` keeps its
+    function; other opcodes lose their modifiers) with the total under ``"all"``."""
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run(
+            [triton.knobs.nvidia.nvdisasm.path, "-c", f.name],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    ops: list[str] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        ins = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if ins:
+            ops.append(re.sub(r"^@!?U?P\w+\s+", "", ins.group(1)))
+    spans = []
+    for end, text in enumerate(ops):
+        target = re.search(r"BRA\s+(?:\S+\s+)?`?\(?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), end + 1) <= end:
+            spans.append((labels[target.group(1)], end))
+    loops = []
+    for start, end in spans:
+        if any(start <= a and b <= end and (a, b) != (start, end) for a, b in spans):
+            continue  # encloses another loop
+        body = ops[start : end + 1]
+        names = [t.split()[0] for t in body]
+        counts = Counter(n if n.startswith("MUFU") else n.split(".")[0] for n in names)
+        counts["all"] = len(body)
+        loops.append(counts)
+    return loops
+
+
+def sampling_instructions(arch: int = 90) -> dict[str, list[float]]:
+    """SASS instructions per element of each sweep of the sampling kernels, as a
+    (256, 50, 77, 512) bf16 step launches them. A sweep's loop handles one element per ``exp2``
+    (``MUFU.EX2``); the forward's max sweep, the one loop without any ``MUFU``, one per ``FMNMX``
+    (either count also absorbs unrolling). Innermost loops with neither are per-row passes."""
+    import triton
+    from triton.compiler import ASTSource
+
+    _refuse_interpreter()
+    recorder = Recorder(arch)
+    _install(recorder)
+    with _ops_run_on_meta(), torch.enable_grad():
+        plan_cdds(recorder, STEP_SHAPES[0], torch.bfloat16)
+    per_element: dict[str, list[float]] = {}
+    for key, spec in recorder.specs.items():
+        if spec.kernel not in SAMPLING_KERNELS:
+            continue
+        fn, signature, constexprs, attrs, options = recorder.sources[key]
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs),
+            target=recorder.target,
+            options=options.__dict__,
+        )
+        sweeps = []
+        for loop in sass_loops(compiled.asm["cubin"]):
+            mufu = sum(n for op, n in loop.items() if op.startswith("MUFU"))
+            elements = loop["MUFU.EX2"] if mufu else loop["FMNMX"]
+            if elements:
+                sweeps.append(round(loop["all"] / elements, 2))
+        per_element[spec.kernel] = sweeps
+    return per_element
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="odd shapes only")
@@ -601,7 +687,17 @@ def main(argv: list[str] | None = None) -> int:
         help="only count the launches and scratch of the InfoNCE cases "
         "(INFO_NCE_CASES), print JSON",
     )
+    parser.add_argument(
+        "--sampling-sass",
+        action="store_true",
+        help="only count the SASS instructions per element of the sampling sweeps, print JSON",
+    )
     args = parser.parse_args(argv)
+    if args.sampling_sass:
+        per_element = sampling_instructions(args.arch)
+        total = sum(sum(v) for v in per_element.values())
+        print(json.dumps({"per_element": per_element, "total": round(total, 2)}))
+        return 0
     if args.count_info_nce:
         _refuse_interpreter()
         cases = [
