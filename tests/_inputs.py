@@ -35,6 +35,23 @@ def assert_close(actual, expected, tol, name="", scale=None):
     )
 
 
+#: ``make_inputs``' positional tensors by name, in order: the tensor keywords of ``CDDSLoss``.
+TENSOR_NAMES = (
+    "image_tokens",
+    "image_semantic",
+    "image_modality",
+    "text_tokens",
+    "text_semantic",
+    "text_modality",
+    "text_mask",
+)
+
+
+def loss_kwargs(tensors, params) -> dict:
+    """``CDDSLoss``'s keyword inputs from ``make_inputs``' tensors and parameters."""
+    return {**dict(zip(TENSOR_NAMES, tensors, strict=True)), **params}
+
+
 def make_inputs(
     batch: int = 3,
     patches: int = 5,

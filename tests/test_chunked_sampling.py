@@ -13,10 +13,9 @@ import cdds_fast.chunked_sampling as chunked
 from cdds_fast import reference as R
 from cdds_fast.contract import LOSS_KEYS
 from cdds_fast.functional import cdds_loss
-from tests._inputs import make_inputs
+from tests._inputs import loss_kwargs, make_inputs
 from tests.test_fused_loss import (
     LEAF_NAMES,
-    _cdds_loss_inputs,
     assert_compiled_matches_eager,
     repair_alpha,
 )
@@ -232,4 +231,4 @@ def test_reference_backend_compiles_fullgraph_over_chunks(chunk_pairs):
         return loss_fn(**kw)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    assert_compiled_matches_eager(compiled, step, _cdds_loss_inputs(tensors, params), leaves)
+    assert_compiled_matches_eager(compiled, step, loss_kwargs(tensors, params), leaves)

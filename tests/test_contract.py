@@ -11,7 +11,7 @@ import torch
 
 from cdds_fast.contract import check_values
 from cdds_fast.functional import cdds_loss
-from tests._inputs import make_inputs
+from tests._inputs import TENSOR_NAMES, loss_kwargs, make_inputs
 
 
 # ------------------------------------------- bad input of the loss (docs/method.md section 7)
@@ -146,18 +146,9 @@ def _bad_cases():
 @pytest.mark.parametrize("change,exc,match", _bad_cases())
 def test_bad_input_raises_named_error(change, exc, match):
     tensors, params = make_inputs(3, 5, 4, 8, requires_grad=False)
-    names = [
-        "image_tokens",
-        "image_semantic",
-        "image_modality",
-        "text_tokens",
-        "text_semantic",
-        "text_modality",
-        "text_mask",
-    ]
-    kwargs = {**dict(zip(names, tensors, strict=True)), **params}
+    kwargs = loss_kwargs(tensors, params)
     kwargs.update(change)
-    positional = [kwargs.pop(n) for n in names]
+    positional = [kwargs.pop(n) for n in TENSOR_NAMES]
     with pytest.raises(exc, match=match):
         cdds_loss(*positional, **kwargs, backend="reference")
 

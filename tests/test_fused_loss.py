@@ -40,10 +40,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdds_fast.contract import LOSS_KEYS
+from cdds_fast.contract import LOSS_KEYS, VECTOR_NAMES
 from cdds_fast.fused_loss import cdds_loss_triton
 from cdds_fast.reference import cdds_loss as reference_cdds_loss
-from tests._inputs import assert_close, expect_device_assertion, make_inputs, subnormal_ulp
+from tests._inputs import (
+    TENSOR_NAMES,
+    assert_close,
+    expect_device_assertion,
+    loss_kwargs,
+    make_inputs,
+    subnormal_ulp,
+)
 from tests.conftest import DEVICE
 
 # (dtype, atol, rtol, reason); atol is relative to max|expected|. The five loss terms are fp32
@@ -94,21 +101,8 @@ FACTOR = 10.0
 # they move the reference as far as they move the fast path.
 N_ORDERS = 3
 
-LEAF_NAMES = (
-    "image_tokens",
-    "image_semantic",
-    "image_modality",
-    "text_tokens",
-    "text_semantic",
-    "text_modality",
-    "alpha_image",
-    "alpha_text",
-    "w_s_image",
-    "w_m_image",
-    "w_s_text",
-    "w_m_text",
-    "logit_scale",
-)
+#: The 13 leaves of a loss call: six token tensors, six [D] vectors, the scale.
+LEAF_NAMES = (*TENSOR_NAMES[:6], *VECTOR_NAMES, "logit_scale")
 PARAM_NAMES = LEAF_NAMES[6:12]
 ALPHA_NAMES = ("alpha_image", "alpha_text")
 
@@ -641,20 +635,6 @@ def _compile_step(device, backend):
         torch.testing.assert_close(gc, ge, msg=n)
 
 
-def _cdds_loss_inputs(tensors, params):
-    """``CDDSLoss``'s keyword inputs from ``inputs()``'s tensors and parameters."""
-    names = (
-        "image_tokens",
-        "image_semantic",
-        "image_modality",
-        "text_tokens",
-        "text_semantic",
-        "text_modality",
-        "text_mask",
-    )
-    return {**dict(zip(names, tensors, strict=True)), **params}
-
-
 def assert_compiled_matches_eager(compiled, eager, kw, leaves):
     """``compiled(kw)`` and its (AOT-compiled) backward equal ``eager(kw)``'s loss and the
     gradients of every leaf."""
@@ -685,7 +665,7 @@ def test_fullgraph_compile_through_cdds_loss(backend, device):
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    assert_compiled_matches_eager(compiled, step, _cdds_loss_inputs(tensors, params), leaves)
+    assert_compiled_matches_eager(compiled, step, loss_kwargs(tensors, params), leaves)
     if backend == "reference":  # the check traced as a device-side assertion still fires
         expect_device_assertion(
             "tests.test_fused_loss:empty_text_row_compiled_reference_call",
@@ -712,7 +692,7 @@ def test_dynamic_fullgraph_compile_through_cdds_loss(backend, device, monkeypatc
     for batch in (5, 7):
         tensors, params = inputs(batch, 4, 6, 8, torch.float32, device, smooth=True)
         leaves = [*tensors[:6], *params.values()]
-        kw = _cdds_loss_inputs(tensors, params)
+        kw = loss_kwargs(tensors, params)
         assert_compiled_matches_eager(compiled, lambda kw: loss_fn(**kw), kw, leaves)
 
 
@@ -726,7 +706,7 @@ def empty_text_row_compiled_reference_call(device):
     loss_fn = CDDSLoss(backend="reference")
     torch._dynamo.reset()
     compiled = torch.compile(lambda kw: loss_fn(**kw), fullgraph=True, backend="aot_eager")
-    return compiled(_cdds_loss_inputs(tensors, params))
+    return compiled(loss_kwargs(tensors, params))
 
 
 HAS_CUDA = torch.cuda.is_available()
@@ -740,7 +720,7 @@ def test_step_does_not_synchronise(device):
 
     tensors, params = inputs(16, 50, 77, 512, torch.bfloat16, device)
     loss_fn = CDDSLoss(backend="triton")
-    kw = _cdds_loss_inputs(tensors, params)
+    kw = loss_kwargs(tensors, params)
     leaves = [*tensors[:6], *params.values()]
     torch.autograd.grad(loss_fn(**kw), leaves)  # compiles the kernels, warms the allocator
     torch.cuda.synchronize()

@@ -8,7 +8,7 @@ import torch
 from cdds_fast import CDDSHead, CDDSLoss, DualPathDecoupler
 from cdds_fast import reference as R
 from cdds_fast.contract import LOSS_KEYS
-from tests._inputs import make_inputs, make_mask
+from tests._inputs import loss_kwargs, make_inputs, make_mask
 
 
 def test_eval_mode_is_deterministic():
@@ -102,17 +102,8 @@ def test_head_and_loss_end_to_end_every_parameter_gets_a_gradient():
 
 def test_loss_module_total_equals_sum_and_matches_functional():
     tensors, params = make_inputs(3, 5, 4, 8, requires_grad=False)
-    names = [
-        "image_tokens",
-        "image_semantic",
-        "image_modality",
-        "text_tokens",
-        "text_semantic",
-        "text_modality",
-        "text_mask",
-    ]
     loss = CDDSLoss(a_c=0.5, a_s=2.0, a_m=0.3, a_f=0.6, tau_kl=0.7, rho=0.05, backend="reference")
-    total = loss(**dict(zip(names, tensors, strict=True)), **params)
+    total = loss(**loss_kwargs(tensors, params))
     terms = R.cdds_loss(
         *tensors, **params, a_c=0.5, a_s=2.0, a_m=0.3, a_f=0.6, tau_kl=0.7, rho=0.05
     )
@@ -121,23 +112,14 @@ def test_loss_module_total_equals_sum_and_matches_functional():
 
 def test_loss_accepts_batch_replicated_parameters():
     tensors, params = make_inputs(3, 5, 4, 8)
-    names = [
-        "image_tokens",
-        "image_semantic",
-        "image_modality",
-        "text_tokens",
-        "text_semantic",
-        "text_modality",
-        "text_mask",
-    ]
     loss = CDDSLoss(backend="reference")
-    plain = loss(**dict(zip(names, tensors, strict=True)), **params)
+    plain = loss(**loss_kwargs(tensors, params))
     plain.backward()
     grads = {k: v.grad.clone() for k, v in params.items()}
     for v in params.values():
         v.grad = None
     rep = {k: (v.expand(3, -1) if v.dim() == 1 else v) for k, v in params.items()}
-    replicated = loss(**dict(zip(names, tensors, strict=True)), **rep)
+    replicated = loss(**loss_kwargs(tensors, rep))
     replicated.backward()
     torch.testing.assert_close(plain, replicated)
     for k, v in params.items():
@@ -146,14 +128,5 @@ def test_loss_accepts_batch_replicated_parameters():
 
 def test_loss_rejects_logit_bias():
     tensors, params = make_inputs(2, 3, 4, 8, requires_grad=False)
-    names = [
-        "image_tokens",
-        "image_semantic",
-        "image_modality",
-        "text_tokens",
-        "text_semantic",
-        "text_modality",
-        "text_mask",
-    ]
     with pytest.raises(ValueError, match="logit_bias"):
-        CDDSLoss()(**dict(zip(names, tensors, strict=True)), **params, logit_bias=torch.tensor(0.0))
+        CDDSLoss()(**loss_kwargs(tensors, params), logit_bias=torch.tensor(0.0))

@@ -38,6 +38,22 @@ KERNELS = {
 }
 
 
+def _kernel_resources(*args: str, interpret: bool = False, timeout: int = 600):
+    """``benchmarks/kernel_resources.py *args`` in a subprocess, without ``TRITON_INTERPRET``
+    (or with it, ``interpret``): it must compile for the GPU, not build interpreter kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _nvidia_backend() -> bool:
     try:
         from triton.backends.nvidia import compiler
@@ -48,23 +64,8 @@ def _nvidia_backend() -> bool:
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend / ptxas")
 def test_every_kernel_compiles_for_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "specs.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "kernel_resources.py"),
-            "--quick",
-            "--allow-spills",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = _kernel_resources("--quick", "--allow-spills", "--json", str(out), timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     specs = json.loads(out.read_text())
     assert {s["kernel"] for s in specs} == KERNELS
@@ -82,15 +83,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
 
 
 def test_launch_plan_refuses_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _kernel_resources("--quick", interpret=True, timeout=120)
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
 
 
@@ -107,15 +100,7 @@ STEP_SHAPE = (256, 50, 77, 512)
 @pytest.fixture(scope="module")
 def step_counts():
     """``kernel_resources.py --count-launches``: launches and allocated buffers per phase."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--count-launches"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _kernel_resources("--count-launches")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -156,15 +141,7 @@ def test_sampling_sweeps_instruction_budget():
     bf16 step (``kernel_resources.py --sampling-sass``). Three forward sweeps, one row and one
     column sweep backward; 114.6 in all with triton 3.8, 116.3 with 3.6, 117.9 with 3.9
     (benchmarks/RESULTS.md). A change that makes the sweeps more than ~8 % heavier fails here."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--sampling-sass"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _kernel_resources("--sampling-sass")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     sweeps = {k: len(v) for k, v in result["per_element"].items()}

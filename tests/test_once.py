@@ -17,7 +17,7 @@ from cdds_fast.functional import cdds_loss
 from cdds_fast.loss import CDDSLoss
 from cdds_fast.reference import cdds_loss as reference_cdds_loss
 from cdds_fast.reference import contrastive as R
-from tests._inputs import make_inputs
+from tests._inputs import TENSOR_NAMES, loss_kwargs, make_inputs
 from tests.conftest import DEVICE
 
 
@@ -88,15 +88,7 @@ def test_cdds_loss_checks_each_argument_once(checked, backend):
     tensors, params = make_inputs(2, 3, 4, 5, device=DEVICE)
     cdds_loss(*tensors, **params, backend=backend)
     _once(checked)
-    names = {
-        "image_tokens",
-        "image_semantic",
-        "image_modality",
-        "text_tokens",
-        "text_semantic",
-        "text_modality",
-        *(k for k in params),
-    }
+    names = {*TENSOR_NAMES[:6], *params}
     assert names <= set(checked)
 
 
@@ -166,22 +158,7 @@ def test_fused_clip_loss_gathers_through_the_installed_signature(gather_calls, l
 def test_cdds_loss_gathers_through_the_installed_signature(gather_calls):
     tensors, params = make_inputs(2, 3, 4, 5, device=DEVICE)
     CDDSLoss(rank=1, world_size=WORLD, local_loss=True, backend="reference")(
-        **dict(
-            zip(
-                (
-                    "image_tokens",
-                    "image_semantic",
-                    "image_modality",
-                    "text_tokens",
-                    "text_semantic",
-                    "text_modality",
-                    "text_mask",
-                ),
-                tensors,
-                strict=True,
-            )
-        ),
-        **params,
+        **loss_kwargs(tensors, params)
     )
     assert len(gather_calls) == 3  # the pooled features of the three InfoNCE problems
     assert all(c.arguments["rank"] == 1 and c.arguments["local_loss"] for c in gather_calls)

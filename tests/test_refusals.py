@@ -13,22 +13,12 @@ import torch
 
 from cdds_fast import CDDSHead, CDDSLoss, DualPathDecoupler
 from cdds_fast.functional import cdds_loss
-from tests._inputs import make_inputs, make_mask
-
-NAMES = [
-    "image_tokens",
-    "image_semantic",
-    "image_modality",
-    "text_tokens",
-    "text_semantic",
-    "text_modality",
-    "text_mask",
-]
+from tests._inputs import TENSOR_NAMES, loss_kwargs, make_inputs, make_mask
 
 
 def _loss_kwargs(batch=3, dim=8, **change):
     tensors, params = make_inputs(batch, 5, 4, dim, requires_grad=False)
-    kwargs = {**dict(zip(NAMES, tensors, strict=True)), **params}
+    kwargs = loss_kwargs(tensors, params)
     kwargs.update(change)
     return kwargs
 
@@ -65,7 +55,7 @@ def test_loss_module_refuses_nonsense_settings_when_built(change, exc, match):
 @pytest.mark.parametrize("change,exc,match", [pytest.param(*c[1:], id=c[0]) for c in SETTINGS])
 def test_functional_loss_refuses_nonsense_settings(change, exc, match, backend):
     kwargs = _loss_kwargs()
-    positional = [kwargs.pop(n) for n in NAMES]
+    positional = [kwargs.pop(n) for n in TENSOR_NAMES]
     with pytest.raises(exc, match=match):
         cdds_loss(*positional, **kwargs, **change, backend=backend)
 

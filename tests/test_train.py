@@ -18,6 +18,7 @@ import open_clip
 import pytest
 import torch
 
+from cdds_fast.contract import LOSS_KEYS
 from cdds_fast.open_clip import CDDSModel
 from cdds_fast.open_clip.train import main as train_main
 from tests._openclip_fixtures import (
@@ -28,13 +29,7 @@ from tests._openclip_fixtures import (
     write_csv_dataset,
 )
 
-TERMS = (
-    "contrastive_loss",
-    "semantic_loss",
-    "modality_loss",
-    "completeness_loss",
-    "x_completeness_loss",
-)
+TERMS = LOSS_KEYS  # the loss terms each run logs
 # plain SGD (update = -lr * grad) so that equal gradients give equal parameters after a step
 SGD = [
     "--opt",
