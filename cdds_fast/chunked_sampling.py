@@ -37,7 +37,7 @@ def relation_bytes(device: torch.device) -> int:
 
 def pairs_per_chunk(dim: int, dtype: torch.dtype, device: torch.device) -> int:
     """Pairs whose relation matrices fit :func:`relation_bytes` (at least one)."""
-    per_pair = PAIR_MATRICES * dim * dim * torch.empty((), dtype=dtype).element_size()
+    per_pair = PAIR_MATRICES * dim * dim * dtype.itemsize
     return max(1, relation_bytes(device) // per_pair)
 
 
