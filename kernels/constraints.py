@@ -385,7 +385,10 @@ def _constraints_finalize_kernel(
                 ld = (rb < B)[:, None] & col_ok[None, :]
                 offs = Q * plane + (mod * B + rb[:, None]).to(tl.int64) * D + cols[None, :]
                 q += tl.sum(tl.load(COL + offs, mask=ld, other=0.0), axis=0)
-            q_bar = q / n_tok
+            # IEEE division, as the reference's mean: on a GPU ``/`` is div.full.f32 (<= 2 ulp),
+            # which would make qbar = n / n (D = 1: every q_n = 1) 1 +- ulp and L_m's exact 0
+            # rounding noise; one program per step, so the exact division costs nothing
+            q_bar = tl.math.div_rn(q, n_tok)
             log_qbar = tl.log(tl.where(col_ok, q_bar, 1.0))
             tl.store(GLOB + mod * (D + 1) + cols, log_qbar, mask=col_ok)
             # qbar_d == 0 gives 0 * -inf = NaN, exactly where the reference's log(qbar) does
