@@ -133,6 +133,7 @@ from cdds_fast.kernels.constraints import (
     NORM_MU,
     SD,
     ZM,
+    _sqrt,
 )
 from cdds_fast.kernels.launch import (
     block_for,
@@ -275,6 +276,16 @@ def _grad_pr(pr, e, valid, nu_sh, sig_sh, k, gcz, gaz, uz, gamma, delta):
     tie = e >= 1.0  # masked entries have e == 0
     g_pr = tl.where(above, g_a, 0.0) + gamma * pr + tl.where(tie, delta, 0.0)
     return g_pr, above
+
+
+@triton.jit
+def _norm(sum_sq):
+    """``sqrt(sum_sq)`` of a sum of squares, Newton-refined (``constraints._sqrt``) where that is
+    defined: the root of ``fl(x^2)`` is then ``|x|`` exactly, as torch's norm gives it, so at
+    D = 1 the pooled feature is exactly +-1 (the device's ``sqrt.approx`` alone can be an ulp off,
+    and normalize's vanishing gradient would become rounding noise / ``|x|``)."""
+    ok = (sum_sq >= 1.1754943508222875e-38) & (sum_sq < float("inf"))
+    return tl.where(ok, _sqrt(tl.where(ok, sum_sq, 1.0)), tl.sqrt(sum_sq))
 
 
 @triton.jit
@@ -511,23 +522,26 @@ def _related_sampling_fwd_kernel(
     if FUSED:
         o_pair = PAIR + dr * B + b
         tl.store(o_pair + LX * 2 * B, tl.sum(lx_acc, 0))
-        norm_c = tl.sqrt(tl.sum(c_sq, 0))
-        norm_mu = tl.sqrt(tl.sum(mu_sq, 0))
+        norm_c = _norm(tl.sum(c_sq, 0))
+        norm_mu = _norm(tl.sum(mu_sq, 0))
         tl.store(o_pair + NORM_C * 2 * B, norm_c)
         tl.store(o_pair + NORM_MU * 2 * B, norm_mu)
         # The pooled features of the source modality into the InfoNCE rows x and columns y of
         # FEAT [2, 3, B, D] (problems (image, text), (image, image_x), (text, text_x)):
         # pool(X^s) = mu / max(|mu|, eps) into x[0], x[1] (image) or y[0], x[2] (text),
         # pool(X^x) = c / max(|c|, eps) into y[1 + dr]; c read back after every thread's store.
-        inv_c = 1.0 / tl.maximum(norm_c, NORM_EPS)
-        inv_mu = 1.0 / tl.maximum(norm_mu, NORM_EPS)
+        # IEEE divisions, as F.normalize's: at D = 1 the features are then exactly +-1 and
+        # normalize's gradient exactly 0 (a reciprocal, or the device's div.full, is an ulp off)
+        den_c = tl.maximum(norm_c, NORM_EPS)
+        den_mu = tl.maximum(norm_mu, NORM_EPS)
         tl.debug_barrier()
         for i0 in range(0, D, BLOCK_I):
             rows = i0 + tl.arange(0, BLOCK_I)
             rmask = rows < D
             c = tl.load(ROW + CSH * plane + src + rows, mask=rmask, other=0.0) + o_mu
-            tl.store(FEAT + ((4 + dr) * B + b) * D + rows, c * inv_c, mask=rmask)
-            mu = tl.load(COL + MU * plane + src + rows, mask=rmask, other=0.0) * inv_mu
+            tl.store(FEAT + ((4 + dr) * B + b) * D + rows, tl.math.div_rn(c, den_c), mask=rmask)
+            mu = tl.load(COL + MU * plane + src + rows, mask=rmask, other=0.0)
+            mu = tl.math.div_rn(mu, den_mu)
             tl.store(FEAT + (3 * dr * B + b) * D + rows, mu, mask=rmask)
             tl.store(FEAT + ((1 + dr) * B + b) * D + rows, mu, mask=rmask)
 
