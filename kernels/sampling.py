@@ -101,7 +101,7 @@ compute bound. Per element of the virtual [B, D, D] per direction: forward 3 swe
 of the loss's specialisations, compiled for sm_90 (triton 3.8, ``FUSED``, 1024-element tiles at 8
 warps: 16 x 64 forward and row, 64 x 16 column; D % 64 == 0), hold 8 + 14.25 + 25.5 (forward
 sweeps), 29 (row) and 39.25 (column) PTX instructions per element, ~116 in all; the SASS ptxas
-makes of them, 6.9 + 15.25 + 22.5, 30.75 and 39.25: 114.6 (``benchmarks/kernel_resources.py
+makes of them, 6.8 + 15.25 + 22.5, 30.75 and 39.25: 114.6 (``benchmarks/kernel_resources.py
 --sampling-sass``; tests/test_kernel_resources.py holds it to at most 125). At B = 256,
 D = 512, both directions: 2 x 256 x 512^2 = 134 M elements -> 537 M exp2 = 0.13 ms of MUFU at
 16 ex2/clk/SM x 132 SMs x 1.98 GHz (4.2 T/s), and ~15.6 G instructions = 0.47 ms at 33.4 T
