@@ -16,7 +16,8 @@ rounds like the device:
   kernel, as on the device, so logits recomputed by the backward stay bit-identical to the
   forward's (the tie tests rely on it);
 * results the hardware gets exactly stay exact: ``2^n`` for integer ``n``, a quotient by a power of
-  two; ``ex2.approx.ftz`` flushes results below the smallest normal to 0;
+  two; ``tl.exp2`` (``ex2.approx.ftz``) flushes results below the smallest normal to 0, ``tl.exp``
+  (``ex2.approx``) keeps them;
 * ``tl.fma`` rounds once; the IEEE forms (``tl.math.div_rn``, ``tl.sqrt_rn``) stay exact.
 
 It models the size of the device's errors, not NVIDIA's functions bit for bit, and not the
@@ -53,11 +54,13 @@ def _moved(exact: np.ndarray, key: np.ndarray, ulps: int) -> np.ndarray:
     return np.where(movable & np.isfinite(out) & (np.sign(out) == np.sign(exact)), out, exact)
 
 
-def _exp2(x: np.ndarray) -> np.ndarray:
+def _exp2(x: np.ndarray, ftz: bool) -> np.ndarray:
     exact = np.exp2(x)
     out = _moved(exact, _bits(x), APPROX_ULPS["exp2"])
     out = np.where(x == np.floor(x), exact, out)  # 2^n is exact on the device too
-    return np.where(out < _SMALLEST_NORMAL, np.float32(0), out).astype(np.float32)
+    if ftz:
+        out = np.where(out < _SMALLEST_NORMAL, np.float32(0), out)
+    return out.astype(np.float32)
 
 
 def install() -> None:
@@ -77,12 +80,13 @@ def install() -> None:
     def create_exp2(self, arg):
         if arg.data.dtype != np.float32:
             return exact["create_exp2"](self, arg)
-        return handle(_exp2(arg.data), arg.dtype.scalar)
+        return handle(_exp2(arg.data, ftz=True), arg.dtype.scalar)  # ex2.approx.ftz.f32
 
     def create_exp(self, arg):
         if arg.data.dtype != np.float32:
             return exact["create_exp"](self, arg)
-        return handle(_exp2((arg.data * _LOG2E).astype(np.float32)), arg.dtype.scalar)
+        scaled = (arg.data * _LOG2E).astype(np.float32)
+        return handle(_exp2(scaled, ftz=False), arg.dtype.scalar)  # ex2.approx.f32
 
     def create_fdiv(self, lhs, rhs):
         out = exact["create_fdiv"](self, lhs, rhs)

@@ -81,3 +81,12 @@ def test_fma_rounds_once():
     out = run(a, a, torch.tensor([-(1 + 2.0**-11)]))
     assert out[3].item() == 2.0**-24
     assert (a * a - (1 + 2.0**-11)).item() == 0.0
+
+
+def test_subnormal_results_as_the_device():
+    # tl.exp2 is ex2.approx.ftz (2^-130.5 flushes to 0); tl.exp is ex2.approx (e^-100 ~ 3.7e-44
+    # stays a subnormal)
+    x = torch.tensor([-130.5, -100.0])
+    out = run(x, torch.ones(2), torch.zeros(2))
+    assert out[0][0].item() == 0.0
+    assert 0.0 < out[5][1].item() < 2.0**-126
