@@ -174,10 +174,17 @@ def test_bad_inputs(img_shape, txt_shape, t2i, exc, match):
         retrieval_metrics(torch.randn(*img_shape), torch.randn(*txt_shape), t2i)
 
 
-def test_bad_block_size():
+@pytest.mark.parametrize(
+    "value,exc", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)]
+)
+def test_bad_block_size_and_folds(value, exc):
+    """Settings refused with the contract's checks: TypeError for a non-int (bool included),
+    ValueError below 1, naming the argument."""
     t2i = torch.arange(2).repeat_interleave(5)
-    with pytest.raises(ValueError, match="block_size"):
-        retrieval_metrics(torch.randn(2, 3), torch.randn(10, 3), t2i, block_size=0)
+    with pytest.raises(exc, match="block_size: expected an int"):
+        retrieval_metrics(torch.randn(2, 3), torch.randn(10, 3), t2i, block_size=value)
+    with pytest.raises(exc, match="n_folds: expected an int"):
+        fold_metrics(torch.randn(2, 3), torch.randn(10, 3), t2i, n_folds=value)
 
 
 def test_fold_metrics_and_average():

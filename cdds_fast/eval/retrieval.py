@@ -32,6 +32,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cdds_fast.contract import check_number
+
 __all__ = [
     "METRIC_KEYS",
     "EncodedDataset",
@@ -93,8 +95,7 @@ def _check_inputs(
         )
     if text_to_image.dtype.is_floating_point or text_to_image.dtype == torch.bool:
         raise TypeError(f"text_to_image must be an integer tensor, got {text_to_image.dtype}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_number("block_size", block_size, low=1, integer=True)
     n_img, n_txt = image_features.shape[0], text_features.shape[0]
     if n_img == 0 or n_txt == 0:
         raise ValueError(f"need at least one image and one text, got N_img={n_img}, N_txt={n_txt}")
@@ -236,8 +237,7 @@ def fold_metrics(
         ``(average, per_fold)``: :func:`average_metrics` of the folds, and the list of fold metrics.
     """
     n_img = image_features.shape[0]
-    if isinstance(n_folds, bool) or not isinstance(n_folds, int) or n_folds < 1:
-        raise ValueError(f"n_folds must be a positive int, got {n_folds!r}")
+    check_number("n_folds", n_folds, low=1, integer=True)
     if n_img % n_folds:
         raise ValueError(f"N_img={n_img} images do not split into n_folds={n_folds} equal folds")
     size = n_img // n_folds
@@ -359,8 +359,7 @@ def encode_dataset(
     """
     from tqdm.auto import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_number("batch_size", batch_size, low=1, integer=True)
     device = _model_device(model) if device is None else torch.device(device)
     transform = transform or getattr(dataset, "transform", None) or _default_transform
     tokenizer = tokenizer or getattr(dataset, "tokenizer", None)
