@@ -66,7 +66,10 @@ fp16 so small probabilities stay normal.
 
 Precision: fp32 features use IEEE products everywhere (``tl.dot(input_precision="ieee")``,
 cuBLAS with TF32 off) unless ``allow_tf32``; 16-bit features have exact products accumulated in
-fp32. Statistics, sums and accumulators are fp32.
+fp32. Statistics, sums and accumulators are fp32. With ``allow_tf32`` the all-Triton tiles'
+``tl.dot`` drops each operand's 13 low mantissa bits (Triton does not round them to TF32 as cuBLAS
+does), which shrinks the logits by ~2^-10 on average: ~1e-3 relative on the loss and its
+gradients (tests/test_contrastive.py ``TF32_TOL``).
 
 Cost model (H200; a model, not a measurement)
 =============================================

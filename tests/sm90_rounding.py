@@ -18,7 +18,9 @@ rounds like the device:
 * results the hardware gets exactly stay exact: ``2^n`` for integer ``n``, a quotient by a power of
   two; ``tl.exp2`` (``ex2.approx.ftz``) flushes results below the smallest normal to 0, ``tl.exp``
   (``ex2.approx``) keeps them;
-* ``tl.fma`` rounds once; the IEEE forms (``tl.math.div_rn``, ``tl.sqrt_rn``) stay exact.
+* ``tl.fma`` rounds once; the IEEE forms (``tl.math.div_rn``, ``tl.sqrt_rn``) stay exact;
+* ``tl.dot(..., input_precision="tf32")`` of float32 operands multiplies them as the tensor cores
+  read them, with the 13 low mantissa bits dropped (TF32 keeps 10).
 
 It models the size of the device's errors, not NVIDIA's functions bit for bit, and not the
 compiler's contraction of other ``a * b + c`` into fmas.
@@ -63,6 +65,12 @@ def _exp2(x: np.ndarray, ftz: bool) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def _tf32(x: np.ndarray) -> np.ndarray:
+    """float32 values as a TF32 tensor-core operand: 10 mantissa bits, the rest dropped."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
+    return bits.view(np.float32)
+
+
 def install() -> None:
     """Make the Triton interpreter round float32 like sm_90 (module docstring) for the rest of
     the process. Raises if this Triton's interpreter lacks an op the emulation replaces, so a
@@ -70,7 +78,7 @@ def install() -> None:
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    names = ("create_exp2", "create_exp", "create_fdiv", "create_sqrt", "create_fma")
+    names = ("create_exp2", "create_exp", "create_fdiv", "create_sqrt", "create_fma", "create_dot")
     missing = [n for n in names if not hasattr(builder, n)]
     if missing:
         raise RuntimeError(f"sm90_rounding: the Triton interpreter has no {missing}")
@@ -113,8 +121,15 @@ def install() -> None:
         wide = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data.astype(np.float64)
         return handle(wide.astype(np.float32), z.dtype.scalar)
 
-    for name, fn in zip(
-        names, (create_exp2, create_exp, create_fdiv, create_sqrt, create_fma), strict=True
-    ):
+    tf32 = interpreter._ir.INPUT_PRECISION.TF32
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == tf32 and a.data.dtype == np.float32 == b.data.dtype:
+            a = handle(_tf32(a.data), a.dtype)
+            b = handle(_tf32(b.data), b.dtype)
+        return exact["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    fns = (create_exp2, create_exp, create_fdiv, create_sqrt, create_fma, create_dot)
+    for name, fn in zip(names, fns, strict=True):
         setattr(builder, name, fn)
     builder.sm90_rounding = True

@@ -90,3 +90,31 @@ def test_subnormal_results_as_the_device():
     out = run(x, torch.ones(2), torch.zeros(2))
     assert out[0][0].item() == 0.0
     assert 0.0 < out[5][1].item() < 2.0**-126
+
+
+@triton.jit
+def _dot_kernel(A, B, OUT, TF32: tl.constexpr, N: tl.constexpr):
+    r = tl.arange(0, N)
+    offs = r[:, None] * N + r[None, :]
+    a = tl.load(A + offs)
+    b = tl.load(B + offs)
+    if TF32:
+        out = tl.dot(a, b, input_precision="tf32")
+    else:
+        out = tl.dot(a, b, input_precision="ieee")
+    tl.store(OUT + offs, out)
+
+
+def test_tf32_dot_drops_the_low_mantissa_bits():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 16, 16, generator=gen)
+    out = torch.empty(2, 16, 16)
+    _dot_kernel[(1,)](a, b, out[0], TF32=True, N=16)
+    _dot_kernel[(1,)](a, b, out[1], TF32=False, N=16)
+
+    def tf32(x):
+        return (x.view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+    torch.testing.assert_close(out[0], tf32(a) @ tf32(b), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1], a @ b, rtol=1e-6, atol=1e-6)
+    assert (out[0] - a @ b).abs().max() > 1e-4  # TF32's error, far above fp32's
