@@ -20,7 +20,9 @@ rounds like the device:
   (``ex2.approx``) keeps them;
 * ``tl.fma`` rounds once; the IEEE forms (``tl.math.div_rn``, ``tl.sqrt_rn``) stay exact;
 * ``tl.dot(..., input_precision="tf32")`` of float32 operands multiplies them as the tensor cores
-  read them, with the 13 low mantissa bits dropped (TF32 keeps 10).
+  read them, with the 13 low mantissa bits dropped (TF32 keeps 10);
+* ``x.to(tl.bfloat16)`` of float32 rounds to nearest even (``cvt.rn.bf16.f32``), where the
+  interpreter truncates (float16 it already rounds).
 
 It models the size of the device's errors, not NVIDIA's functions bit for bit, and not the
 compiler's contraction of other ``a * b + c`` into fmas.
@@ -75,10 +77,20 @@ def install() -> None:
     """Make the Triton interpreter round float32 like sm_90 (module docstring) for the rest of
     the process. Raises if this Triton's interpreter lacks an op the emulation replaces, so a
     version that renames one cannot silently turn the emulation off."""
+    import torch
+    import triton.language as tl
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    names = ("create_exp2", "create_exp", "create_fdiv", "create_sqrt", "create_fma", "create_dot")
+    names = (
+        "create_exp2",
+        "create_exp",
+        "create_fdiv",
+        "create_sqrt",
+        "create_fma",
+        "create_dot",
+        "cast_impl",
+    )
     missing = [n for n in names if not hasattr(builder, n)]
     if missing:
         raise RuntimeError(f"sm90_rounding: the Triton interpreter has no {missing}")
@@ -129,7 +141,14 @@ def install() -> None:
             b = handle(_tf32(b.data), b.dtype)
         return exact["create_dot"](self, a, b, d, input_precision, max_num_imprecise_acc)
 
-    fns = (create_exp2, create_exp, create_fdiv, create_sqrt, create_fma, create_dot)
+    def cast_impl(self, src, dst_type):
+        if not (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16):
+            return exact["cast_impl"](self, src, dst_type)
+        rounded = torch.tensor(np.asarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+        rounded = rounded.view(torch.int16).numpy().view(np.uint16)  # the interpreter's storage
+        return handle(rounded, dst_type.scalar)
+
+    fns = (create_exp2, create_exp, create_fdiv, create_sqrt, create_fma, create_dot, cast_impl)
     for name, fn in zip(names, fns, strict=True):
         setattr(builder, name, fn)
     builder.sm90_rounding = True

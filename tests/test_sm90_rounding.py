@@ -118,3 +118,18 @@ def test_tf32_dot_drops_the_low_mantissa_bits():
     torch.testing.assert_close(out[0], tf32(a) @ tf32(b), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out[1], a @ b, rtol=1e-6, atol=1e-6)
     assert (out[0] - a @ b).abs().max() > 1e-4  # TF32's error, far above fp32's
+
+
+@triton.jit
+def _bf16_kernel(X, Y, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(Y + o, tl.load(X + o).to(tl.bfloat16))
+    tl.store(Y + N, tl.load(X + 1).to(tl.bfloat16))  # a scalar too
+
+
+def test_bf16_rounds_to_nearest_even():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(2)) * 3
+    y = torch.empty(4097, dtype=torch.bfloat16)
+    _bf16_kernel[(1,)](x, y, N=4096)
+    assert torch.equal(y[:-1], x.bfloat16())
+    assert torch.equal(y[-1], x[1].bfloat16())
