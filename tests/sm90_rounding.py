@@ -69,8 +69,7 @@ def _exp2(x: np.ndarray, ftz: bool) -> np.ndarray:
 
 def _tf32(x: np.ndarray) -> np.ndarray:
     """float32 values as a TF32 tensor-core operand: 10 mantissa bits, the rest dropped."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
-    return bits.view(np.float32)
+    return (_bits(x) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
 def install() -> None:
@@ -151,4 +150,3 @@ def install() -> None:
     fns = (create_exp2, create_exp, create_fdiv, create_sqrt, create_fma, create_dot, cast_impl)
     for name, fn in zip(names, fns, strict=True):
         setattr(builder, name, fn)
-    builder.sm90_rounding = True
