@@ -19,8 +19,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("TRITON_INTERPRET") == "1":
-    # the interpreter rounds float32 like sm_90 (approximate exp2 / division / sqrt, one-rounding
-    # fma), so a kernel that leans on IEEE results fails here rather than on the rare GPU run
+    # the interpreter rounds like sm_90 (what it emulates: tests/sm90_rounding.py), so a kernel
+    # that leans on IEEE results fails here rather than on the rare GPU run
     from tests import sm90_rounding  # noqa: E402
 
     sm90_rounding.install()
